@@ -1,0 +1,334 @@
+"""``Celery``: the application object: settings, task registry, connections, sending."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, overload
+
+from aio_celery import protocol
+from aio_celery.backend import RedisBackend
+from aio_celery.broker import Broker
+from aio_celery.config import Config
+from aio_celery.exceptions import BackendError
+from aio_celery.result import AsyncResult
+from aio_celery.result import AsyncResult as _AsyncResult
+from aio_celery.routing import route_queue
+from aio_celery.task import Context, Task, TaskFunction, current_request
+
+AppContextFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
+
+#: apply_async options Celery accepts that mean nothing for aio-celery's transport
+_IGNORED_OPTIONS = frozenset({
+    "serializer", "compression", "retry", "retry_policy", "exchange", "routing_key",
+    "exchange_type", "mandatory", "add_to_parent", "connection", "producer", "publisher",
+    "declare", "immediate", "delivery_mode", "immutable", "subtask_type", "chord_size",
+})
+
+_shared_tasks: list[tuple[TaskFunction, dict[str, Any]]] = []
+_apps: weakref.WeakSet[Celery] = weakref.WeakSet()
+_current: Celery | None = None
+
+
+class Celery:
+    """An aio-celery application: ``Celery("proj", broker=..., backend=...)``.
+
+    Constructing it does no I/O; ``async with app.setup():`` connects.
+    """
+
+    def __init__(self, main: str | None = None, *, broker: str | None = None,
+                 backend: str | None = None, set_as_current: bool = True) -> None:
+        self.main = main
+        self.conf = Config()
+        if broker:
+            self.conf.update(broker_url=broker)
+        if backend:
+            self.conf.update(result_backend=backend)
+        self.tasks: dict[str, Task] = {}
+        self.oid = str(uuid.uuid4())
+        self._context_factory: AppContextFactory | None = None
+        self._context: dict[str, Any] | None = None
+        self._broker: Broker | None = None
+        self._backend: RedisBackend | None = None
+        self.rand = random.Random()
+        for fn, options in _shared_tasks:
+            self._register(fn, dict(options))
+        _apps.add(self)
+        if set_as_current:
+            self.set_current()
+
+    def __repr__(self) -> str:
+        return f"<Celery {self.main or '__main__'}>"
+
+    def set_current(self) -> None:
+        global _current
+        _current = self
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: TaskFunction, /) -> Task: ...
+    @overload
+    def task(self, **options: Any) -> Callable[[TaskFunction], Task]: ...
+
+    def task(self, fn: TaskFunction | None = None, /, **options: Any) -> Any:  # type: ignore[misc]
+        """Register an ``async def`` function as a task (``@app.task`` or ``@app.task(...)``)."""
+        if fn is not None:
+            return self._register(fn, options)
+        return lambda f: self._register(f, options)
+
+    def _register(self, fn: TaskFunction, options: dict[str, Any]) -> Task:
+        name = options.pop("name", None) or self.gen_task_name(fn)
+        task = Task(fn, name=name, app=self, **options)
+        self.tasks[name] = task
+        return task
+
+    def gen_task_name(self, fn: Callable[..., Any]) -> str:
+        """Celery's default name: ``module.function`` (the app's main name for __main__)."""
+        module = fn.__module__
+        if module == "__main__" and self.main:
+            module = self.main
+        return f"{module}.{fn.__name__}"
+
+    # --- the app context ------------------------------------------------------------------
+
+    def define_app_context(self, factory: AppContextFactory) -> AppContextFactory:
+        """Register an async context manager factory whose yielded dict becomes
+        ``app.context`` in each worker process (database pools and the like)."""
+        self._context_factory = factory
+        return factory
+
+    @property
+    def context(self) -> dict[str, Any]:
+        if self._context is None:
+            raise RuntimeError(
+                "app.context is only available inside the app context "
+                "(in a worker, or within `async with app.setup(with_context=True)`)")
+        return self._context
+
+    @contextlib.asynccontextmanager
+    async def app_context(self) -> AsyncIterator[dict[str, Any]]:
+        """Enter the context defined with :meth:`define_app_context` (an empty one if none)."""
+        if self._context_factory is None:
+            self._context = {}
+            try:
+                yield self._context
+            finally:
+                self._context = None
+            return
+        async with self._context_factory() as value:
+            self._context = dict(value or {})
+            try:
+                yield self._context
+            finally:
+                self._context = None
+
+    # --- connections ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def setup(self, *, with_context: bool = False) -> AsyncIterator[Celery]:
+        """Connect to the broker (and, lazily, the result backend) for the block's duration."""
+        settings = self.conf.settings
+        self._broker = Broker(
+            settings.broker_url,
+            connection_timeout=settings.broker_connection_timeout,
+            publish_timeout=settings.broker_publish_timeout,
+            heartbeat=settings.broker_heartbeat,
+            max_priority=settings.task_queue_max_priority,
+            connection_name=f"aio_celery {self.main or ''} pid {os.getpid()}".strip(),
+        )
+        if settings.result_backend:
+            self._backend = RedisBackend(settings.result_backend,
+                                         expires=settings.result_expires_seconds())
+        try:
+            await self._broker.connect()
+            if with_context:
+                async with self.app_context():
+                    yield self
+            else:
+                yield self
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        broker, self._broker = self._broker, None
+        backend, self._backend = self._backend, None
+        try:
+            if backend is not None:
+                await backend.close()
+        finally:
+            if broker is not None:
+                await broker.close()
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            raise RuntimeError("not connected: use `async with app.setup():` first")
+        return self._broker
+
+    @property
+    def backend(self) -> RedisBackend:
+        if self._backend is None:
+            if not self.conf.settings.result_backend:
+                raise BackendError("no result backend configured: set result_backend")
+            settings = self.conf.settings
+            self._backend = RedisBackend(settings.result_backend,  # type: ignore[arg-type]
+                                         expires=settings.result_expires_seconds())
+        return self._backend
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def AsyncResult(self, task_id: str) -> _AsyncResult:
+        return _AsyncResult(task_id, app=self)
+
+    # --- sending -------------------------------------------------------------------------
+
+    async def send_task(self, name: str, args: Any = None, kwargs: dict[str, Any] | None = None,
+                        *, _task: Task | None = None, _retry_of: Context | None = None,
+                        **options: Any) -> _AsyncResult:
+        """Send a task by name (it need not be registered here) and return its result."""
+        task = _task if _task is not None else self.tasks.get(name)
+        message, queue = self._build_message(name, args, kwargs, task, _retry_of, options)
+        envelope = protocol.encode(message, self.now())
+        await self.broker.publish(envelope, queue)
+        parent = current_request.get()
+        result = AsyncResult(message.id, app=self)
+        if parent is not None and parent.id is not None and _retry_of is None:
+            parent.children.append(result)
+        return result
+
+    def _build_message(self, name: str, args: Any, kwargs: dict[str, Any] | None,
+                       task: Task | None, retry_of: Context | None,
+                       options: dict[str, Any]) -> tuple[protocol.TaskMessage, str]:
+        unknown = set(options) - _SEND_OPTIONS - _IGNORED_OPTIONS
+        if unknown:
+            raise TypeError(f"send_task({name!r}): unknown option(s) {sorted(unknown)}")
+        settings = self.conf.settings
+        now = self.now()
+        args = list(args or ())
+        kwargs = dict(kwargs or {})
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"send_task({name!r}): kwargs must be a dict")
+        parent = retry_of or current_request.get()
+        task_id: str = (retry_of.id if retry_of and retry_of.id else None) or options.get(
+            "task_id") or str(uuid.uuid4())
+        queue = options.get("queue") or (task.queue if task else None) or route_queue(
+            settings.task_routes, name, args, kwargs, options, task) or settings.task_default_queue
+        priority = _first(options.get("priority"), task.priority if task else None,
+                          settings.task_default_priority)
+        message = protocol.TaskMessage(
+            id=task_id,
+            task=name,
+            args=args,
+            kwargs=kwargs,
+            root_id=(parent.root_id or parent.id) if parent and parent.id else None,
+            parent_id=(retry_of.parent_id if retry_of else parent.id if parent else None),
+            group=options.get("group_id") or (retry_of.group if retry_of else None),
+            group_index=options.get("group_index", retry_of.group_index if retry_of else None),
+            retries=retry_of.retries + 1 if retry_of else int(options.get("retries") or 0),
+            eta=_eta(now, options.get("countdown"), options.get("eta")),
+            expires=_expires(now, options.get("expires")),
+            soft_time_limit=options.get("soft_time_limit"),
+            time_limit=options.get("time_limit"),
+            shadow=options.get("shadow"),
+            origin=_origin(),
+            ignore_result=options.get("ignore_result"),
+            callbacks=_signatures(options.get("link")),
+            errbacks=_signatures(options.get("link_error")),
+            chain=options.get("chain") or (retry_of.chain if retry_of else None),
+            priority=priority,
+            reply_to=options.get("reply_to") or self.oid,
+            extra_headers=options.get("headers") or {},
+        )
+        if retry_of is not None:
+            message = _keep_retry_context(message, retry_of)
+        return message, queue
+
+
+_SEND_OPTIONS = frozenset({
+    "task_id", "countdown", "eta", "expires", "queue", "priority", "ignore_result", "headers",
+    "soft_time_limit", "time_limit", "link", "link_error", "chain", "group_id", "group_index",
+    "shadow", "reply_to", "retries",
+})
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _eta(now: datetime, countdown: float | None, eta: datetime | None) -> datetime | None:
+    if countdown is not None:
+        return now + timedelta(seconds=float(countdown))
+    if eta is not None and eta.tzinfo is None:
+        return eta.replace(tzinfo=UTC)
+    return eta
+
+
+def _expires(now: datetime, expires: float | datetime | timedelta | None) -> datetime | None:
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    if isinstance(expires, timedelta):
+        return now + expires
+    return now + timedelta(seconds=float(expires))
+
+
+def _signatures(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [dict(item) for item in items]
+
+
+def _keep_retry_context(message: protocol.TaskMessage, request: Context) -> protocol.TaskMessage:
+    """A retry is the same task again: same root, callbacks and errbacks."""
+    from dataclasses import replace
+
+    return replace(message, root_id=request.root_id or request.id,
+                   callbacks=message.callbacks or request.callbacks,
+                   errbacks=message.errbacks or request.errbacks)
+
+
+_origin_cache: tuple[int, str] | None = None
+
+
+def _origin() -> str:
+    """``gen<pid>@<host>`` like Celery; recomputed after a fork."""
+    global _origin_cache
+    pid = os.getpid()
+    if _origin_cache is None or _origin_cache[0] != pid:
+        _origin_cache = (pid, f"gen{pid}@{socket.gethostname()}")
+    return _origin_cache[1]
+
+
+def current_app() -> Celery:
+    """The app created (or ``set_current()``-ed) last; a default app when there is none."""
+    if _current is None:
+        return Celery("default")
+    return _current
+
+
+def shared_task(fn: TaskFunction | None = None, /, **options: Any) -> Any:
+    """Register a task on every app, existing and future (``@shared_task``)."""
+
+    def register(f: TaskFunction) -> Task:
+        _shared_tasks.append((f, options))
+        for app in _apps:
+            app._register(f, dict(options))
+        name = options.get("name")
+        opts = {k: v for k, v in options.items() if k != "name"}
+        return Task(f, name=name or _shared_name(f), app=None, **opts)
+
+    return register(fn) if fn is not None else register
+
+
+def _shared_name(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__name__}"

@@ -1,0 +1,159 @@
+"""The aio-pika adapter: connect, declare queues like Celery, publish and consume.
+
+This is the only module that speaks AMQP; everything above it deals in
+:class:`~aio_celery.protocol.Envelope` and :class:`~aio_celery.protocol.TaskMessage`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+from aiormq.abc import AbstractChannel
+
+from aio_celery.config import mask_url
+from aio_celery.exceptions import BrokerConnectionError
+from aio_celery.protocol import Envelope
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_EXCHANGE = ""
+
+
+def queue_arguments(max_priority: int | None) -> dict[str, Any] | None:
+    """The ``x-`` arguments Celery declares a queue with (it must match, or RabbitMQ answers
+    PRECONDITION_FAILED when both declare the same queue)."""
+    return {"x-max-priority": max_priority} if max_priority else None
+
+
+def amqp_properties(envelope: Envelope) -> aiormq.spec.Basic.Properties:
+    """AMQP basic properties for an envelope (message_id is the task id, saving aiormq
+    from drawing a random one)."""
+    return aiormq.spec.Basic.Properties(
+        content_type=envelope.content_type,
+        content_encoding=envelope.content_encoding,
+        headers=envelope.headers,
+        delivery_mode=envelope.delivery_mode,
+        priority=envelope.priority,
+        correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        expiration=envelope.expiration,
+        message_id=envelope.correlation_id,
+    )
+
+
+class Broker:
+    """One robust AMQP connection with a confirming publisher channel.
+
+    Inert until :meth:`connect`; queues are declared once per name (the robust channel
+    declares them again by itself after a reconnect).
+    """
+
+    def __init__(self, url: str, *, connection_timeout: float = 4.0,
+                 publish_timeout: float | None = 10.0, heartbeat: int = 60,
+                 max_priority: int | None = None, connection_name: str = "aio_celery") -> None:
+        self.url = url
+        self.connection_timeout = connection_timeout
+        self.publish_timeout = publish_timeout
+        self.heartbeat = heartbeat
+        self.max_priority = max_priority
+        self.connection_name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._declared: dict[str, asyncio.Future[AbstractRobustQueue]] = {}
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise RuntimeError("broker is not connected: use `async with app.setup():`")
+        return self._connection
+
+    async def connect(self) -> None:
+        """Open the connection and publisher channel, or raise BrokerConnectionError in time."""
+        try:
+            self._connection = await asyncio.wait_for(
+                aio_pika.connect_robust(
+                    self.url,
+                    timeout=self.connection_timeout,
+                    heartbeat=self.heartbeat,
+                    client_properties={"connection_name": self.connection_name},
+                ),
+                timeout=self.connection_timeout + 1,
+            )
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerConnectionError(
+                f"cannot connect to broker {mask_url(self.url)} within "
+                f"{self.connection_timeout}s: {describe_error(exc)}. Check that RabbitMQ runs "
+                "there and that broker_url has the right host, port, credentials and vhost."
+            ) from exc
+        self._channel = await self._connection.channel(publisher_confirms=True)
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        self._declared.clear()
+        if connection is not None:
+            await connection.close()
+
+    async def channel(self, prefetch_count: int = 0) -> AbstractRobustChannel:
+        """A new channel on this connection (e.g. one for consuming)."""
+        channel: AbstractRobustChannel = await self.connection.channel()
+        if prefetch_count:
+            await channel.set_qos(prefetch_count=prefetch_count)
+        return channel
+
+    async def declare_queue(self, name: str,
+                            channel: AbstractRobustChannel | None = None) -> AbstractRobustQueue:
+        """Declare ``name`` as Celery does: a durable queue bound to a durable direct exchange
+        of the same name. Concurrent callers for one name share a single declaration."""
+        if channel is not None:
+            return await self._declare(name, channel)
+        future = self._declared.get(name)
+        if future is None:
+            future = asyncio.ensure_future(self._declare(name, self._publisher()))
+            self._declared[name] = future
+        try:
+            return await asyncio.shield(future)
+        except BaseException:
+            if future.done():
+                self._declared.pop(name, None)
+            raise
+
+    async def _declare(self, name: str, channel: AbstractRobustChannel) -> AbstractRobustQueue:
+        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, durable=True)
+        queue: AbstractRobustQueue = await channel.declare_queue(
+            name, durable=True, arguments=queue_arguments(self.max_priority))
+        await queue.bind(exchange, routing_key=name)
+        return queue
+
+    def _publisher(self) -> AbstractRobustChannel:
+        if self._channel is None:
+            raise RuntimeError("broker is not connected: use `async with app.setup():`")
+        return self._channel
+
+    async def publish(self, envelope: Envelope, queue: str) -> None:
+        """Publish to ``queue`` through the default exchange (as Celery 5 does) and wait for
+        the broker's confirm."""
+        if queue not in self._declared:
+            await self.declare_queue(queue)
+        raw: AbstractChannel = await self._publisher().get_underlay_channel()
+        await raw.basic_publish(
+            envelope.body,
+            exchange=_DEFAULT_EXCHANGE,
+            routing_key=queue,
+            properties=amqp_properties(envelope),
+            timeout=self.publish_timeout,
+        )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, human description of a connection error (aiormq's reprs are noisy)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return "login refused (wrong user or password?)"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

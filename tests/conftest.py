@@ -1,0 +1,113 @@
+"""Shared fixtures: real RabbitMQ and Redis, isolated per run and per test.
+
+Every test gets its own queue names (``aio-celery-test-<test>-<random>``), deleted after
+the test; the whole run uses one otherwise empty Redis database, flushed at the end.
+A missing service fails the run (it never skips).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from aio_celery import Celery
+
+AMQP_URL = os.environ.get("AIO_CELERY_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_HOST_URL = os.environ.get("AIO_CELERY_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def _port_open(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port),
+                                      timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _services_up() -> None:
+    missing = [name for name, url, port in (("RabbitMQ", AMQP_URL, 5672),
+                                             ("Redis", REDIS_HOST_URL, 6379))
+               if not _port_open(url, port)]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not reachable: run scripts/services first "
+                    "(the tests need real servers and never skip)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[int]:
+    """An empty Redis database number for this run (highest free one first)."""
+    for db in range(15, 0, -1):
+        client = redis.Redis.from_url(f"{REDIS_HOST_URL}/{db}")
+        lock = f"aio-celery-test-run-lock-{os.getpid()}"
+        if client.dbsize() == 0 and client.set("aio-celery-test-run", lock, nx=True, ex=3600):
+            try:
+                yield db
+            finally:
+                client.flushdb()
+                client.close()
+            return
+        client.close()
+    pytest.fail("no empty Redis database (1-15) for the test run", pytrace=False)
+
+
+@pytest.fixture
+def redis_url(redis_db: int) -> str:
+    return f"{REDIS_HOST_URL}/{redis_db}"
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    return AMQP_URL
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A queue name unique to this test; queues named with it as prefix are deleted after."""
+    slug = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name)[:40].strip("-")
+    name = f"aio-celery-test-{slug}-{uuid.uuid4().hex[:8]}"
+    yield name
+    delete_queues_with_prefix(name)
+
+
+#: queue suffixes a test may use next to its unique name; all are removed after the test
+QUEUE_SUFFIXES = ("", "-a", "-b", "-c", "-high", "-low", "-dlx", "-other")
+
+
+def delete_queues_with_prefix(prefix: str) -> None:
+    """Delete the test's queues and exchanges (``prefix`` plus :data:`QUEUE_SUFFIXES`)."""
+    import amqp  # py-amqp comes with the test dependency on celery
+
+    parts = urlsplit(AMQP_URL)
+    vhost = parts.path[1:] or "/"
+    with amqp.Connection(f"{parts.hostname}:{parts.port or 5672}", userid=parts.username,
+                         password=parts.password, virtual_host=vhost) as connection:
+        for suffix in QUEUE_SUFFIXES:
+            channel = connection.channel()
+            try:
+                channel.queue_delete(prefix + suffix)
+                channel.exchange_delete(prefix + suffix)
+            except amqp.exceptions.NotFound:
+                pass
+            finally:
+                if channel.is_open:
+                    channel.close()
+
+
+@pytest.fixture
+async def app(unique_name: str, amqp_url: str, redis_url: str) -> AsyncIterator[Celery]:
+    """A connected app whose default queue is unique to the test."""
+    application = Celery(unique_name)
+    application.conf.update(broker_url=amqp_url, result_backend=redis_url,
+                            task_default_queue=unique_name)
+    async with application.setup():
+        yield application
