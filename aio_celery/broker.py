@@ -7,6 +7,7 @@ This is the only module that speaks AMQP; everything above it deals in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -157,3 +158,119 @@ def describe_error(exc: BaseException) -> str:
         return "login refused (wrong user or password?)"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+class ConsumerChannel:
+    """A dedicated AMQP connection and channel for consuming (the worker's side).
+
+    Plain aiormq underneath: deliveries reach ``on_message`` as raw frames with no per-message
+    wrapper objects, and acknowledgements can cover many deliveries at once. It does not
+    reconnect by itself: the worker opens a new one and says so in the log, so that a
+    delivery tag is never acknowledged on a channel it did not come from.
+    """
+
+    def __init__(self, url: str, *, prefetch_count: int, connection_timeout: float = 4.0,
+                 heartbeat: int = 60, max_priority: int | None = None,
+                 connection_name: str = "aio_celery worker") -> None:
+        self.url = url
+        self.prefetch_count = prefetch_count
+        self.connection_timeout = connection_timeout
+        self.heartbeat = heartbeat
+        self.max_priority = max_priority
+        self.connection_name = connection_name
+        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._consumer_tags: list[str] = []
+
+    @property
+    def channel(self) -> AbstractChannel:
+        if self._channel is None:
+            raise RuntimeError("consumer channel is not open")
+        return self._channel
+
+    @property
+    def is_open(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    async def open(self) -> None:
+        try:
+            self._connection = await asyncio.wait_for(
+                aiormq.connect(self.url, client_properties={
+                    "connection_name": self.connection_name}),
+                timeout=self.connection_timeout,
+            )
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerConnectionError(
+                f"cannot connect to broker {mask_url(self.url)}: {describe_error(exc)}") from exc
+        self._channel = await self._connection.channel()
+        await self._channel.basic_qos(prefetch_count=self.prefetch_count)
+
+    def closed(self) -> asyncio.Future[Any]:
+        """A future that completes when the connection is lost or closed."""
+        if self._connection is None:
+            raise RuntimeError("consumer channel is not open")
+        return self._connection.closing
+
+    async def declare(self, queue: str) -> None:
+        """Declare ``queue`` exactly like Celery and the publisher do."""
+        channel = self.channel
+        await channel.exchange_declare(queue, exchange_type="direct", durable=True)
+        await channel.queue_declare(queue, durable=True,
+                                    arguments=queue_arguments(self.max_priority))
+        await channel.queue_bind(queue, queue, routing_key=queue)
+
+    async def declare_wait_queue(self, name: str, target: str, ttl_ms: int) -> None:
+        """A holding queue: messages expire after ``ttl_ms`` and dead-letter back to
+        ``target`` (every message has the same TTL, so expiry order is arrival order)."""
+        await self.channel.queue_declare(name, durable=True, arguments={
+            "x-message-ttl": ttl_ms,
+            "x-dead-letter-exchange": _DEFAULT_EXCHANGE,
+            "x-dead-letter-routing-key": target,
+        })
+
+    async def message_count(self, queue: str) -> int:
+        result = await self.channel.queue_declare(queue, passive=True)
+        return int(result.message_count or 0)
+
+    async def consume(self, queue: str,
+                      on_message: aiormq.abc.ConsumerCallback) -> None:
+        ok = await self.channel.basic_consume(queue, on_message)
+        if ok.consumer_tag is None:  # pragma: no cover - the broker always names it
+            raise BrokerConnectionError(f"broker did not attach a consumer to {queue!r}")
+        self._consumer_tags.append(ok.consumer_tag)
+
+    @property
+    def consumer_count(self) -> int:
+        return len(self._consumer_tags) if self.is_open else 0
+
+    async def cancel_consumers(self) -> None:
+        """Stop deliveries (prefetched messages stay with us until settled)."""
+        tags, self._consumer_tags = self._consumer_tags, []
+        if not self.is_open:
+            return
+        for tag in tags:
+            with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
+                await self.channel.basic_cancel(tag)
+
+    async def set_prefetch(self, count: int) -> None:
+        if self.is_open:
+            await self.channel.basic_qos(prefetch_count=min(count, 65535))
+
+    async def ack(self, tag: int, multiple: bool = False) -> None:
+        await self.channel.basic_ack(tag, multiple=multiple, wait=False)
+
+    async def reject(self, tag: int, requeue: bool) -> None:
+        await self.channel.basic_reject(tag, requeue=requeue, wait=False)
+
+    async def publish_raw(self, body: bytes, properties: aiormq.spec.Basic.Properties,
+                          routing_key: str) -> None:
+        """Publish a received message's body and properties again (confirmed)."""
+        await self.channel.basic_publish(body, exchange=_DEFAULT_EXCHANGE,
+                                         routing_key=routing_key, properties=properties)
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError,
+                                     TimeoutError):
+                await asyncio.wait_for(connection.close(), timeout=5)

@@ -126,7 +126,7 @@ class Config(Mapping[str, Any]):
 def mask_url(url: str | None) -> str:
     """The URL with its password replaced by ``***`` (for logs and error messages)."""
     if not url:
-        return str(url)
+        return ""
     parts = urlsplit(url)
     if parts.password is None:
         return url

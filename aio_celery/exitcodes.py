@@ -1,0 +1,31 @@
+"""Exit codes of ``aio_celery worker`` processes (documented in the README).
+
+Kept free of imports so that the supervisor can use them without loading aio-pika.
+"""
+
+from __future__ import annotations
+
+#: clean exit (warm or cold shutdown finished, or burst mode drained the queues)
+OK = 0
+#: the app could not be loaded (module missing or failed to import, attribute missing)
+APP_LOAD_ERROR = 3
+#: bad command-line options or settings
+USAGE_ERROR = 2
+#: start-up failed: app context raised, broker refused the connection or login
+STARTUP_ERROR = 4
+#: the broker connection was lost and could not be restored within the bound
+BROKER_LOST = 5
+#: the child finished its tasks and exits to be replaced (max tasks/memory per child)
+RECYCLE = 6
+#: an unexpected error in the worker itself
+INTERNAL_ERROR = 70
+
+NAMES = {
+    OK: "ok",
+    USAGE_ERROR: "usage error",
+    APP_LOAD_ERROR: "app load error",
+    STARTUP_ERROR: "start-up error",
+    BROKER_LOST: "broker connection lost",
+    RECYCLE: "recycle",
+    INTERNAL_ERROR: "internal error",
+}

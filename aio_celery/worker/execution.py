@@ -1,0 +1,256 @@
+"""Run one decoded task message and decide how to settle it.
+
+Order of events, as in Celery: expiry check, STARTED (if tracked), ``task_prerun``, the task
+under its time limits, then on success the next chain step and callbacks are sent, the
+result is stored (with those ``children``), and only then the message is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import time
+import traceback
+from typing import Any
+
+from aio_celery import resultmeta, signals, states
+from aio_celery.app import Celery
+from aio_celery.canvas import Signature
+from aio_celery.exceptions import (
+    BackendError,
+    NotRegistered,
+    Retry,
+    TaskRevokedError,
+)
+from aio_celery.protocol import TaskMessage
+from aio_celery.result import result_tuple
+from aio_celery.task import Context, Task, current_request, current_task, retry_countdown
+from aio_celery.worker.limits import run_with_limits
+
+logger = logging.getLogger("aio_celery.worker")
+
+#: how long a result that cannot be stored is retried before the message is requeued
+STORE_RETRY_SECONDS = 10.0
+
+
+class Settle(enum.Enum):
+    """What to do with the message once the task is over."""
+
+    ACK = "ack"
+    REJECT = "reject"  # dead-letter it: never requeue a message that cannot run here
+    REQUEUE = "requeue"  # give it back: it will run again (at-least-once)
+
+
+class TaskRunner:
+    """Executes task messages for one app in one worker process."""
+
+    def __init__(self, app: Celery, hostname: str) -> None:
+        self.app = app
+        self.hostname = hostname
+        settings = app.conf.settings
+        self._has_backend = bool(settings.result_backend)
+        self._ignore_default = settings.task_ignore_result
+        self._track_started = settings.task_track_started
+
+    async def run(self, message: TaskMessage, delivery_info: dict[str, Any]) -> Settle:
+        task = self.app.tasks.get(message.task)
+        if task is None:
+            return await self._unknown(message)
+        if message.expires is not None and self.app.now() >= message.expires:
+            return await self._expired(task, message)
+        request = self._context(message, delivery_info)
+        request_token = current_request.set(request)
+        task_token = current_task.set(task)
+        try:
+            return await self._execute(task, request, message)
+        finally:
+            current_task.reset(task_token)
+            current_request.reset(request_token)
+
+    def _context(self, message: TaskMessage, delivery_info: dict[str, Any]) -> Context:
+        return Context(
+            id=message.id, task=message.task, args=message.args, kwargs=message.kwargs,
+            retries=message.retries, eta=message.eta, expires=message.expires,
+            root_id=message.root_id, parent_id=message.parent_id, group=message.group,
+            group_index=message.group_index, delivery_info=delivery_info,
+            hostname=self.hostname, reply_to=message.reply_to, correlation_id=message.id,
+            ignore_result=bool(message.ignore_result),
+            timelimit=(message.soft_time_limit, message.time_limit), origin=message.origin,
+            callbacks=message.callbacks, errbacks=message.errbacks, chain=message.chain,
+            chord=message.chord,
+        )
+
+    def _ignores_result(self, task: Task, message: TaskMessage) -> bool:
+        if not self._has_backend:
+            return True
+        for choice in (message.ignore_result, task.ignore_result):
+            if choice is not None:
+                return bool(choice)
+        return self._ignore_default
+
+    async def _execute(self, task: Task, request: Context, message: TaskMessage) -> Settle:
+        settings = self.app.conf.settings
+        ignore = self._ignores_result(task, message)
+        track = task.track_started if task.track_started is not None else self._track_started
+        if track and not ignore:
+            await self._store(message, states.STARTED, {"pid": os.getpid(),
+                                                        "hostname": self.hostname})
+        await signals.task_prerun.send(sender=task, task_id=message.id, task=task,
+                                       args=message.args, kwargs=message.kwargs)
+        soft = _first(message.soft_time_limit, task.soft_time_limit,
+                      settings.task_soft_time_limit)
+        hard = _first(message.time_limit, task.time_limit, settings.task_time_limit)
+        started = time.monotonic()
+        outcome: BaseException | None = None
+        try:
+            value = await run_with_limits(task(*message.args, **message.kwargs), soft, hard)
+        except Exception as exc:
+            outcome = exc
+            if not isinstance(exc, Retry) and isinstance(exc, task.autoretry_for):
+                outcome = await self._autoretry(task, request, exc)
+        runtime = time.monotonic() - started
+        if outcome is None:
+            settle = await self._on_success(task, request, message, value, ignore, runtime)
+            state = states.SUCCESS
+        elif isinstance(outcome, Retry):
+            settle = await self._on_retry(task, message, outcome, ignore)
+            state = states.RETRY
+        else:
+            settle = await self._on_failure(task, message, outcome, ignore, runtime)
+            state = states.FAILURE
+        await signals.task_postrun.send(sender=task, task_id=message.id, task=task,
+                                        args=message.args, kwargs=message.kwargs, state=state)
+        return settle
+
+    async def _autoretry(self, task: Task, request: Context, exc: Exception) -> BaseException:
+        """Send the retry for an ``autoretry_for`` exception; returns what to raise."""
+        countdown = retry_countdown(task, request.retries, self.app.rand.uniform)
+        try:
+            return await task.retry(exc=exc, countdown=countdown, throw=False)
+        except Exception as final:  # max retries exceeded: the original exception
+            return final
+
+    async def _on_success(self, task: Task, request: Context, message: TaskMessage,
+                          value: Any, ignore: bool, runtime: float) -> Settle:
+        await self._send_followers(message, value)
+        logger.info("Task %s[%s] succeeded in %.3fs: %s", task.name, message.id, runtime,
+                    _short(value))
+        if not ignore:
+            children = [result_tuple(child) for child in request.children]
+            if not await self._store(message, states.SUCCESS, value, children=children):
+                return Settle.REQUEUE
+        await signals.task_success.send(sender=task, result=value, task_id=message.id)
+        return Settle.ACK
+
+    async def _send_followers(self, message: TaskMessage, value: Any) -> None:
+        """The next chain step (last of the stack) and ``link`` callbacks get the result."""
+        if message.chain:
+            stack = list(message.chain)
+            step = Signature(stack.pop(), app=self.app)
+            await step.apply_async((value,), chain=stack or None)
+        for callback in message.callbacks or ():
+            await Signature(callback, app=self.app).apply_async((value,))
+
+    async def _on_retry(self, task: Task, message: TaskMessage, retry: Retry,
+                        ignore: bool) -> Settle:
+        logger.info("Task %s[%s] retry: %s", task.name, message.id, retry)
+        if not ignore:
+            reason = retry.exc if retry.exc is not None else retry
+            if not await self._store(message, states.RETRY,
+                                     resultmeta.exception_to_dict(reason),
+                                     traceback_text=_format_tb(reason)):
+                return Settle.REQUEUE
+        await signals.task_retry.send(sender=task, request=current_request.get(),
+                                      reason=retry.exc or retry)
+        return Settle.ACK
+
+    async def _on_failure(self, task: Task, message: TaskMessage, exc: BaseException,
+                          ignore: bool, runtime: float) -> Settle:
+        tb = _format_tb(exc)
+        logger.error("Task %s[%s] raised unexpected: %r (after %.3fs)\n%s", task.name,
+                     message.id, exc, runtime, tb.rstrip())
+        for errback in message.errbacks or ():
+            try:
+                await Signature(errback, app=self.app).apply_async((message.id,))
+            except Exception:
+                logger.exception("Task %s[%s]: could not send errback %r", task.name,
+                                 message.id, errback.get("task"))
+        if not ignore and not await self._store(message, states.FAILURE,
+                                                resultmeta.exception_to_dict(exc),
+                                                traceback_text=tb):
+            return Settle.REQUEUE
+        await signals.task_failure.send(sender=task, task_id=message.id, exception=exc,
+                                        args=message.args, kwargs=message.kwargs,
+                                        traceback=tb)
+        return Settle.ACK
+
+    async def _unknown(self, message: TaskMessage) -> Settle:
+        logger.error(
+            "Received unregistered task of type %r (id %s): rejected without requeue. "
+            "Is the module that defines it imported by the worker's app? Known tasks: %s",
+            message.task, message.id, ", ".join(sorted(self.app.tasks)) or "none")
+        if self._has_backend and not message.ignore_result:
+            await self._store(message, states.FAILURE,
+                              resultmeta.exception_to_dict(NotRegistered(message.task)))
+        await signals.task_unknown.send(sender=None, name=message.task, id=message.id)
+        return Settle.REJECT
+
+    async def _expired(self, task: Task, message: TaskMessage) -> Settle:
+        logger.info("Task %s[%s] expired at %s: not run, stored as REVOKED", task.name,
+                    message.id, message.expires)
+        if not self._ignores_result(task, message):
+            await self._store(message, states.REVOKED,
+                              resultmeta.exception_to_dict(TaskRevokedError("expired")))
+        await signals.task_revoked.send(sender=task, request=message, expired=True)
+        return Settle.ACK
+
+    async def _store(self, message: TaskMessage, state: str, result: Any, *,
+                     traceback_text: str | None = None,
+                     children: list[Any] | None = None) -> bool:
+        """Store a result, retrying for a while if the backend is down; False if it never
+        got through (the caller then keeps the message for redelivery)."""
+        meta = resultmeta.build_meta(message.id, state, result, now=self.app.now(),
+                                     traceback=traceback_text, children=children,
+                                     parent_id=message.parent_id, group_id=message.group)
+        try:
+            resultmeta.encode_meta(meta)
+        except (TypeError, ValueError) as exc:
+            meta = resultmeta.build_meta(
+                message.id, states.FAILURE,
+                resultmeta.exception_to_dict(TypeError(f"result is not JSON serializable: {exc}")),
+                now=self.app.now(), parent_id=message.parent_id, group_id=message.group)
+        return await self._store_meta(message, meta)
+
+    async def _store_meta(self, message: TaskMessage, meta: dict[str, Any]) -> bool:
+        deadline = time.monotonic() + STORE_RETRY_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                await self.app.backend.store(meta)
+                return True
+            except BackendError as exc:
+                if time.monotonic() + delay > deadline:
+                    logger.error(
+                        "Task %s[%s]: result %s not stored (%s); the message goes back to the "
+                        "queue and the task will run again once the backend answers",
+                        message.task, message.id, meta["status"], exc)
+                    return False
+                logger.warning("Task %s[%s]: result backend error (%s), retrying in %.1fs",
+                               message.task, message.id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _format_tb(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,46 @@
+"""The worker's options: one typed object that the CLI, the supervisor and tests fill in."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+    """How one worker process runs (settings not given here come from ``app.conf``)."""
+
+    #: tasks running at once in this process
+    concurrency: int = 100
+    #: queues to consume (default: the app's ``task_default_queue``)
+    queues: tuple[str, ...] = ()
+    #: node name shown in logs and ``request.hostname``
+    hostname: str = dataclasses.field(default_factory=lambda: f"aio_celery@{socket.gethostname()}")
+    #: exit once the queues are empty and no task is running or waiting (for tests, batch jobs)
+    burst: bool = False
+    #: prefetch = multiplier x concurrency (None: ``worker_prefetch_multiplier``)
+    prefetch_multiplier: int | None = None
+    #: seconds running tasks get on warm shutdown (None: ``worker_shutdown_timeout``)
+    shutdown_timeout: float | None = None
+    #: an eta further away than this (seconds) waits in a holding queue on the broker, not
+    #: in memory, so that RabbitMQ's consumer_timeout (30 min by default) never trips
+    eta_horizon: float = 600.0
+    #: how long the worker tries to get the broker back before it exits (BROKER_LOST)
+    reconnect_timeout: float = 60.0
+    #: stop after this many tasks (0: never), then exit with the RECYCLE code
+    max_tasks: int = 0
+    #: stop when resident memory exceeds this many KiB (0: never), exit with RECYCLE
+    max_memory_kib: int = 0
+    #: print the start-up banner
+    banner: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.eta_horizon <= 0:
+            raise ValueError("eta_horizon must be positive")
+
+    def prefetch_count(self, default_multiplier: int) -> int:
+        """Celery's rule: multiplier x concurrency, at most 65535 (AMQP's limit)."""
+        multiplier = self.prefetch_multiplier or default_multiplier
+        return max(1, min(65535, multiplier * self.concurrency))

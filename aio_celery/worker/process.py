@@ -1,0 +1,29 @@
+"""Run one worker as the whole process (the CLI's single-process mode, and each child the
+supervisor forks): own event loop, signal handlers, exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aio_celery import exitcodes
+from aio_celery.app import Celery
+from aio_celery.worker.options import WorkerOptions
+from aio_celery.worker.worker import Worker, install_signal_handlers
+
+logger = logging.getLogger("aio_celery.worker")
+
+
+def run_worker(app: Celery, options: WorkerOptions) -> int:
+    """Run a worker on a fresh event loop until it stops; return its exit code."""
+    try:
+        return asyncio.run(_serve(app, options))
+    except Exception:
+        logger.exception("Worker crashed")
+        return exitcodes.INTERNAL_ERROR
+
+
+async def _serve(app: Celery, options: WorkerOptions) -> int:
+    worker = Worker(app, options)
+    install_signal_handlers(worker)
+    return await worker.run()

@@ -1,0 +1,13 @@
+"""Counters of one worker process (read by logs now, by metrics and remote control later)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Stats:
+    #: tasks whose message was settled after running (any outcome)
+    finished: int = 0
+    #: messages rejected because they could not be decoded
+    rejected: int = 0
