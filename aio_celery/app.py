@@ -133,7 +133,18 @@ class Celery:
 
     @contextlib.asynccontextmanager
     async def setup(self, *, with_context: bool = False) -> AsyncIterator[Celery]:
-        """Connect to the broker (and, lazily, the result backend) for the block's duration."""
+        """Connect to the broker (and, lazily, the result backend) for the block's duration.
+
+        Re-entrant: inside an outer ``setup()`` the existing connections are reused (and left
+        open), so a worker can run an app that is already connected.
+        """
+        if self._broker is not None:
+            if with_context and self._context is None:
+                async with self.app_context():
+                    yield self
+            else:
+                yield self
+            return
         settings = self.conf.settings
         self._broker = Broker(
             settings.broker_url,

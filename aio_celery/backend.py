@@ -75,10 +75,7 @@ class RedisBackend:
         value = resultmeta.encode_meta(meta)
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                if self.expires:
-                    pipe.setex(key, self.expires, value)
-                else:
-                    pipe.set(key, value)
+                pipe.set(key, value, ex=self.expires or None)
                 pipe.publish(key, value)
                 await pipe.execute()
         except _redis_errors() as exc:
@@ -104,6 +101,8 @@ class RedisBackend:
             self._subscriber = _Subscriber(self)
         try:
             return await self._subscriber.wait(task_id, timeout)
+        except TimeoutError:
+            raise  # asyncio's timeout is an OSError too: it is not "unreachable"
         except _redis_errors() as exc:
             raise self._unreachable(exc) from exc
 
@@ -117,6 +116,8 @@ class _Subscriber:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Future[dict[str, Any]]]] = {}
+        #: one (un)subscribe at a time: concurrent first calls would each open a connection
+        self._lock = asyncio.Lock()
 
     async def wait(self, task_id: str, timeout: float | None) -> dict[str, Any]:
         key = resultmeta.result_key(task_id)
@@ -139,16 +140,18 @@ class _Subscriber:
                 await self._unsubscribe(key)
 
     async def _subscribe(self, key: str) -> None:
-        if self._pubsub is None:
-            self._pubsub = self._backend.client.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(key)
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read(self._pubsub))
+        async with self._lock:
+            if self._pubsub is None:
+                self._pubsub = self._backend.client.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(key)
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read(self._pubsub))
 
     async def _unsubscribe(self, key: str) -> None:
-        if self._pubsub is not None:
-            with contextlib.suppress(*_redis_errors()):
-                await self._pubsub.unsubscribe(key)
+        async with self._lock:
+            if self._pubsub is not None and key not in self._waiters:
+                with contextlib.suppress(*_redis_errors()):
+                    await self._pubsub.unsubscribe(key)
 
     async def _read(self, pubsub: PubSub) -> None:
         try:

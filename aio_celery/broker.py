@@ -55,7 +55,7 @@ class Broker:
     """
 
     def __init__(self, url: str, *, connection_timeout: float = 4.0,
-                 publish_timeout: float | None = 10.0, heartbeat: int = 60,
+                 publish_timeout: float | None = None, heartbeat: int = 60,
                  max_priority: int | None = None, connection_name: str = "aio_celery") -> None:
         self.url = url
         self.connection_timeout = connection_timeout
@@ -138,8 +138,9 @@ class Broker:
     async def publish(self, envelope: Envelope, queue: str) -> None:
         """Publish to ``queue`` through the default exchange (as Celery 5 does) and wait for
         the broker's confirm."""
-        if queue not in self._declared:
-            await self.declare_queue(queue)
+        declared = self._declared.get(queue)
+        if declared is None or not declared.done():
+            await self.declare_queue(queue)  # waits for a declaration already under way too
         raw: AbstractChannel = await self._publisher().get_underlay_channel()
         await raw.basic_publish(
             envelope.body,

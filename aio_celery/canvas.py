@@ -1,7 +1,7 @@
 """Signatures, ``chain`` and ``group``, serialized exactly as Celery serializes them.
 
 A signature is a dict (``task``, ``args``, ``kwargs``, ``options``, ``subtask_type``,
-``immutable``, ``chord_size``) so that it travels in a message body unchanged. A chain is
+``immutable``) so that it travels in a message body unchanged. A chain is
 sent as its first step; the rest ride in the body's ``chain`` stack, last step first, and
 the worker pops the next step when a step succeeds.
 """
@@ -24,7 +24,7 @@ class Signature(dict[str, Any]):
     def __init__(self, task: str | dict[str, Any], args: Any = None,
                  kwargs: dict[str, Any] | None = None, *, options: dict[str, Any] | None = None,
                  immutable: bool = False, subtask_type: str | None = None,
-                 app: Celery | None = None) -> None:
+                 app: Celery | None = None, **ex: Any) -> None:
         if isinstance(task, dict):  # a signature dict received in a message
             super().__init__(task)
             self.setdefault("args", [])
@@ -33,8 +33,8 @@ class Signature(dict[str, Any]):
             self.setdefault("immutable", False)
         else:
             super().__init__(task=task, args=list(args or ()), kwargs=dict(kwargs or {}),
-                             options=dict(options or {}), subtask_type=subtask_type,
-                             immutable=immutable, chord_size=None)
+                             options=dict(options or {}, **ex), subtask_type=subtask_type,
+                             immutable=immutable)
         self._app = app
 
     @property
@@ -124,8 +124,12 @@ class _Chain(Signature):
                           **options: Any) -> AsyncResult:
         """Send the first step; returns the *last* step's result (its ``parent`` links back
         through the earlier steps, as in Celery)."""
+        options = dict(options)
+        chain_id = options.pop("task_id", None)
         steps = [step.clone() for step in self.tasks]
         steps[0] = steps[0].clone(args, kwargs)
+        if chain_id is not None:  # as in Celery, the chain's id is its last step's
+            steps[-1]["options"]["task_id"] = chain_id
         results: list[AsyncResult] = []
         for step in steps:
             step["options"].setdefault("task_id", str(uuid.uuid4()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import click
@@ -26,6 +27,12 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 
 @main.command()
 @click.argument("app")
+@click.option("-c", "--processes", type=click.IntRange(min=1), default=None,
+              help="Worker processes the supervisor forks (default: number of CPUs).")
+@click.option("-P", "--pool", type=click.Choice(["processes", "solo"]), default="processes",
+              show_default=True,
+              help="processes: a supervisor forks --processes children; solo: one worker "
+                   "in this process, no supervisor.")
 @click.option("--concurrency", default=100, show_default=True, type=click.IntRange(min=1),
               help="Tasks running at once in each process.")
 @click.option("-Q", "--queues", multiple=True, callback=_queues,
@@ -45,21 +52,33 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
               help="Exit (to be replaced) after this many tasks; 0: never.")
 @click.option("--max-memory-per-child", type=click.IntRange(min=0), default=0,
               help="Exit (to be replaced) above this resident memory in KiB; 0: never.")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=1), default=30.0,
+              show_default=True,
+              help="Kill and replace a child whose event loop has not beaten for this long.")
+@click.option("--status-file", type=click.Path(dir_okay=False), default=None,
+              help="Where the supervisor writes its status for `aio_celery health` "
+                   "(default: $AIO_CELERY_STATUS_FILE or a per-user temp file).")
 @click.option("--burst", is_flag=True,
               help="Exit once the queues are empty and no task is running.")
 @click.option("--log-config/--no-log-config", default=True, show_default=True,
               help="Configure logging to stderr (turn off to keep your own set-up).")
-def worker(app: str, concurrency: int, queues: tuple[str, ...], loglevel: str,
-           hostname: str | None, prefetch_multiplier: int | None,
-           shutdown_timeout: float | None, eta_horizon: float, max_tasks_per_child: int,
-           max_memory_per_child: int, burst: bool, log_config: bool) -> None:
-    """Run a worker for APP (module:attribute, e.g. proj.tasks:app)."""
+def worker(app: str, processes: int | None, pool: str, concurrency: int,
+           queues: tuple[str, ...], loglevel: str, hostname: str | None,
+           prefetch_multiplier: int | None, shutdown_timeout: float | None,
+           eta_horizon: float, max_tasks_per_child: int, max_memory_per_child: int,
+           heartbeat_timeout: float, status_file: str | None, burst: bool,
+           log_config: bool) -> None:
+    """Run workers for APP (module:attribute, e.g. proj.tasks:app).
+
+    By default a supervisor forks --processes children, each running up to --concurrency
+    tasks on its own event loop. SIGTERM/SIGINT: warm shutdown; a second one or SIGQUIT:
+    cold; SIGHUP: rolling restart; SIGTTIN/SIGTTOU: one child more/less; SIGUSR1: log
+    running tasks.
+    """
     from aio_celery import logs
-    from aio_celery.loader import AppLoadError, load_app
-    from aio_celery.worker.process import run_worker
 
     if log_config:
-        logs.configure(loglevel)
+        logs.configure(loglevel, label="supervisor" if pool == "processes" else "MainProcess")
     options = WorkerOptions(
         concurrency=concurrency, queues=queues, burst=burst,
         prefetch_multiplier=prefetch_multiplier, shutdown_timeout=shutdown_timeout,
@@ -67,9 +86,51 @@ def worker(app: str, concurrency: int, queues: tuple[str, ...], loglevel: str,
         max_memory_kib=max_memory_per_child)
     if hostname:
         options = dataclasses.replace(options, hostname=hostname)
+    if pool == "processes":
+        sys.exit(_supervise(app, options, processes, loglevel, log_config, heartbeat_timeout,
+                            status_file))
+    sys.exit(_solo(app, options))
+
+
+def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel: str,
+               log_config: bool, heartbeat_timeout: float, status_file: str | None) -> int:
+    from supervisor import ChildSpec, Supervisor, SupervisorOptions
+    from supervisor.status import default_status_path
+
+    count = processes or os.cpu_count() or 1
+    spec = ChildSpec(app_spec=app, worker=options, loglevel=loglevel, log_config=log_config,
+                     processes=count)
+    shutdown = options.shutdown_timeout if options.shutdown_timeout is not None else 25.0
+    return Supervisor(SupervisorOptions(
+        spec=spec, processes=count, shutdown_timeout=shutdown,
+        heartbeat_timeout=heartbeat_timeout,
+        status_file=status_file or default_status_path())).run()
+
+
+def _solo(app: str, options: WorkerOptions) -> int:
+    from aio_celery.loader import AppLoadError, load_app
+    from aio_celery.worker.process import run_worker
+
     try:
         application = load_app(app)
     except AppLoadError as exc:
         click.echo(f"Error: cannot load the app: {exc}", err=True)
-        sys.exit(exitcodes.APP_LOAD_ERROR)
-    sys.exit(run_worker(application, options))
+        return exitcodes.APP_LOAD_ERROR
+    return run_worker(application, options)
+
+
+@main.command()
+@click.option("--status-file", type=click.Path(dir_okay=False), default=None,
+              help="The supervisor's status file (default: as `worker`).")
+@click.option("--ready", is_flag=True,
+              help="Also require every child to have its consumers attached (readiness).")
+def health(status_file: str | None, ready: bool) -> None:
+    """Probe a running supervisor (liveness; readiness with --ready); exit 0 if healthy.
+
+    Reads the supervisor's status file only: it imports no app and opens no connection.
+    """
+    from supervisor.status import check_health, default_status_path
+
+    healthy, reason = check_health(status_file or default_status_path(), ready)
+    click.echo(reason, err=not healthy)
+    sys.exit(exitcodes.OK if healthy else exitcodes.UNHEALTHY)

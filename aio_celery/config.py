@@ -25,8 +25,9 @@ class Settings:
     broker_url: str = "amqp://guest:guest@localhost:5672//"
     #: seconds to wait for the broker to accept a connection
     broker_connection_timeout: float = 4.0
-    #: seconds to wait for a publisher confirm before giving up on a publish
-    broker_publish_timeout: float | None = 10.0
+    #: seconds a publish may take, queueing and confirm included (None: no limit, like
+    #: aio-pika; a limit counts from the call, so keep it large for big concurrent batches)
+    broker_publish_timeout: float | None = None
     #: AMQP heartbeat in seconds (0 disables it)
     broker_heartbeat: int = 60
     result_backend: str | None = None

@@ -1,4 +1,4 @@
-"""Exit codes of ``aio_celery worker`` processes (documented in the README).
+"""Exit codes of ``aio_celery`` processes, supervisor and children (documented in the README).
 
 Kept free of imports so that the supervisor can use them without loading aio-pika.
 """
@@ -17,6 +17,10 @@ STARTUP_ERROR = 4
 BROKER_LOST = 5
 #: the child finished its tasks and exits to be replaced (max tasks/memory per child)
 RECYCLE = 6
+#: supervisor: children kept crashing (more than the crash-loop cap within its window)
+CRASH_LOOP = 7
+#: ``aio_celery health``: the probe failed (not alive, or not ready with --ready)
+UNHEALTHY = 1
 #: an unexpected error in the worker itself
 INTERNAL_ERROR = 70
 
@@ -27,5 +31,6 @@ NAMES = {
     STARTUP_ERROR: "start-up error",
     BROKER_LOST: "broker connection lost",
     RECYCLE: "recycle",
+    CRASH_LOOP: "crash loop",
     INTERNAL_ERROR: "internal error",
 }

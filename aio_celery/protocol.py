@@ -170,7 +170,8 @@ def encode_headers(message: TaskMessage) -> dict[str, Any]:
         "group": message.group,
         "group_index": message.group_index,
         "retries": message.retries,
-        "timelimit": [message.soft_time_limit, message.time_limit],
+        # Celery's order: hard limit first.
+        "timelimit": [message.time_limit, message.soft_time_limit],
         "root_id": message.root_id or message.id,
         "parent_id": message.parent_id,
         "argsrepr": argsrepr,
@@ -312,8 +313,8 @@ def _timelimit(value: Any) -> tuple[float | None, float | None]:
     if value is None:
         return None, None
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ValueError(f"timelimit must be [soft, hard], got {value!r}")
-    soft, hard = value
+        raise ValueError(f"timelimit must be [hard, soft], got {value!r}")
+    hard, soft = value
     return (None if soft is None else float(soft)), (None if hard is None else float(hard))
 
 

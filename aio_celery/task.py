@@ -37,6 +37,7 @@ class Context:
     reply_to: str | None = None
     correlation_id: str | None = None
     ignore_result: bool = False
+    #: ``(hard, soft)`` as in Celery
     timelimit: tuple[float | None, float | None] = (None, None)
     origin: str | None = None
     callbacks: list[dict[str, Any]] | None = None

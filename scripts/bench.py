@@ -204,7 +204,7 @@ async def run_child(name: str, params: Params) -> dict[str, Any]:
         return {"error": f"timed out after {CHILD_TIMEOUT:.0f}s"}
     if process.returncode != 0:
         tail = err.decode(errors="replace").strip().splitlines()[-5:]
-        return {"error": f"exit {process.returncode}: " + " | ".join(tail)}
+        return {"error": f"exit {process.returncode}: " + " | ".join(tail[-3:])}
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     return result
 
@@ -265,7 +265,9 @@ def header(title: str, args: argparse.Namespace) -> None:
     from importlib.metadata import version
 
     print(f"{title}: n={args.n} rounds={args.rounds} broker={mask(args.broker)} "
-          f"queues {'declared beforehand' if args.predeclare else 'declared by the clients'}")
+          f"queues {'declared beforehand' if args.predeclare else 'declared by the clients'}"
+          + (f" aio-celery publish timeout {args.publish_timeout}"
+             if getattr(args, "publish_timeout", "default") != "default" else ""))
     print(f"  python {platform.python_version()}, aio-pika {version('aio-pika')}, "
           f"aiormq {version('aiormq')}, {os.cpu_count()} CPUs (broker on the same host "
           "shares them)", flush=True)
@@ -281,6 +283,8 @@ async def publish_aio_celery(params: Params) -> Stopwatch:
 
     app = Celery("bench")
     app.conf.update(broker_url=params["broker"], task_default_queue=params["queue"])
+    if "publish_timeout" in params:
+        app.conf.update(broker_publish_timeout=params["publish_timeout"])
 
     @app.task
     async def add(x: int, y: int) -> int:
@@ -316,6 +320,8 @@ async def publish_aio_pika(params: Params) -> Stopwatch:
 async def cmd_publish(args: argparse.Namespace) -> int:
     header("publish", args)
     params = {"broker": args.broker, "n": args.n}
+    if args.publish_timeout != "default":
+        params["publish_timeout"] = args.publish_timeout
     async with QueueAdmin(args.broker) as admin:
         runs = await run_rounds(admin, ["publish/aio-celery", "publish/aio-pika"],
                                 args.rounds, params, predeclare=args.predeclare)
@@ -339,6 +345,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = 
 }
 
 
+def timeout_arg(text: str) -> float | str | None:
+    return None if text.lower() == "none" else "default" if text == "default" else float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -352,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--n", type=int, default=50000, help="messages per run (50000)")
     publish.add_argument("--rounds", type=int, default=3, help="runs per contender (3)")
     publish.add_argument("--broker", default=broker, help=f"AMQP URL ({mask(broker)})")
+    publish.add_argument(
+        "--publish-timeout", type=timeout_arg, default="default", metavar="SECONDS|none",
+        help="aio-celery's broker_publish_timeout for the run (default: the library's, which "
+             "counts from the call, so it can expire for a large N gathered at once)")
     publish.add_argument(
         "--no-predeclare", dest="predeclare", action="store_false",
         help="leave declaring each run's queue to the client under test, inside the timing "

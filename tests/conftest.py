@@ -7,11 +7,12 @@ A missing service fails the run (it never skips).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -111,3 +112,45 @@ async def app(unique_name: str, amqp_url: str, redis_url: str) -> AsyncIterator[
                             task_default_queue=unique_name)
     async with application.setup():
         yield application
+
+
+class WorkerHandle:
+    """An in-process worker started by the ``start_worker`` fixture."""
+
+    def __init__(self, worker: object, task: asyncio.Task[int]) -> None:
+        self.worker = worker
+        self.task = task
+
+    async def stop(self, cold: bool = False, timeout: float = 30) -> int:
+        self.worker.request_stop(cold=cold)  # type: ignore[attr-defined]
+        return await asyncio.wait_for(self.task, timeout)
+
+    async def wait(self, timeout: float = 30) -> int:
+        """Wait for a burst-mode worker to drain and exit."""
+        return await asyncio.wait_for(self.task, timeout)
+
+
+@pytest.fixture
+async def start_worker(app: Celery) -> AsyncIterator[Callable[..., Awaitable[WorkerHandle]]]:
+    """``handle = await start_worker(concurrency=10, burst=True, ...)``: run a Worker for the
+    test's app on this event loop; it is ready (consumers attached) when this returns."""
+    from aio_celery.worker import Worker, WorkerOptions
+
+    handles: list[WorkerHandle] = []
+
+    async def start(app_: Celery | None = None, **options: object) -> WorkerHandle:
+        options.setdefault("banner", False)
+        worker = Worker(app_ or app, WorkerOptions(**options))  # type: ignore[arg-type]
+        task = asyncio.create_task(worker.run())
+        while worker.consuming is None or not worker.consuming.is_set():
+            if task.done():
+                raise RuntimeError(f"worker exited during start-up with {task.result()}")
+            await asyncio.sleep(0.01)
+        handle = WorkerHandle(worker, task)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        if not handle.task.done():
+            await handle.stop(cold=True)

@@ -133,7 +133,8 @@ class Session:
             return
         delivery_info = {"exchange": deliver.exchange, "routing_key": deliver.routing_key,
                          "priority": props.priority, "redelivered": deliver.redelivered}
-        task = asyncio.create_task(self._handle(queue, raw, message, tag, delivery_info))
+        task = asyncio.create_task(self._handle(queue, raw, message, tag, delivery_info),
+                                   name=f"{message.task}[{message.id}]")
         self._waiting.add(task)
 
     async def _handle(self, queue: str, raw: DeliveredMessage, message: protocol.TaskMessage,
@@ -150,6 +151,13 @@ class Session:
                 self._running.add(this)
                 started = True
                 settle = await self.runner.run(message, delivery_info)
+        except Exception:
+            # A bug of ours (task errors are handled by the runner). Requeue once; a
+            # message that fails like this again is rejected rather than looped.
+            settle = Settle.REJECT if delivery_info["redelivered"] else Settle.REQUEUE
+            logger.exception("Internal error while handling task %s[%s]: message %s",
+                             message.task, message.id,
+                             "rejected" if settle is Settle.REJECT else "requeued once")
         except asyncio.CancelledError:
             # Shutdown or connection loss: the message goes back to the queue.
             if started:

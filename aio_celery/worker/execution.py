@@ -77,7 +77,7 @@ class TaskRunner:
             group_index=message.group_index, delivery_info=delivery_info,
             hostname=self.hostname, reply_to=message.reply_to, correlation_id=message.id,
             ignore_result=bool(message.ignore_result),
-            timelimit=(message.soft_time_limit, message.time_limit), origin=message.origin,
+            timelimit=(message.time_limit, message.soft_time_limit), origin=message.origin,
             callbacks=message.callbacks, errbacks=message.errbacks, chain=message.chain,
             chord=message.chord,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from aio_celery import exitcodes
 from aio_celery.app import Celery
@@ -14,16 +15,18 @@ from aio_celery.worker.worker import Worker, install_signal_handlers
 logger = logging.getLogger("aio_celery.worker")
 
 
-def run_worker(app: Celery, options: WorkerOptions) -> int:
+def run_worker(app: Celery, options: WorkerOptions,
+               on_tick: Callable[[Worker], None] | None = None) -> int:
     """Run a worker on a fresh event loop until it stops; return its exit code."""
     try:
-        return asyncio.run(_serve(app, options))
+        return asyncio.run(_serve(app, options, on_tick))
     except Exception:
         logger.exception("Worker crashed")
         return exitcodes.INTERNAL_ERROR
 
 
-async def _serve(app: Celery, options: WorkerOptions) -> int:
-    worker = Worker(app, options)
+async def _serve(app: Celery, options: WorkerOptions,
+                 on_tick: Callable[[Worker], None] | None) -> int:
+    worker = Worker(app, options, on_tick=on_tick)
     install_signal_handlers(worker)
     return await worker.run()

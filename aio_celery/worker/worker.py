@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aio_celery import exitcodes, signals
@@ -35,9 +36,13 @@ class StartupError(Exception):
 class Worker:
     """Consumes the app's queues and runs its tasks, ``concurrency`` at a time."""
 
-    def __init__(self, app: Celery, options: WorkerOptions | None = None) -> None:
+    def __init__(self, app: Celery, options: WorkerOptions | None = None, *,
+                 on_tick: Callable[[Worker], None] | None = None) -> None:
+        """``on_tick(worker)`` is called from the event loop about once a second while the
+        worker runs (the supervisor's heartbeat: it proves the loop is not blocked)."""
         self.app = app
         self.options = options or WorkerOptions()
+        self._on_tick = on_tick
         self.stats = Stats()
         self._stop_requested: asyncio.Event | None = None
         self._cold = False
@@ -61,6 +66,24 @@ class Worker:
         self._stop_requested.set()
 
     @property
+    def state(self) -> str:
+        """``starting``, ``ready`` (consumers attached) or ``stopping``."""
+        if self._stop_requested_set():
+            return "stopping"
+        if self.consuming is not None and self.consuming.is_set():
+            return "ready"
+        return "starting"
+
+    def dump_tasks(self) -> None:
+        """Log every task in flight with its stack (SIGUSR1)."""
+        tasks = self._session.running_tasks() if self._session is not None else set()
+        logger.warning("%d task(s) running in pid %d:", len(tasks), os.getpid())
+        for task in sorted(tasks, key=lambda t: t.get_name()):
+            stack = "".join(f"    {frame.f_code.co_filename}:{frame.f_lineno} in "
+                            f"{frame.f_code.co_name}\n" for frame in task.get_stack())
+            logger.warning("  %s\n%s", task.get_name(), stack.rstrip())
+
+    @property
     def queues(self) -> tuple[str, ...]:
         return self.options.queues or (self.app.conf.settings.task_default_queue,)
 
@@ -70,6 +93,23 @@ class Worker:
         """Start, consume until asked to stop (or drained in burst mode), shut down."""
         self._stop_requested = asyncio.Event()
         self.consuming = asyncio.Event()
+        ticker = asyncio.ensure_future(self._tick()) if self._on_tick else None
+        try:
+            return await self._run()
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+
+    async def _tick(self) -> None:
+        assert self._on_tick is not None
+        while True:
+            try:
+                self._on_tick(self)
+            except Exception:
+                logger.exception("Worker tick hook failed")
+            await asyncio.sleep(1.0)
+
+    async def _run(self) -> int:
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await self._startup(stack)
@@ -250,3 +290,4 @@ def install_signal_handlers(worker: Worker) -> None:
     loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
     loop.add_signal_handler(signal.SIGINT, worker.request_stop)
     loop.add_signal_handler(signal.SIGQUIT, lambda: worker.request_stop(cold=True))
+    loop.add_signal_handler(signal.SIGUSR1, worker.dump_tasks)

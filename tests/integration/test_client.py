@@ -86,6 +86,18 @@ async def wait_until(predicate: Any, timeout: float = 5.0, what: str = "conditio
         await asyncio.sleep(0.02)
 
 
+async def cancel(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel whatever a failed test left waiting, so it does not leak into teardown."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def subscriber_count(client: redis.asyncio.Redis, channel_name: str) -> int:
+    counts = dict(await client.pubsub_numsub(channel_name))
+    return int(counts.get(channel_name.encode(), 0))
+
+
 def new_app(name: str, amqp_url: str, redis_url: str, **settings: Any) -> Celery:
     app = Celery(name, set_as_current=False)
     app.conf.update(broker_url=amqp_url, result_backend=redis_url, task_default_queue=name,
@@ -188,6 +200,15 @@ async def test_send_task_by_name(app: Celery, unique_name: str,
     assert body_of(message)[:2] == [[1, "two"], {"k": [3]}]
 
 
+async def test_concurrent_first_sends_to_a_new_queue_all_arrive(
+        app: Celery, unique_name: str, channel: AbstractChannel) -> None:
+    """Sends that race the queue's first declaration must wait for it, not be dropped as
+    unroutable."""
+    results = await asyncio.gather(*(app.send_task("proj.burst", args=[n]) for n in range(10)))
+    messages = await read_messages(channel, unique_name, 10)
+    assert {m.headers["id"] for m in messages} == {r.id for r in results}
+
+
 async def test_tagged_arguments_travel_as_kombu_json(app: Celery, unique_name: str,
                                                      channel: AbstractChannel) -> None:
     when = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -288,11 +309,11 @@ async def test_unserializable_argument_is_refused_before_sending(
     async def takes_anything(value: Any) -> None:
         return None
 
-    with pytest.raises(TypeError, match="proj.takes_anything"):
+    with pytest.raises(TypeError, match=r"proj\.takes_anything"):
         await takes_anything.delay(object())
-    with pytest.raises(TypeError, match="proj.takes_anything"):
+    with pytest.raises(TypeError, match=r"proj\.takes_anything"):
         await takes_anything.apply_async(kwargs={"value": {1, 2}})
-    with pytest.raises(TypeError, match="proj.by_name"):
+    with pytest.raises(TypeError, match=r"proj\.by_name"):
         await app.send_task("proj.by_name", args=[object()])
     # nothing went out: the only message in the queue is the one sent next
     marker = await takes_anything.delay("fine")
@@ -414,28 +435,28 @@ async def test_get_wakes_up_on_publish(app: Celery, redis_client: redis.asyncio.
     task_id = str(uuid.uuid4())
     channel_name = resultmeta.result_key(task_id)
     waiting = asyncio.create_task(app.AsyncResult(task_id).get(timeout=10))
+    try:
+        async def subscribed() -> bool:
+            return await subscriber_count(redis_client, channel_name) == 1
 
-    async def subscribed() -> bool:
-        counts = dict(await redis_client.pubsub_numsub(channel_name))
-        return bool(counts.get(channel_name.encode()))
+        async def unsubscribed() -> bool:
+            return await subscriber_count(redis_client, channel_name) == 0
 
-    await wait_until(subscribed, what="get() to subscribe")
-    await asyncio.sleep(0.2)  # let get() finish its first read: the result must come by pub/sub
-    assert not waiting.done()
+        await wait_until(subscribed, what="get() to subscribe")
+        # a short delay so that get() is past its first read: the result must come by pub/sub
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
 
-    async def store_later() -> None:
-        await app.backend.store(meta(task_id, states.SUCCESS, "late", app))
+        async def store_later() -> None:
+            await app.backend.store(meta(task_id, states.SUCCESS, "late", app))
 
-    stored_at = time.monotonic()
-    await asyncio.create_task(store_later())
-    assert await asyncio.wait_for(waiting, timeout=3) == "late"
-    assert time.monotonic() - stored_at < 3
-    # the waiter unsubscribed
-    await wait_until(lambda: _not(subscribed), what="get() to unsubscribe")
-
-
-async def _not(predicate: Any) -> bool:
-    return not await predicate()
+        stored_at = time.monotonic()
+        await asyncio.create_task(store_later())
+        assert await asyncio.wait_for(asyncio.shield(waiting), timeout=3) == "late"
+        assert time.monotonic() - stored_at < 3
+        await wait_until(unsubscribed, what="get() to unsubscribe")
+    finally:
+        await cancel(waiting)
 
 
 async def test_unready_states_do_not_wake_get(app: Celery) -> None:
@@ -443,9 +464,12 @@ async def test_unready_states_do_not_wake_get(app: Celery) -> None:
     await app.backend.store(meta(task_id, states.STARTED, None, app))
     result = app.AsyncResult(task_id)
     waiting = asyncio.create_task(result.get(timeout=10))
-    await app.backend.store(meta(task_id, "PROGRESS", {"done": 50}, app))
-    await app.backend.store(meta(task_id, states.SUCCESS, "done", app))
-    assert await asyncio.wait_for(waiting, timeout=5) == "done"
+    try:
+        await app.backend.store(meta(task_id, "PROGRESS", {"done": 50}, app))
+        await app.backend.store(meta(task_id, states.SUCCESS, "done", app))
+        assert await asyncio.wait_for(asyncio.shield(waiting), timeout=5) == "done"
+    finally:
+        await cancel(waiting)
 
 
 async def test_many_concurrent_gets_share_one_subscriber(
@@ -453,30 +477,58 @@ async def test_many_concurrent_gets_share_one_subscriber(
     ids = [str(uuid.uuid4()) for _ in range(25)]
     channels = [resultmeta.result_key(i) for i in ids]
     waiters = [asyncio.create_task(app.AsyncResult(i).get(timeout=15)) for i in ids]
+    try:
+        async def all_subscribed() -> bool:
+            counts = dict(await redis_client.pubsub_numsub(*channels))
+            return all(counts.get(c.encode()) == 1 for c in channels)
 
-    async def all_subscribed() -> bool:
-        counts = dict(await redis_client.pubsub_numsub(*channels))
-        return all(counts.get(c.encode()) == 1 for c in channels)
+        await wait_until(all_subscribed, what="every get() to subscribe")
+        clients = await redis_client.client_list()
+        subscribers = [c for c in clients
+                       if int(c.get("sub", 0)) > 0 and int(c["db"]) == redis_db]
+        assert len(subscribers) == 1, f"{len(subscribers)} pub/sub connections"
+        assert int(subscribers[0]["sub"]) == len(ids)
 
-    await wait_until(all_subscribed, what="every get() to subscribe")
-    clients = await redis_client.client_list()
-    subscribers = [c for c in clients if int(c.get("sub", 0)) > 0 and int(c["db"]) == redis_db]
-    assert len(subscribers) == 1, subscribers
-    assert int(subscribers[0]["sub"]) == len(ids)
-
-    await asyncio.gather(*(app.backend.store(meta(i, states.SUCCESS, n, app))
-                           for n, i in enumerate(ids)))
-    values = await asyncio.wait_for(asyncio.gather(*waiters), timeout=10)
-    assert values == list(range(len(ids)))
+        await asyncio.gather(*(app.backend.store(meta(i, states.SUCCESS, n, app))
+                               for n, i in enumerate(ids)))
+        done, _ = await asyncio.wait(waiters, timeout=10)
+        assert len(done) == len(ids), f"only {len(done)} of {len(ids)} get()s returned"
+        assert [w.result() for w in waiters] == list(range(len(ids)))
+    finally:
+        await cancel(*waiters)
 
 
-async def test_same_id_awaited_twice(app: Celery) -> None:
+async def test_many_concurrent_gets_all_return(app: Celery) -> None:
+    """Without looking at Redis: every one of many simultaneous waiters gets its result."""
+    ids = [str(uuid.uuid4()) for _ in range(10)]
+    waiters = [asyncio.create_task(app.AsyncResult(i).get(timeout=15)) for i in ids]
+    try:
+        await asyncio.sleep(0.3)  # a short delay: every get() is waiting on pub/sub
+        for n, task_id in enumerate(ids):
+            await app.backend.store(meta(task_id, states.SUCCESS, n, app))
+        done, _ = await asyncio.wait(waiters, timeout=10)
+        assert len(done) == len(ids), f"only {len(done)} of {len(ids)} get()s returned"
+        assert [w.result() for w in waiters] == list(range(len(ids)))
+    finally:
+        await cancel(*waiters)
+
+
+async def test_same_id_awaited_twice(app: Celery, redis_client: redis.asyncio.Redis) -> None:
     task_id = str(uuid.uuid4())
+    channel_name = resultmeta.result_key(task_id)
     first = asyncio.create_task(app.AsyncResult(task_id).get(timeout=10))
     second = asyncio.create_task(app.AsyncResult(task_id).get(timeout=10))
-    await asyncio.sleep(0.1)  # both are waiting
-    await app.backend.store(meta(task_id, states.SUCCESS, "both", app))
-    assert await asyncio.wait_for(asyncio.gather(first, second), timeout=5) == ["both", "both"]
+    try:
+        async def subscribed() -> bool:
+            return await subscriber_count(redis_client, channel_name) == 1
+
+        await wait_until(subscribed, what="get() to subscribe")
+        await app.backend.store(meta(task_id, states.SUCCESS, "both", app))
+        done, _ = await asyncio.wait([first, second], timeout=5)
+        assert len(done) == 2
+        assert [first.result(), second.result()] == ["both", "both"]
+    finally:
+        await cancel(first, second)
 
 
 async def test_get_timeout(app: Celery) -> None:

@@ -35,6 +35,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=4,
     worker_hijack_root_logger=True,
+    # no pidbox queue left behind on the broker (the tests never use remote control)
+    worker_enable_remote_control=False,
 )
 
 

@@ -56,7 +56,10 @@ def task_id(case: str) -> str:
 
 def make_app(broker: str, **conf: Any) -> Celery:
     app = Celery("golden", broker=broker, set_as_current=False)
-    app.conf.update(broker_connection_retry_on_startup=True, **conf)
+    # confirm_publish: a publish returns once RabbitMQ holds the message, so reading the
+    # queue right after it cannot race the publish (it changes nothing in the message)
+    app.conf.update(broker_connection_retry_on_startup=True,
+                    broker_transport_options={"confirm_publish": True}, **conf)
 
     @app.task(name="tasks.add", shared=False)
     def add(x: int, y: int) -> int:
@@ -267,14 +270,15 @@ def write(path: Path, data: dict[str, Any]) -> None:
 
 def invalid_from(base: dict[str, Any], description: str, expected_error: str,
                  **changes: Any) -> dict[str, Any]:
-    """An edit of a captured valid message; ``headers``/``properties`` changes are merged,
-    a value of ``None`` in ``drop_headers`` removes a header."""
+    """An edit of a captured valid message: ``headers``/``properties`` are merged in, the
+    names in ``drop_headers`` removed, ``body`` replaced."""
     data = copy.deepcopy(base)
     data["case"] = description
     data["call"] = "edited from valid_send_task_args_kwargs.json by capture.py"
     data["expected_error"] = expected_error
     for name in changes.pop("drop_headers", ()):
         del data["headers"][name]
+    data["headers"].update(changes.pop("headers", {}))
     data["properties"].update(changes.pop("properties", {}))
     if "body" in changes:
         data["body"] = changes.pop("body")
@@ -324,9 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             body="- [2, 3]\n- {z: 4}\n- {callbacks: null, errbacks: null, chain: null, "
                  "chord: null}\n"),
         "bad_timelimit_header": invalid_from(base, "timelimit is not a pair", "timelimit",
-                                             drop_headers=[]),
+                                             headers={"timelimit": [1, 2, 3]}),
     }
-    invalid["bad_timelimit_header"]["headers"]["timelimit"] = [1, 2, 3]
     for name, data in invalid.items():
         write(HERE / f"invalid_{name}.json", data)
     return 0

@@ -136,10 +136,12 @@ def test_reencode_gives_celerys_properties(golden: dict[str, Any]) -> None:
     assert envelope.expiration == props["expiration"]
 
 
-def test_body_text_is_kombus_ascii_json(golden: dict[str, Any]) -> None:
-    """kombu escapes non-ASCII, and so must we (the recorded body is pure ASCII)."""
+def test_body_is_ascii_json_sent_through_the_default_exchange(golden: dict[str, Any]) -> None:
+    """kombu escapes non-ASCII (so must we) and Celery 5 publishes to the default exchange
+    with the queue name as routing key (as aio_celery.broker does)."""
     assert golden["body"].isascii()
-    assert golden["delivery_info"]["exchange"] == ""  # Celery 5 publishes to the default exchange
+    assert golden["delivery_info"]["exchange"] == ""
+    assert golden["delivery_info"]["routing_key"].startswith("aio-celery-capture-")
 
 
 # --- case by case --------------------------------------------------------------------------

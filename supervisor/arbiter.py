@@ -1,0 +1,414 @@
+"""The supervisor's main loop: small, synchronous, no asyncio, never imports aio-pika.
+
+Signal handlers only put the signal number on a queue; the loop takes them off, reaps
+children, checks heartbeats, keeps the number of children at the target and reports to
+systemd and to the status file. Every decision is logged on one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import queue
+import signal
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aio_celery import exitcodes
+from supervisor import child as children
+from supervisor import heartbeat
+from supervisor.notify import Notifier
+from supervisor.status import ChildStatus, Status, write_status
+
+logger = logging.getLogger("aio_celery.supervisor")
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+           signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
+#: how long the loop sleeps when nothing happens (signals wake it at once)
+TICK = 0.25
+#: seconds a cold shutdown waits before SIGKILL
+COLD_GRACE = 5.0
+#: seconds a warm shutdown waits beyond the shutdown timeout before SIGKILL
+WARM_GRACE = 5.0
+#: seconds between the stack-dump signal and SIGKILL for a child with a stale heartbeat
+DUMP_GRACE = 0.5
+
+
+@dataclass(frozen=True)
+class SupervisorOptions:
+    """How the parent runs its children (each child's own options are in ``spec``)."""
+
+    spec: children.ChildSpec
+    processes: int
+    shutdown_timeout: float = 25.0
+    heartbeat_timeout: float = 30.0
+    #: a child gets this long from fork to its first heartbeat
+    startup_timeout: float = 60.0
+    #: more crashes than this within ``crash_window`` seconds: stop and exit CRASH_LOOP
+    max_crashes: int = 10
+    crash_window: float = 60.0
+    status_file: str | None = None
+
+
+class Supervisor:
+    """Forks, watches and replaces worker children. Inert until :meth:`run`."""
+
+    def __init__(self, options: SupervisorOptions) -> None:
+        self.options = options
+        self.target = options.processes
+        self.children: dict[int, children.Child] = {}  # by pid
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._stopping: str | None = None  # None, "warm" or "cold"
+        self._stop_deadline = 0.0
+        self._exit_code = exitcodes.OK
+        self._crashes: deque[float] = deque()
+        self._respawn_at = 0.0
+        self._restart_queue: list[int] = []  # pids to replace one by one (SIGHUP)
+        self._replacing: tuple[int, int] | None = None  # (old pid, new pid)
+        self._ever_ready = False
+        self._announced_ready = False
+        self._last_status = ""
+        self._next_watchdog = 0.0
+        self._next_report = 0.0
+        self._beat_dir = ""
+        self.notifier = Notifier()
+
+    # --- signals: record only ---------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.put_nowait(signum)
+
+    def _install_handlers(self) -> None:
+        for signum in HANDLED:
+            signal.signal(signum, self._on_signal)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        spec = self.options.spec
+        self._install_handlers()
+        _set_title(f"aio_celery supervisor [{spec.app_spec}] {self.target} children")
+        code = children.validate_app(spec, HANDLED)
+        if code != exitcodes.OK:
+            logger.error("The app %s could not be loaded (see above): no child started, "
+                         "exiting with code %d", spec.app_spec, code)
+            return code
+        self._beat_dir = tempfile.mkdtemp(prefix="aio_celery-beats-")
+        logger.info("Supervisor pid %d starting %d children for %s", os.getpid(), self.target,
+                    spec.app_spec)
+        try:
+            while self._step():
+                pass
+        finally:
+            self._kill_all(signal.SIGKILL)
+            self._reap()
+            self._cleanup()
+        logger.info("Supervisor exiting with code %d (%s)", self._exit_code,
+                    exitcodes.NAMES.get(self._exit_code, "?"))
+        return self._exit_code
+
+    def _step(self) -> bool:
+        """One turn of the loop; False once everything has stopped."""
+        self._dispatch_signals(timeout=TICK)
+        self._reap()
+        now = time.monotonic()
+        if self._stopping:
+            if not self.children:
+                return False
+            if now >= self._stop_deadline:
+                logger.warning("Shutdown timeout: killing %d child(ren) still running",
+                               len(self.children))
+                self._kill_all(signal.SIGKILL)
+                self._stop_deadline = now + COLD_GRACE
+        else:
+            self._check_heartbeats(now)
+            self._maintain(now)
+        self._report(now)
+        return True
+
+    def _dispatch_signals(self, timeout: float) -> None:
+        try:
+            signum = self._signals.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._handle_signal(signum)
+            try:
+                signum = self._signals.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle_signal(self, signum: int) -> None:
+        actions: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self._warm_or_cold,
+            signal.SIGINT: self._warm_or_cold,
+            signal.SIGQUIT: lambda: self.stop("cold"),
+            signal.SIGHUP: self._rolling_restart,
+            signal.SIGTTIN: lambda: self._scale(+1),
+            signal.SIGTTOU: lambda: self._scale(-1),
+            signal.SIGUSR1: self._forward_dump,
+            signal.SIGCHLD: lambda: None,  # the loop reaps on every turn
+        }
+        action = actions.get(signum)
+        if action is not None:
+            action()
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    def _warm_or_cold(self) -> None:
+        self.stop("cold" if self._stopping else "warm")
+
+    def stop(self, kind: str, exit_code: int | None = None) -> None:
+        """Begin a warm or cold shutdown of every child."""
+        if exit_code is not None:
+            self._exit_code = exit_code
+        if self._stopping in ("cold", kind):
+            return
+        self._stopping = kind
+        self.notifier.send("STOPPING=1", f"STATUS={kind} shutdown")
+        if kind == "warm":
+            timeout = self.options.shutdown_timeout
+            logger.info("Warm shutdown: %d child(ren) finish their tasks (up to %.0fs)",
+                        len(self.children), timeout)
+            self._stop_deadline = time.monotonic() + timeout + WARM_GRACE
+            self._signal_all(signal.SIGTERM)
+        else:
+            logger.info("Cold shutdown: %d child(ren) cancel their tasks now (messages go "
+                        "back to the queue)", len(self.children))
+            self._stop_deadline = time.monotonic() + COLD_GRACE
+            self._signal_all(signal.SIGQUIT)
+        for record in self.children.values():
+            record.retiring = True
+
+    # --- children come and go ------------------------------------------------------------
+
+    def _spawn(self, index: int) -> int:
+        beat = heartbeat.HeartbeatFile(self._beat_dir)
+        others = [record.beat.fd for record in self.children.values()]
+        pid = children.spawn(index, self.options.spec, beat, HANDLED, others)
+        self.children[pid] = children.Child(index=index, pid=pid, beat=beat)
+        logger.info("Started child %d (pid %d)", index, pid)
+        return pid
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            record = self.children.pop(pid, None)
+            if record is None:
+                # As PID 1 in a container we inherit orphans: reap them too.
+                logger.debug("Reaped process %d (not one of ours)", pid)
+                continue
+            record.beat.close()
+            self._on_child_exit(record, os.waitstatus_to_exitcode(status))
+
+    def _on_child_exit(self, record: children.Child, code: int) -> None:
+        cause = describe_exit(code)
+        name = f"child {record.index} (pid {record.pid})"
+        if self._replacing is not None and record.pid in self._replacing:
+            self._replacing = None
+        if record.retiring or record.killed:
+            logger.info("%s exited: %s", name, cause)
+            return
+        if code == exitcodes.RECYCLE:
+            logger.info("%s recycled (%s): replacing it", name, cause)
+            return
+        if code == exitcodes.OK:
+            logger.warning("%s exited by itself (%s): replacing it", name, cause)
+            return
+        if code in (exitcodes.APP_LOAD_ERROR, exitcodes.STARTUP_ERROR) and not self._ever_ready:
+            logger.error("%s failed to start (%s) and no child ever started: stopping, "
+                         "check the error above", name, cause)
+            self.stop("warm", exit_code=code)
+            return
+        hint = ": out of memory?" if code == -signal.SIGKILL else ""
+        logger.error("%s %s%s", name, cause, hint)
+        self._record_crash()
+
+    def _record_crash(self) -> None:
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > self.options.crash_window:
+            self._crashes.popleft()
+        count = len(self._crashes)
+        if count > self.options.max_crashes:
+            logger.error("%d crashes within %.0fs: giving up, stopping everything (exit %d) "
+                         "so that systemd or Kubernetes can take over", count,
+                         self.options.crash_window, exitcodes.CRASH_LOOP)
+            self.stop("warm", exit_code=exitcodes.CRASH_LOOP)
+            return
+        delay = 0.0 if count == 1 else min(30.0, 0.5 * 2 ** (count - 2))
+        self._respawn_at = max(self._respawn_at, now + delay)
+        if delay:
+            logger.warning("%d crashes within %.0fs: next child starts in %.1fs", count,
+                           self.options.crash_window, delay)
+
+    def _maintain(self, now: float) -> None:
+        """Fill empty slots (respecting crash backoff) and drive a rolling restart."""
+        if now >= self._respawn_at:
+            for index in self._missing_slots():
+                self._spawn(index)
+        self._advance_restart()
+        for record in list(self.children.values()):
+            if record.kill_at is not None and now >= record.kill_at:
+                _kill(record.pid, signal.SIGKILL)
+                record.kill_at = None
+
+    def _missing_slots(self) -> list[int]:
+        serving = {record.index for record in self.children.values()
+                   if not record.retiring and not record.killed
+                   and record.beat.read()[0] != "stopping"}
+        return [index for index in range(1, self.target + 1) if index not in serving]
+
+    # --- heartbeats ----------------------------------------------------------------------
+
+    def _check_heartbeats(self, now: float) -> None:
+        for record in list(self.children.values()):
+            if record.killed:
+                continue
+            state, age = record.beat.read()
+            if state == "ready" and not record.was_ready:
+                record.was_ready = True
+                self._ever_ready = True
+            limit = (self.options.heartbeat_timeout if record.was_ready or state != "starting"
+                     else max(self.options.startup_timeout, self.options.heartbeat_timeout))
+            if now - record.started > limit and age > limit:
+                logger.error("child %d (pid %d) missed its heartbeat for %.0fs (a task blocking "
+                             "the event loop?): dumping its stack, then killing it; its "
+                             "unacknowledged messages go back to the queue", record.index,
+                             record.pid, age)
+                record.killed = True
+                _kill(record.pid, children.DUMP_SIGNAL)
+                record.kill_at = now + DUMP_GRACE
+
+    # --- operator signals ----------------------------------------------------------------
+
+    def _rolling_restart(self) -> None:
+        self._restart_queue = [pid for pid, record in self.children.items()
+                               if not record.retiring and not record.killed]
+        logger.info("SIGHUP: restarting %d child(ren) one by one with fresh code",
+                    len(self._restart_queue))
+
+    def _advance_restart(self) -> None:
+        if self._replacing is not None:
+            old_pid, new_pid = self._replacing
+            new = self.children.get(new_pid)
+            if new is None:  # the replacement died: the crash logic handles it
+                self._replacing = None
+            elif new.beat.read()[0] == "ready":
+                old = self.children.get(old_pid)
+                if old is not None:
+                    old.retiring = True
+                    _kill(old_pid, signal.SIGTERM)
+                self._replacing = None
+            return
+        while self._restart_queue:
+            old_pid = self._restart_queue.pop(0)
+            old = self.children.get(old_pid)
+            if old is None or old.retiring:
+                continue
+            new_pid = self._spawn(old.index)
+            self._replacing = (old_pid, new_pid)
+            return
+
+    def _scale(self, delta: int) -> None:
+        self.target = max(1, self.target + delta)
+        logger.info("%s: now %d children", "SIGTTIN" if delta > 0 else "SIGTTOU", self.target)
+        for record in self.children.values():
+            if record.index > self.target and not record.retiring:
+                record.retiring = True
+                _kill(record.pid, signal.SIGTERM)
+
+    def _forward_dump(self) -> None:
+        logger.info("SIGUSR1: asking %d child(ren) to log their running tasks",
+                    len(self.children))
+        self._signal_all(signal.SIGUSR1)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self.children):
+            _kill(pid, signum)
+
+    def _kill_all(self, signum: int) -> None:
+        for record in self.children.values():
+            record.killed = True
+        self._signal_all(signum)
+
+    # --- reporting -----------------------------------------------------------------------
+
+    def _report(self, now: float) -> None:
+        if now < self._next_report and not self._stopping:
+            return
+        self._next_report = now + 1.0
+        states = [(record, *record.beat.read()) for record in self.children.values()]
+        ready = sum(1 for _, state, _ in states if state == "ready")
+        if not self._announced_ready and not self._stopping and ready >= self.target:
+            self._announced_ready = True
+            logger.info("All %d children are consuming", ready)
+            self.notifier.send("READY=1", f"MAINPID={os.getpid()}")
+        summary = f"{ready}/{self.target} children consuming"
+        if summary != self._last_status:
+            self._last_status = summary
+            self.notifier.send(f"STATUS={summary}")
+        healthy = all(age <= self.options.heartbeat_timeout for _, _, age in states)
+        interval = self.notifier.watchdog_interval
+        if interval and healthy and now >= self._next_watchdog:
+            self.notifier.send("WATCHDOG=1")
+            self._next_watchdog = now + interval
+        if self.options.status_file:
+            status = Status(
+                pid=os.getpid(), state="stopping" if self._stopping else "running",
+                target=self.target, heartbeat_timeout=self.options.heartbeat_timeout,
+                children=[ChildStatus(record.index, record.pid, state, round(age, 2))
+                          for record, state, age in sorted(states, key=lambda s: s[0].index)])
+            try:
+                write_status(self.options.status_file, status)
+            except OSError as exc:
+                logger.warning("Cannot write the status file %s: %s",
+                               self.options.status_file, exc)
+
+    def _cleanup(self) -> None:
+        for record in self.children.values():
+            record.beat.close()
+        if self._beat_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._beat_dir)
+        if self.options.status_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.options.status_file)
+
+
+def describe_exit(code: int) -> str:
+    """``exit code 5 (broker connection lost)`` or ``killed by SIGKILL``."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exit code {code} ({exitcodes.NAMES.get(code, 'unknown')})"
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _set_title(title: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:  # pragma: no cover
+        pass

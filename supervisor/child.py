@@ -1,0 +1,168 @@
+"""Forking one child, and what the child does right after the fork.
+
+The parent owns no event loop, thread or connection when it forks. The handled signals are
+blocked around ``fork()`` so none is lost or handled by the wrong process in the window;
+the child puts every disposition back to the default, unblocks, reseeds ``random``, sets
+its title and logging, and only then imports the app and builds its loop and connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aio_celery import exitcodes
+from supervisor import heartbeat
+
+if TYPE_CHECKING:
+    from aio_celery.worker.options import WorkerOptions
+    from aio_celery.worker.worker import Worker
+
+#: SIGUSR2 makes a child dump every thread's stack (even with its event loop blocked)
+DUMP_SIGNAL = signal.SIGUSR2
+
+
+@dataclass
+class Child:
+    """The parent's record of one child process."""
+
+    index: int
+    pid: int
+    beat: heartbeat.HeartbeatFile
+    started: float = field(default_factory=time.monotonic)
+    #: the parent asked it to stop (shutdown, restart, scale-down, stale heartbeat)
+    retiring: bool = False
+    #: the parent killed it (stale heartbeat): its death is not a crash
+    killed: bool = False
+    kill_at: float | None = None
+    #: it reached "ready" at least once
+    was_ready: bool = False
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What every child runs."""
+
+    app_spec: str
+    worker: WorkerOptions
+    loglevel: str
+    log_config: bool
+    processes: int
+
+
+def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
+          handled: Iterable[signal.Signals], close_fds: Iterable[int]) -> int:
+    """Fork a child for slot ``index``; returns its pid (in the parent only)."""
+    handled = list(handled)
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        return pid
+    code = exitcodes.INTERNAL_ERROR
+    try:
+        _reset_after_fork(handled, close_fds)
+        code = _child_main(index, spec, beat)
+    except BaseException:  # never let a child return into the parent's code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def validate_app(spec: ChildSpec, handled: Iterable[signal.Signals]) -> int:
+    """Import the app once in a short-lived child (the parent itself never imports it, so
+    that a restarted child loads new code); returns that child's exit code."""
+    handled = list(handled)
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    pid = os.fork()
+    if pid == 0:
+        code = exitcodes.INTERNAL_ERROR
+        try:
+            _reset_after_fork(handled, ())
+            code = _load_only(spec)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _reset_after_fork(handled: list[signal.Signals], close_fds: Iterable[int]) -> None:
+    for signum in handled:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    random.seed()
+    for fd in close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _load_only(spec: ChildSpec) -> int:
+    from aio_celery import logs
+    from aio_celery.loader import AppLoadError, load_app
+
+    if spec.log_config:
+        logs.configure(spec.loglevel, label="supervisor")
+    try:
+        load_app(spec.app_spec)
+    except AppLoadError as exc:
+        sys.stderr.write(f"Error: cannot load the app: {exc}\n")
+        return exitcodes.APP_LOAD_ERROR
+    return exitcodes.OK
+
+
+def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile) -> int:
+    from aio_celery import logs
+    from aio_celery.loader import AppLoadError, load_app
+    from aio_celery.worker.process import run_worker
+
+    label = f"child {index}/{spec.processes}"
+    _set_title(f"aio_celery {label} [{spec.app_spec}]")
+    if spec.log_config:
+        logs.configure(spec.loglevel, label=label)
+    faulthandler.register(DUMP_SIGNAL, all_threads=True)
+    try:
+        app = load_app(spec.app_spec)
+    except AppLoadError as exc:
+        sys.stderr.write(f"Error: cannot load the app: {exc}\n")
+        return exitcodes.APP_LOAD_ERROR
+    return run_worker(app, spec.worker, on_tick=_ticker(beat, os.getppid()))
+
+
+def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], None]:
+    states = {"starting": heartbeat.STARTING, "ready": heartbeat.READY,
+              "stopping": heartbeat.STOPPING}
+
+    def tick(worker: Worker) -> None:
+        beat.beat(states[worker.state])
+        if os.getppid() != parent and worker.state != "stopping":
+            # Orphaned (the supervisor died): stop consuming rather than run unsupervised.
+            worker.request_stop()
+
+    return tick
+
+
+def _set_title(title: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:  # pragma: no cover - setproctitle is a dependency
+        pass

@@ -1,0 +1,145 @@
+"""The worker survives a lost broker connection, and gives up (BROKER_LOST) when the broker
+stays away longer than ``reconnect_timeout``.
+
+The worker's app talks to RabbitMQ through a :class:`~tcp_proxy.TcpProxy` that the test can
+cut or pause; the test's own ``app`` publishes and reads results on the real port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import AMQP_URL
+from tcp_proxy import TcpProxy
+
+from aio_celery import Celery, exitcodes
+
+TIMEOUT = 15.0
+
+
+async def _until(predicate: Callable[[], bool], deadline: float, what: str) -> None:
+    end = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline}s waiting until {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[TcpProxy]:
+    parts = urlsplit(AMQP_URL)
+    tcp = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await tcp.start()
+    try:
+        yield tcp
+    finally:
+        await tcp.close()
+
+
+@pytest.fixture
+def worker_app(unique_name: str, redis_url: str, proxy: TcpProxy) -> Celery:
+    """An app like ``app`` (same queue and backend) whose broker is the proxy."""
+    parts = urlsplit(AMQP_URL)
+    application = Celery(unique_name + "-via-proxy", set_as_current=False)
+    application.conf.update(
+        broker_url=proxy.url(parts.username or "guest", parts.password or "guest",
+                             parts.path[1:] or "/"),
+        result_backend=redis_url, task_default_queue=unique_name,
+        broker_connection_timeout=2.0)
+
+    @application.task(name="reconnect.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @application.task(name="reconnect.slow")
+    async def slow(value: str, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return value
+
+    return application
+
+
+StartWorker = Callable[..., Awaitable[object]]
+
+
+async def test_worker_reconnects_after_the_connection_is_cut(
+        app: Celery, worker_app: Celery, proxy: TcpProxy, start_worker: StartWorker) -> None:
+    handle = await start_worker(worker_app, concurrency=4, reconnect_timeout=20.0)
+    worker = handle.worker  # type: ignore[attr-defined]
+
+    before = await app.send_task("reconnect.add", (1, 2))
+    assert await before.get(timeout=TIMEOUT) == 3
+
+    # A task in flight when the connection drops is cancelled and redelivered.
+    in_flight = await app.send_task("reconnect.slow", ("survived", 0.5))
+    await _until(lambda: worker._session is not None and worker._session.in_flight > 0,
+                 TIMEOUT, "the slow task is running")
+    old_session, accepted = worker._session, proxy.accepted
+    assert proxy.cut() >= 1
+
+    await _until(lambda: worker._session is not old_session and proxy.accepted > accepted
+                 and worker.consuming.is_set(), TIMEOUT,
+                 "the worker opened a new session through the proxy and consumes")
+    assert not handle.task.done()  # type: ignore[attr-defined]
+
+    assert await in_flight.get(timeout=TIMEOUT) == "survived"
+    after = [await app.send_task("reconnect.add", (i, i)) for i in range(10)]
+    assert [await r.get(timeout=TIMEOUT) for r in after] == [2 * i for i in range(10)]
+
+    # Twice in a row works too (the new session is as good as the first).
+    old_session = worker._session
+    assert proxy.cut() >= 1
+    await _until(lambda: worker._session is not old_session and worker.consuming.is_set(),
+                 TIMEOUT, "the worker reconnected a second time")
+    again = await app.send_task("reconnect.add", (20, 22))
+    assert await again.get(timeout=TIMEOUT) == 42
+
+    assert await handle.stop() == exitcodes.OK  # type: ignore[attr-defined]
+
+
+async def test_worker_exits_broker_lost_when_the_broker_stays_away(
+        app: Celery, worker_app: Celery, proxy: TcpProxy, start_worker: StartWorker) -> None:
+    handle = await start_worker(worker_app, concurrency=2, reconnect_timeout=1.5)
+    worker = handle.worker  # type: ignore[attr-defined]
+    result = await app.send_task("reconnect.add", (2, 3))
+    assert await result.get(timeout=TIMEOUT) == 5
+
+    await proxy.pause()
+    started = time.monotonic()
+    assert proxy.cut() >= 1
+
+    code = await asyncio.wait_for(asyncio.shield(handle.task),  # type: ignore[attr-defined]
+                                  timeout=12)
+    elapsed = time.monotonic() - started
+    assert code == exitcodes.BROKER_LOST
+    assert 1.0 <= elapsed < 12, elapsed
+    assert not worker.consuming.is_set()
+
+
+async def test_worker_waits_out_an_outage_shorter_than_reconnect_timeout(
+        app: Celery, worker_app: Celery, proxy: TcpProxy, start_worker: StartWorker,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="aio_celery.worker")
+    handle = await start_worker(worker_app, concurrency=2, reconnect_timeout=20.0)
+    worker = handle.worker  # type: ignore[attr-defined]
+
+    await proxy.pause()
+    assert proxy.cut() >= 1
+    await _until(lambda: not worker.consuming.is_set(), TIMEOUT,
+                 "the worker noticed the lost connection")
+    # Sent while the worker is away: waits in the queue for it.
+    waiting = await app.send_task("reconnect.add", (3, 4))
+    await _until(lambda: "Reconnect failed" in caplog.text, TIMEOUT,
+                 "a reconnect attempt was refused")
+    assert not worker.consuming.is_set()
+    await proxy.resume()
+
+    await _until(worker.consuming.is_set, TIMEOUT, "the worker is back")
+    assert await waiting.get(timeout=TIMEOUT) == 7
+    assert not handle.task.done()  # type: ignore[attr-defined]
+    assert await handle.stop() == exitcodes.OK  # type: ignore[attr-defined]

@@ -1,0 +1,33 @@
+"""Tasks for the worker-process tests, run by ``python -m aio_celery worker`` subprocesses.
+
+Started as ``tests.process.proc_tasks:app`` from the repository root; the broker, result
+backend and queue come from the environment:
+
+    AIO_CELERY_PROC_BROKER   amqp://...
+    AIO_CELERY_PROC_BACKEND  redis://.../<db>
+    AIO_CELERY_PROC_QUEUE    the queue the worker consumes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aio_celery import Celery
+
+#: a task writes ``STARTED_PREFIX + <task id>`` to Redis when it starts running
+STARTED_PREFIX = "aio-celery-test-proc-started-"
+
+app = Celery("proc_tasks")
+app.conf.update(
+    broker_url=os.environ.get("AIO_CELERY_PROC_BROKER", "amqp://guest:guest@127.0.0.1:5672//"),
+    result_backend=os.environ.get("AIO_CELERY_PROC_BACKEND", "redis://127.0.0.1:6379/15"),
+    task_default_queue=os.environ.get("AIO_CELERY_PROC_QUEUE", "aio-celery-proc"),
+)
+
+
+@app.task(name="proc.sleep", bind=True)
+async def sleep(self, seconds: float, value: object = None) -> object:
+    await app.backend.client.set(STARTED_PREFIX + str(self.request.id), "1", ex=3600)
+    await asyncio.sleep(seconds)
+    return value

@@ -1,0 +1,314 @@
+"""``python -m aio_celery worker`` as a real process: signals, exit codes, error messages.
+
+Each worker runs in its own process group with stderr written to a file; whatever a test
+leaves running is killed (the whole group) in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import amqp
+import pytest
+import redis
+from conftest import AMQP_URL
+
+from aio_celery import Celery, exitcodes
+from aio_celery.resultmeta import result_key
+
+ROOT = Path(__file__).resolve().parents[2]
+APP_SPEC = "tests.process.proc_tasks:app"
+STARTED_PREFIX = "aio-celery-test-proc-started-"  # as in proc_tasks.py
+READY_DEADLINE = 30.0
+TASK_NAME = "proc.sleep"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _wait_until(predicate: Callable[[], bool], deadline: float, what: str,
+                diagnostics: Callable[[], str] = lambda: "") -> None:
+    end = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline}s waiting until {what}\n{diagnostics()}",
+                        pytrace=False)
+        time.sleep(0.02)
+
+
+class WorkerProcess:
+    """One ``aio_celery worker`` subprocess in a process group of its own."""
+
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
+        self.stderr_path = log_dir / f"worker-{uuid.uuid4().hex[:8]}.stderr"
+        self.stdout_path = self.stderr_path.with_suffix(".stdout")
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]))
+        with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "aio_celery", *args], cwd=ROOT, env=full_env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    def diagnostics(self) -> str:
+        return f"--- worker stderr ---\n{self.stderr[-6000:]}"
+
+    def wait_for_log(self, text: str, deadline: float = READY_DEADLINE) -> None:
+        def seen() -> bool:
+            if text in self.stderr:
+                return True
+            if self.process.poll() is not None:
+                pytest.fail(f"the worker exited with {self.process.returncode} before logging "
+                            f"{text!r}\n{self.diagnostics()}", pytrace=False)
+            return False
+
+        _wait_until(seen, deadline, f"the worker logs {text!r}", self.diagnostics)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, deadline: float) -> int:
+        try:
+            return self.process.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker did not exit within {deadline}s\n{self.diagnostics()}",
+                        pytrace=False)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``spawn(*args, env={...})``: start ``python -m aio_celery *args``; killed at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(list(args), tmp_path, env or {})
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.kill()
+
+
+def proc_env(queue: str, redis_url: str, broker: str = AMQP_URL) -> dict[str, str]:
+    return {"AIO_CELERY_PROC_BROKER": broker, "AIO_CELERY_PROC_BACKEND": redis_url,
+            "AIO_CELERY_PROC_QUEUE": queue}
+
+
+def publish(queue: str, redis_url: str, count: int, seconds: float) -> list[str]:
+    """Send ``count`` ``proc.sleep`` tasks to ``queue`` with our client; their ids."""
+
+    async def send() -> list[str]:
+        client = Celery("proc-client", set_as_current=False)
+        client.conf.update(broker_url=AMQP_URL, result_backend=redis_url,
+                           task_default_queue=queue)
+        async with client.setup():
+            return [(await client.send_task(TASK_NAME, (seconds, i))).id
+                    for i in range(count)]
+
+    return asyncio.run(send())
+
+
+def queue_depth(queue: str) -> int:
+    """Ready messages in ``queue`` (not those delivered and unacknowledged)."""
+    parts = urlsplit(AMQP_URL)
+    with amqp.Connection(f"{parts.hostname}:{parts.port or 5672}", userid=parts.username,
+                         password=parts.password,
+                         virtual_host=parts.path[1:] or "/") as connection:
+        channel = connection.channel()
+        try:
+            _, count, _ = channel.queue_declare(queue, passive=True)
+        finally:
+            channel.close()
+    return int(count)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def stored(client: redis.Redis, task_id: str) -> dict[str, object] | None:
+    raw = client.get(result_key(task_id))
+    return None if raw is None else json.loads(raw)
+
+
+def started_ids(client: redis.Redis, ids: list[str]) -> set[str]:
+    return {task_id for task_id in ids if client.exists(STARTED_PREFIX + task_id)}
+
+
+def lines_with(text: str, log: str) -> list[str]:
+    return [line for line in log.splitlines() if text in line]
+
+
+def start_busy_worker(spawn: Callable[..., WorkerProcess], queue: str, redis_url: str,
+                      redis_client: redis.Redis, count: int, seconds: float,
+                      *extra: str) -> tuple[WorkerProcess, list[str]]:
+    """``count`` tasks published, a concurrency-2 worker running two of them and holding the
+    rest prefetched (the queue itself is empty)."""
+    ids = publish(queue, redis_url, count, seconds)
+    worker = spawn("worker", "--concurrency", "2", "-Q", queue, *extra, APP_SPEC,
+                   env=proc_env(queue, redis_url))
+    worker.wait_for_log("ready: consuming")
+    _wait_until(lambda: len(started_ids(redis_client, ids)) == 2, 15,
+                "two tasks are running", worker.diagnostics)
+    _wait_until(lambda: queue_depth(queue) == 0, 15,
+                "the worker prefetched every message", worker.diagnostics)
+    return worker, ids
+
+
+# --- warm shutdown ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_warm_shutdown_finishes_running_tasks_and_returns_the_rest(
+        signum: int, spawn: Callable[..., WorkerProcess], unique_name: str, redis_url: str,
+        redis_client: redis.Redis) -> None:
+    worker, ids = start_busy_worker(spawn, unique_name, redis_url, redis_client, 6, 1.0,
+                                    "--shutdown-timeout", "20")
+    running = started_ids(redis_client, ids)
+
+    worker.signal(signum)
+    assert worker.wait(20) == exitcodes.OK, worker.diagnostics()
+
+    # The two running tasks finished and stored their results ...
+    for task_id in running:
+        meta = stored(redis_client, task_id)
+        assert meta is not None and meta["status"] == "SUCCESS", (task_id, meta)
+    # ... and the four prefetched ones never started and are back in the queue.
+    unstarted = [task_id for task_id in ids if task_id not in running]
+    assert started_ids(redis_client, ids) == running
+    assert all(stored(redis_client, task_id) is None for task_id in unstarted)
+    assert queue_depth(unique_name) == 4
+
+    log = worker.stderr
+    summary = lines_with("Warm shutdown", log)
+    assert len(summary) == 1, log
+    assert "4 returned to the queue unstarted" in summary[0], summary
+    assert "0 cancelled" in summary[0], summary
+    assert not lines_with("Cold shutdown", log), log
+    assert "Traceback" not in log, log
+
+
+# --- cold shutdown ---------------------------------------------------------------------------
+
+def test_second_sigterm_during_warm_shutdown_goes_cold(
+        spawn: Callable[..., WorkerProcess], unique_name: str, redis_url: str,
+        redis_client: redis.Redis) -> None:
+    worker, ids = start_busy_worker(spawn, unique_name, redis_url, redis_client, 4, 60.0,
+                                    "--shutdown-timeout", "60")
+    worker.signal(signal.SIGTERM)
+    worker.wait_for_log("Waiting up to", deadline=10)
+    assert worker.process.poll() is None  # warm: it waits for the 60 s tasks
+
+    sent = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == exitcodes.OK, worker.diagnostics()
+    assert time.monotonic() - sent < 5, "cold shutdown is not quick"
+
+    assert all(stored(redis_client, task_id) is None for task_id in ids)
+    assert queue_depth(unique_name) == 4  # the two cancelled and the two unstarted
+    log = worker.stderr
+    summary = lines_with("Cold shutdown", log)
+    assert len(summary) == 1, log
+    assert "2 cancelled and returned" in summary[0], summary
+    assert not lines_with("Warm shutdown", log), log
+
+
+def test_sigquit_is_a_cold_shutdown(spawn: Callable[..., WorkerProcess], unique_name: str,
+                                    redis_url: str, redis_client: redis.Redis) -> None:
+    worker, ids = start_busy_worker(spawn, unique_name, redis_url, redis_client, 3, 60.0,
+                                    "--shutdown-timeout", "60")
+    sent = time.monotonic()
+    worker.signal(signal.SIGQUIT)
+    assert worker.wait(10) == exitcodes.OK, worker.diagnostics()
+    assert time.monotonic() - sent < 5, "cold shutdown is not quick"
+
+    assert all(stored(redis_client, task_id) is None for task_id in ids)
+    assert queue_depth(unique_name) == 3
+    log = worker.stderr
+    assert len(lines_with("Cold shutdown", log)) == 1, log
+    assert not lines_with("Warm shutdown", log), log
+
+
+# --- start-up errors ---------------------------------------------------------------------------
+
+def test_missing_module_is_an_app_load_error(spawn: Callable[..., WorkerProcess]) -> None:
+    worker = spawn("worker", "nosuchmodule_aio_celery_test:app")
+    assert worker.wait(30) == exitcodes.APP_LOAD_ERROR, worker.diagnostics()
+    assert "not found" in worker.stderr
+    assert "nosuchmodule_aio_celery_test" in worker.stderr
+
+
+def test_module_failing_to_import_is_an_app_load_error(
+        spawn: Callable[..., WorkerProcess], tmp_path: Path) -> None:
+    module = f"broken_tasks_{uuid.uuid4().hex[:8]}"
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / f"{module}.py").write_text(
+        "from aio_celery import Celery\n"
+        "app = Celery('broken')\n"
+        "raise RuntimeError('boom while importing the tasks 4711')\n", encoding="utf-8")
+    worker = spawn("worker", f"{module}:app", env={"PYTHONPATH": str(code_dir)})
+    assert worker.wait(30) == exitcodes.APP_LOAD_ERROR, worker.diagnostics()
+    err = worker.stderr
+    assert "failed to import" in err, err
+    assert "RuntimeError: boom while importing the tasks 4711" in err, err
+    assert "not found" not in err, err
+
+
+def test_wrong_broker_password_is_a_startup_error_without_the_password(
+        spawn: Callable[..., WorkerProcess], unique_name: str, redis_url: str) -> None:
+    parts = urlsplit(AMQP_URL)
+    password = "Wr0ng-p4ssw0rd-" + uuid.uuid4().hex[:6]
+    host = f"{parts.hostname}:{parts.port or 5672}"
+    bad_url = f"amqp://{parts.username or 'guest'}:{password}@{host}{parts.path or '/'}"
+    started = time.monotonic()
+    worker = spawn("worker", "-Q", unique_name, APP_SPEC,
+                   env=proc_env(unique_name, redis_url, broker=bad_url))
+    assert worker.wait(30) == exitcodes.STARTUP_ERROR, worker.diagnostics()
+    assert time.monotonic() - started < 20
+    output = worker.stderr + worker.stdout
+    assert password not in output, output
+    assert "***" in worker.stderr, worker.stderr
+    assert "start-up failed" in worker.stderr, worker.stderr
+
+
+def test_help_lists_the_options(spawn: Callable[..., WorkerProcess]) -> None:
+    worker = spawn("worker", "--help")
+    assert worker.wait(30) == exitcodes.OK, worker.diagnostics()
+    text = worker.stdout
+    for option in ("--concurrency", "-Q", "--queues", "--loglevel", "--burst",
+                   "--shutdown-timeout", "--eta-horizon", "--prefetch-multiplier",
+                   "--max-tasks-per-child", "--max-memory-per-child", "APP"):
+        assert option in text, (option, text)
