@@ -218,9 +218,10 @@ class Celery:
     def _build_message(self, name: str, args: Any, kwargs: dict[str, Any] | None,
                        task: Task | None, retry_of: Context | None,
                        options: dict[str, Any]) -> tuple[protocol.TaskMessage, str]:
-        unknown = set(options) - _SEND_OPTIONS - _IGNORED_OPTIONS
-        if unknown:
-            raise TypeError(f"send_task({name!r}): unknown option(s) {sorted(unknown)}")
+        if options:
+            unknown = options.keys() - _SEND_OPTIONS - _IGNORED_OPTIONS
+            if unknown:
+                raise TypeError(f"send_task({name!r}): unknown option(s) {sorted(unknown)}")
         settings = self.conf.settings
         now = self.now()
         args = list(args or ())

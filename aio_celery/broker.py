@@ -16,6 +16,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
 from aiormq.abc import AbstractChannel
 
+from aio_celery.amqpwire import EncodedProperties
 from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError
 from aio_celery.protocol import Envelope
@@ -141,13 +142,17 @@ class Broker:
         declared = self._declared.get(queue)
         if declared is None or not declared.done():
             await self.declare_queue(queue)  # waits for a declaration already under way too
-        raw: AbstractChannel = await self._publisher().get_underlay_channel()
+        raw = await self._publisher().get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        # wait=False: do not hold aiormq's channel lock until the socket drains; the
+        # publisher confirm awaited here is what proves the broker has the message.
         await raw.basic_publish(
             envelope.body,
             exchange=_DEFAULT_EXCHANGE,
             routing_key=queue,
-            properties=amqp_properties(envelope),
+            properties=EncodedProperties(envelope),
             timeout=self.publish_timeout,
+            wait=False,
         )
 
 

@@ -41,9 +41,13 @@ _REFUSED_CONTENT_TYPES = {
 Signature = dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskMessage:
-    """One task message, as sent or as received, free of any transport type."""
+    """One task message, as sent or as received, free of any transport type.
+
+    Treat it as immutable (derive a changed copy with ``dataclasses.replace``); it is not
+    frozen only because a frozen dataclass of this size costs microseconds per message.
+    """
 
     id: str
     task: str

@@ -9,6 +9,7 @@ its title and logging, and only then imports the app and builds its loop and con
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import faulthandler
 import os
 import random
@@ -143,7 +144,9 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile) -> i
     except AppLoadError as exc:
         sys.stderr.write(f"Error: cannot load the app: {exc}\n")
         return exitcodes.APP_LOAD_ERROR
-    return run_worker(app, spec.worker, on_tick=_ticker(beat, os.getppid()))
+    name, _, host = spec.worker.hostname.partition("@")
+    options = dataclasses.replace(spec.worker, hostname=f"{name}-{index}@{host}")
+    return run_worker(app, options, on_tick=_ticker(beat, os.getppid()))
 
 
 def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], None]:

@@ -261,8 +261,8 @@ class Worker:
         timeout = (self.options.shutdown_timeout
                    if self.options.shutdown_timeout is not None
                    else self.app.conf.settings.worker_shutdown_timeout)
-        kind = "Cold" if self._cold else "Warm"
         outcome = await self._session.stop(timeout, cold=self._cold)
+        kind = "Cold" if self._cold else "Warm"  # a second signal may have come meanwhile
         logger.info("%s shutdown in %.1fs: %d task(s) finished since start, %d returned to "
                     "the queue unstarted, %d cancelled and returned", kind,
                     time.monotonic() - started, self.stats.finished, outcome.returned,

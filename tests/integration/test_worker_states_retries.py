@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -256,7 +257,7 @@ async def test_autoretry_for_succeeds_after_retries(app: Celery, start_worker) -
     assert await handle.wait() == 0
     assert await r.get(timeout=5) == 2
     assert [n for _, n in attempts] == [0, 1, 2]
-    gaps = [b[0] - a[0] for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(attempts)]
     assert all(gap >= 0.15 for gap in gaps), f"default_retry_delay not honoured: {gaps}"
 
 

@@ -7,6 +7,7 @@ leaves running is killed (the whole group) in ``finally``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -92,12 +93,10 @@ class WorkerProcess:
                         pytrace=False)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(timeout=10)
+        """SIGKILL the whole process group (children of a supervisor included)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -178,7 +177,7 @@ def start_busy_worker(spawn: Callable[..., WorkerProcess], queue: str, redis_url
     """``count`` tasks published, a concurrency-2 worker running two of them and holding the
     rest prefetched (the queue itself is empty)."""
     ids = publish(queue, redis_url, count, seconds)
-    worker = spawn("worker", "--concurrency", "2", "-Q", queue, *extra, APP_SPEC,
+    worker = spawn("worker", "-P", "solo", "--concurrency", "2", "-Q", queue, *extra, APP_SPEC,
                    env=proc_env(queue, redis_url))
     worker.wait_for_log("ready: consuming")
     _wait_until(lambda: len(started_ids(redis_client, ids)) == 2, 15,
@@ -218,6 +217,23 @@ def test_warm_shutdown_finishes_running_tasks_and_returns_the_rest(
     assert "0 cancelled" in summary[0], summary
     assert not lines_with("Cold shutdown", log), log
     assert "Traceback" not in log, log
+
+
+def test_warm_shutdown_timeout_cancels_tasks_that_run_too_long(
+        spawn: Callable[..., WorkerProcess], unique_name: str, redis_url: str,
+        redis_client: redis.Redis) -> None:
+    worker, ids = start_busy_worker(spawn, unique_name, redis_url, redis_client, 3, 60.0,
+                                    "--shutdown-timeout", "0.5")
+    sent = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(15) == exitcodes.OK, worker.diagnostics()
+    assert 0.4 <= time.monotonic() - sent < 8
+
+    assert all(stored(redis_client, task_id) is None for task_id in ids)
+    assert queue_depth(unique_name) == 3
+    summary = lines_with("Warm shutdown", worker.stderr)
+    assert len(summary) == 1, worker.stderr
+    assert "1 returned to the queue unstarted, 2 cancelled and returned" in summary[0], summary
 
 
 # --- cold shutdown ---------------------------------------------------------------------------
@@ -262,16 +278,23 @@ def test_sigquit_is_a_cold_shutdown(spawn: Callable[..., WorkerProcess], unique_
 
 
 # --- start-up errors ---------------------------------------------------------------------------
+# The same exit codes and messages with the supervisor (the default) and with -P solo.
 
-def test_missing_module_is_an_app_load_error(spawn: Callable[..., WorkerProcess]) -> None:
-    worker = spawn("worker", "nosuchmodule_aio_celery_test:app")
+POOLS = pytest.mark.parametrize("pool", ["processes", "solo"])
+
+
+@POOLS
+def test_missing_module_is_an_app_load_error(pool: str,
+                                             spawn: Callable[..., WorkerProcess]) -> None:
+    worker = spawn("worker", "-P", pool, "nosuchmodule_aio_celery_test:app")
     assert worker.wait(30) == exitcodes.APP_LOAD_ERROR, worker.diagnostics()
     assert "not found" in worker.stderr
     assert "nosuchmodule_aio_celery_test" in worker.stderr
 
 
+@POOLS
 def test_module_failing_to_import_is_an_app_load_error(
-        spawn: Callable[..., WorkerProcess], tmp_path: Path) -> None:
+        pool: str, spawn: Callable[..., WorkerProcess], tmp_path: Path) -> None:
     module = f"broken_tasks_{uuid.uuid4().hex[:8]}"
     code_dir = tmp_path / "code"
     code_dir.mkdir()
@@ -279,7 +302,7 @@ def test_module_failing_to_import_is_an_app_load_error(
         "from aio_celery import Celery\n"
         "app = Celery('broken')\n"
         "raise RuntimeError('boom while importing the tasks 4711')\n", encoding="utf-8")
-    worker = spawn("worker", f"{module}:app", env={"PYTHONPATH": str(code_dir)})
+    worker = spawn("worker", "-P", pool, f"{module}:app", env={"PYTHONPATH": str(code_dir)})
     assert worker.wait(30) == exitcodes.APP_LOAD_ERROR, worker.diagnostics()
     err = worker.stderr
     assert "failed to import" in err, err
@@ -287,14 +310,16 @@ def test_module_failing_to_import_is_an_app_load_error(
     assert "not found" not in err, err
 
 
+@POOLS
 def test_wrong_broker_password_is_a_startup_error_without_the_password(
-        spawn: Callable[..., WorkerProcess], unique_name: str, redis_url: str) -> None:
+        pool: str, spawn: Callable[..., WorkerProcess], unique_name: str,
+        redis_url: str) -> None:
     parts = urlsplit(AMQP_URL)
     password = "Wr0ng-p4ssw0rd-" + uuid.uuid4().hex[:6]
     host = f"{parts.hostname}:{parts.port or 5672}"
     bad_url = f"amqp://{parts.username or 'guest'}:{password}@{host}{parts.path or '/'}"
     started = time.monotonic()
-    worker = spawn("worker", "-Q", unique_name, APP_SPEC,
+    worker = spawn("worker", "-P", pool, "-Q", unique_name, APP_SPEC,
                    env=proc_env(unique_name, redis_url, broker=bad_url))
     assert worker.wait(30) == exitcodes.STARTUP_ERROR, worker.diagnostics()
     assert time.monotonic() - started < 20
@@ -308,7 +333,7 @@ def test_help_lists_the_options(spawn: Callable[..., WorkerProcess]) -> None:
     worker = spawn("worker", "--help")
     assert worker.wait(30) == exitcodes.OK, worker.diagnostics()
     text = worker.stdout
-    for option in ("--concurrency", "-Q", "--queues", "--loglevel", "--burst",
-                   "--shutdown-timeout", "--eta-horizon", "--prefetch-multiplier",
+    for option in ("--concurrency", "-Q", "--queues", "--pool", "--processes", "--loglevel",
+                   "--burst", "--shutdown-timeout", "--eta-horizon", "--prefetch-multiplier",
                    "--max-tasks-per-child", "--max-memory-per-child", "APP"):
         assert option in text, (option, text)
