@@ -76,6 +76,7 @@ class Supervisor:
         self._next_watchdog = 0.0
         self._next_report = 0.0
         self._beat_dir = ""
+        self._drained_slots: set[int] = set()  # burst mode: children done for good
         self.notifier = Notifier()
 
     # --- signals: record only ---------------------------------------------------------------
@@ -222,6 +223,12 @@ class Supervisor:
         if code == exitcodes.RECYCLE:
             logger.info("%s recycled (%s): replacing it", name, cause)
             return
+        if code == exitcodes.OK and self.options.spec.worker.burst:
+            logger.info("%s drained its queues (burst mode): not replaced", name)
+            self._drained_slots.add(record.index)
+            if len(self._drained_slots) >= self.target and not self.children:
+                self.stop("warm")
+            return
         if code == exitcodes.OK:
             logger.warning("%s exited by itself (%s): replacing it", name, cause)
             return
@@ -267,7 +274,8 @@ class Supervisor:
         serving = {record.index for record in self.children.values()
                    if not record.retiring and not record.killed
                    and record.beat.read()[0] != "stopping"}
-        return [index for index in range(1, self.target + 1) if index not in serving]
+        return [index for index in range(1, self.target + 1)
+                if index not in serving and index not in self._drained_slots]
 
     # --- heartbeats ----------------------------------------------------------------------
 

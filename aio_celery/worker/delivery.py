@@ -141,7 +141,7 @@ class Session:
                       tag: int, delivery_info: dict[str, Any]) -> None:
         this = asyncio.current_task()
         assert this is not None
-        started = False
+        started = acked = False
         try:
             if message.eta is not None and not await self._wait_for_eta(queue, raw, message,
                                                                           tag):
@@ -150,6 +150,9 @@ class Session:
                 self._waiting.discard(this)
                 self._running.add(this)
                 started = True
+                if self.runner.acks_early(message):
+                    self._settle(tag, Settle.ACK)
+                    acked = True
                 settle = await self.runner.run(message, delivery_info)
         except Exception:
             # A bug of ours (task errors are handled by the runner). Requeue once; a
@@ -164,12 +167,14 @@ class Session:
                 self._outcome.cancelled += 1
             else:
                 self._outcome.returned += 1
-            self._give_back(tag)
+            if not acked:
+                self._give_back(tag)
             return
         finally:
             self._waiting.discard(this)
             self._running.discard(this)
-        self._settle(tag, settle)
+        if not acked:
+            self._settle(tag, settle)
         self.stats.finished += 1
         self._on_task_done()
 

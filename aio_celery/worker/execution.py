@@ -82,6 +82,15 @@ class TaskRunner:
             chord=message.chord,
         )
 
+    def acks_early(self, message: TaskMessage) -> bool:
+        """True when the message is to be acknowledged as the task starts (``acks_late``
+        False on the task, or ``task_acks_late`` False in the app): at-most-once."""
+        task = self.app.tasks.get(message.task)
+        choice = task.acks_late if task is not None else None
+        if choice is None:
+            choice = self.app.conf.settings.task_acks_late
+        return not choice
+
     def _ignores_result(self, task: Task, message: TaskMessage) -> bool:
         if not self._has_backend:
             return True

@@ -1,0 +1,116 @@
+"""Tasks for the supervisor tests, run by ``python -m aio_celery worker -c N`` subprocesses.
+
+Started as ``tests.process.sup_tasks:app`` from the repository root; everything comes from
+the environment:
+
+    AIO_CELERY_SUP_BROKER    amqp://...
+    AIO_CELERY_SUP_BACKEND   redis://.../<db>   (results, and the bookkeeping below)
+    AIO_CELERY_SUP_QUEUE     the queue the workers consume; also the Redis key prefix
+    AIO_CELERY_SUP_CHILD_EXIT     if set: every child calls ``os._exit(<value>)`` from its
+                                  ``worker_process_init`` receiver (the parent, which only
+                                  imports this module, is unaffected)
+    AIO_CELERY_SUP_CONTEXT_FAIL   if set: the app context raises (a start-up error)
+
+Bookkeeping (keys prefixed with the queue name, see :func:`keys`): a task adds its id to
+``started`` when it begins, and when it finishes adds it to ``done`` and increments its
+counter in the ``count`` hash, so that "every task completed exactly once" is checkable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aio_celery import Celery, signals
+
+QUEUE = os.environ.get("AIO_CELERY_SUP_QUEUE", "aio-celery-sup")
+
+app = Celery("sup_tasks")
+app.conf.update(
+    broker_url=os.environ.get("AIO_CELERY_SUP_BROKER", "amqp://guest:guest@127.0.0.1:5672//"),
+    result_backend=os.environ.get("AIO_CELERY_SUP_BACKEND", "redis://127.0.0.1:6379/15"),
+    task_default_queue=QUEUE,
+)
+
+
+def keys(queue: str) -> dict[str, str]:
+    """The Redis keys the tasks of ``queue`` write (shared with the tests)."""
+    return {"started": f"{queue}:started", "done": f"{queue}:done",
+            "count": f"{queue}:count", "first": f"{queue}:first-delivery:"}
+
+
+KEYS = keys(QUEUE)
+
+
+@signals.worker_process_init.connect
+def _maybe_exit(**_: Any) -> None:
+    code = os.environ.get("AIO_CELERY_SUP_CHILD_EXIT")
+    if code:
+        os._exit(int(code))
+
+
+if os.environ.get("AIO_CELERY_SUP_CONTEXT_FAIL"):
+    @app.define_app_context
+    @contextlib.asynccontextmanager
+    async def _failing_context() -> AsyncIterator[dict[str, Any]]:
+        raise RuntimeError("app context refuses to start 5150")
+        yield {}  # pragma: no cover
+
+
+async def _started(task_id: str) -> None:
+    await app.backend.client.sadd(KEYS["started"], task_id)
+
+
+async def _done(task_id: str) -> None:
+    client = app.backend.client
+    await client.hincrby(KEYS["count"], task_id, 1)
+    await client.sadd(KEYS["done"], task_id)
+
+
+async def _first_delivery(task_id: str) -> bool:
+    """True only the first time a task with this id asks (a Redis flag)."""
+    return bool(await app.backend.client.set(KEYS["first"] + task_id, "1", nx=True, ex=3600))
+
+
+@app.task(name="sup.sleep", bind=True)
+async def sleep(self: Any, seconds: float) -> float:
+    task_id = str(self.request.id)
+    await _started(task_id)
+    await asyncio.sleep(seconds)
+    await _done(task_id)
+    return seconds
+
+
+@app.task(name="sup.noop", bind=True)
+async def noop(self: Any) -> None:
+    task_id = str(self.request.id)
+    await _started(task_id)
+    await _done(task_id)
+
+
+@app.task(name="sup.block", bind=True)
+async def block(self: Any, seconds: float) -> str:
+    """Blocks the event loop with ``time.sleep`` -- on its first delivery only."""
+    task_id = str(self.request.id)
+    await _started(task_id)
+    if await _first_delivery(task_id):
+        time.sleep(seconds)
+    await _done(task_id)
+    return str(os.getpid())
+
+
+@app.task(name="sup.crash", bind=True)
+async def crash(self: Any) -> str:
+    """SIGKILLs its own process -- on its first delivery only."""
+    task_id = str(self.request.id)
+    await _started(task_id)
+    if await _first_delivery(task_id):
+        os.kill(os.getpid(), signal.SIGKILL)
+        await asyncio.sleep(10)  # pragma: no cover - the signal arrives first
+    await _done(task_id)
+    return str(os.getpid())
