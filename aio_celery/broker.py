@@ -209,7 +209,9 @@ class ConsumerChannel:
             raise BrokerConnectionError(
                 f"cannot connect to broker {mask_url(self.url)}: {describe_error(exc)}") from exc
         self._channel = await self._connection.channel()
-        await self._channel.basic_qos(prefetch_count=self.prefetch_count)
+        # global_: RabbitMQ's per-channel limit, as Celery sets it. A per-consumer limit is
+        # fixed when basic.consume is sent, so widening it for eta tasks would not apply.
+        await self._channel.basic_qos(prefetch_count=self.prefetch_count, global_=True)
 
     def closed(self) -> asyncio.Future[Any]:
         """A future that completes when the connection is lost or closed."""
@@ -260,7 +262,7 @@ class ConsumerChannel:
 
     async def set_prefetch(self, count: int) -> None:
         if self.is_open:
-            await self.channel.basic_qos(prefetch_count=min(count, 65535))
+            await self.channel.basic_qos(prefetch_count=min(count, 65535), global_=True)
 
     async def ack(self, tag: int, multiple: bool = False) -> None:
         await self.channel.basic_ack(tag, multiple=multiple, wait=False)

@@ -19,9 +19,9 @@ QUEUE = f"aio-celery-demo-{uuid.uuid4().hex[:8]}"
 os.environ["AIO_CELERY_DEMO_QUEUE"] = QUEUE
 sys.path.insert(0, str(HERE))
 
-from aio_celery import chain, group  # noqa: E402
-
 from demo_tasks import add, app, fail, flaky, mul, whoami  # noqa: E402
+
+from aio_celery import chain, group  # noqa: E402
 
 
 def start_worker() -> subprocess.Popen[bytes]:

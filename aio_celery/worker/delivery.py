@@ -64,6 +64,7 @@ class Session:
         self._running: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._stopping = False
+        self._draining = False
         self._held = 0
         self._prefetch_applied = self.prefetch_count
         self._prefetch_task: asyncio.Task[None] | None = None
@@ -147,6 +148,10 @@ class Session:
                                                                           tag):
                 return
             async with self._slots:
+                if self._draining:
+                    self._outcome.returned += 1
+                    self._give_back(tag)
+                    return
                 self._waiting.discard(this)
                 self._running.add(this)
                 started = True
@@ -251,6 +256,12 @@ class Session:
         task.add_done_callback(_ignore_channel_gone)
 
     # --- stopping ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """A stop was requested: start no more tasks (running ones carry on). New
+        deliveries are still taken until the consumers are cancelled, or they would bounce
+        straight back."""
+        self._draining = True
 
     def go_cold(self) -> None:
         """Cancel everything now (from a signal handler: no awaiting here)."""

@@ -57,6 +57,8 @@ class Worker:
         """Ask for a warm (or cold) shutdown; a second request makes it cold."""
         if self._stop_requested is None:
             return
+        if self._session is not None:
+            self._session.drain()  # nothing starts from now on, even before _shutdown runs
         if self._stop_requested.is_set() or cold:
             self._cold = True
             if self._session is not None:

@@ -166,7 +166,7 @@ async def test_apply_async_options_reach_the_message(app: Celery, unique_name: s
     assert before + timedelta(seconds=30) <= parse(headers["eta"]) <= after + timedelta(seconds=30)
     assert before + timedelta(seconds=60) <= parse(headers["expires"]) <= (
         after + timedelta(seconds=60))
-    assert headers["timelimit"] == [5, 10]
+    assert headers["timelimit"] == [10, 5]  # Celery writes [hard, soft]
     assert headers["x-custom"] == "yes"
     assert message.priority == 7
     assert message.correlation_id == task_id
