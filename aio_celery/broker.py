@@ -267,6 +267,13 @@ class ConsumerChannel:
     async def ack(self, tag: int, multiple: bool = False) -> None:
         await self.channel.basic_ack(tag, multiple=multiple, wait=False)
 
+    async def barrier(self) -> None:
+        """Return once the broker has processed every frame sent so far on this channel (a
+        channel is processed in order, so one cheap synchronous round trip proves it)."""
+        if self.is_open:
+            await self.channel.exchange_declare("amq.direct", exchange_type="direct",
+                                                passive=True)
+
     async def reject(self, tag: int, requeue: bool) -> None:
         await self.channel.basic_reject(tag, requeue=requeue, wait=False)
 

@@ -69,6 +69,7 @@ class Session:
         self._prefetch_applied = self.prefetch_count
         self._prefetch_task: asyncio.Task[None] | None = None
         self._wait_queues: set[str] = set()
+        self._frames: set[asyncio.Future[Any]] = set()
         self._outcome = StopOutcome()
 
     # --- start and state -----------------------------------------------------------------
@@ -253,7 +254,17 @@ class Session:
     def _send(self, frame: Any) -> None:
         """Hand an ack/reject to aiormq; a closed channel means the broker requeues anyway."""
         task = asyncio.ensure_future(frame)
+        self._frames.add(task)
+        task.add_done_callback(self._frames.discard)
         task.add_done_callback(_ignore_channel_gone)
+
+    async def _settle_everything(self) -> None:
+        """Send the last acks and wait until every ack/reject has reached the socket."""
+        self._start_flush()
+        if self._frames:
+            await asyncio.wait(set(self._frames))
+        with contextlib.suppress(*_CHANNEL_GONE):
+            await self.channel.barrier()
 
     # --- stopping ------------------------------------------------------------------------
 
@@ -289,8 +300,7 @@ class Session:
         pending = self._waiting | self._running
         if pending:
             await asyncio.wait(pending)
-        self._start_flush()
-        await asyncio.sleep(0)  # let the last ack/reject frames reach aiormq's writer
+        await self._settle_everything()
         await self.close()
         return self._outcome
 
