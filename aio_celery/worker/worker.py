@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 from aio_celery import exitcodes, signals
 from aio_celery.app import Celery
@@ -178,28 +177,25 @@ class Worker:
         return self._stop_requested is not None and self._stop_requested.is_set()
 
     async def _consume_until_stopped(self) -> int:
+        """Wait for a stop request; reconnect when the broker connection drops."""
         assert self._stop_requested is not None and self._session is not None
-        watchers: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(self._stop_requested.wait())]
+        # Background watchers that end by requesting a stop themselves.
+        watchers = []
         if self.options.burst:
             watchers.append(asyncio.ensure_future(self._drained()))
         if self.options.max_memory_kib:
             watchers.append(asyncio.ensure_future(self._watch_memory()))
+        stop = asyncio.ensure_future(self._stop_requested.wait())
         try:
             while not self._stop_requested.is_set():
                 lost = asyncio.ensure_future(self._session.lost())
-                done, _ = await asyncio.wait([lost, *watchers],
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if lost in done and not self._stop_requested.is_set():
-                    if not await self._reconnect():
-                        return exitcodes.BROKER_LOST
-                elif not lost.done():
+                await asyncio.wait([lost, stop], return_when=asyncio.FIRST_COMPLETED)
+                if not lost.done():
                     lost.cancel()
-                if self.options.burst and watchers[-1].done() and not \
-                        self._stop_requested.is_set():
-                    self.request_stop()
+                elif not self._stop_requested.is_set() and not await self._reconnect():
+                    return exitcodes.BROKER_LOST
         finally:
-            for watcher in watchers:
+            for watcher in (*watchers, stop):
                 watcher.cancel()
         return self._exit_code
 
@@ -233,7 +229,7 @@ class Worker:
         return False
 
     async def _drained(self) -> None:
-        """Burst mode: return once nothing is running or waiting and the queues are empty."""
+        """Burst mode: stop once nothing is running or waiting and the queues are empty."""
         assert self._session is not None
         idle_checks = 0
         while idle_checks < 2:
@@ -244,6 +240,8 @@ class Worker:
                 continue
             counts = [await session.message_count(q) for q in self.queues]
             idle_checks = idle_checks + 1 if not any(counts) and not session.busy else 0
+        logger.info("Burst mode: the queues are empty and nothing is running, stopping")
+        self.request_stop()
 
     async def _watch_memory(self) -> None:
         limit = self.options.max_memory_kib
