@@ -142,18 +142,24 @@ class Broker:
         declared = self._declared.get(queue)
         if declared is None or not declared.done():
             await self.declare_queue(queue)  # waits for a declaration already under way too
-        raw = await self._publisher().get_underlay_channel()
-        assert isinstance(raw, aiormq.Channel)
-        # wait=False: do not hold aiormq's channel lock until the socket drains; the
-        # publisher confirm awaited here is what proves the broker has the message.
-        await raw.basic_publish(
-            envelope.body,
-            exchange=_DEFAULT_EXCHANGE,
-            routing_key=queue,
-            properties=EncodedProperties(envelope),
-            timeout=self.publish_timeout,
-            wait=False,
-        )
+        try:
+            raw = await self._publisher().get_underlay_channel()
+            assert isinstance(raw, aiormq.Channel)
+            # wait=False: do not hold aiormq's channel lock until the socket drains; the
+            # publisher confirm awaited here is what proves the broker has the message.
+            await raw.basic_publish(
+                envelope.body,
+                exchange=_DEFAULT_EXCHANGE,
+                routing_key=queue,
+                properties=EncodedProperties(envelope),
+                timeout=self.publish_timeout,
+                wait=False,
+            )
+        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise BrokerConnectionError(
+                f"publishing task {envelope.headers.get('task')}[{envelope.correlation_id}] "
+                f"to {queue!r} on {mask_url(self.url)} failed: {describe_error(exc)}. The broker "
+                "did not confirm it; it may or may not have been queued.") from exc
 
 
 def describe_error(exc: BaseException) -> str:

@@ -2,7 +2,9 @@
 
 Every test gets its own queue names (``aio-celery-test-<test>-<random>``), deleted after
 the test; the whole run uses one otherwise empty Redis database, flushed at the end.
-A missing service fails the run (it never skips).
+A missing service fails the run (it never skips). The service URLs and plain helpers are in
+``helpers.py`` (``from helpers import ...``); ``tests/integration/conftest.py`` adds asyncio
+clients for the integration tests.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+from helpers import AMQP_URL, REDIS_HOST_URL, delete_queues_with_prefix
 
 from aio_celery import Celery
-
-AMQP_URL = os.environ.get("AIO_CELERY_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_HOST_URL = os.environ.get("AIO_CELERY_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
 def _port_open(url: str, default_port: int) -> bool:
@@ -67,6 +67,17 @@ def redis_url(redis_db: int) -> str:
 
 
 @pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A blocking client on the run's Redis database (``tests/integration`` overrides this
+    with an asyncio one of the same name)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
 def amqp_url() -> str:
     return AMQP_URL
 
@@ -78,30 +89,6 @@ def unique_name(request: pytest.FixtureRequest) -> Iterator[str]:
     name = f"aio-celery-test-{slug}-{uuid.uuid4().hex[:8]}"
     yield name
     delete_queues_with_prefix(name)
-
-
-#: queue suffixes a test may use next to its unique name; all are removed after the test
-QUEUE_SUFFIXES = ("", "-a", "-b", "-c", "-high", "-low", "-dlx", "-other")
-
-
-def delete_queues_with_prefix(prefix: str) -> None:
-    """Delete the test's queues and exchanges (``prefix`` plus :data:`QUEUE_SUFFIXES`)."""
-    import amqp  # py-amqp comes with the test dependency on celery
-
-    parts = urlsplit(AMQP_URL)
-    vhost = parts.path[1:] or "/"
-    with amqp.Connection(f"{parts.hostname}:{parts.port or 5672}", userid=parts.username,
-                         password=parts.password, virtual_host=vhost) as connection:
-        for suffix in QUEUE_SUFFIXES:
-            channel = connection.channel()
-            try:
-                channel.queue_delete(prefix + suffix)
-                channel.exchange_delete(prefix + suffix)
-            except amqp.exceptions.NotFound:
-                pass
-            finally:
-                if channel.is_open:
-                    channel.close()
 
 
 @pytest.fixture

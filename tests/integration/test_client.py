@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,31 +14,13 @@ import aiormq
 import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from helpers import eventually
 
 from aio_celery import AsyncResult, Celery, chain, exceptions, group, resultmeta, states
 from aio_celery.exceptions import BackendConnectionError, BrokerConnectionError
 from aio_celery.result import result_tuple
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def channel(amqp_url: str) -> AsyncIterator[AbstractChannel]:
-    """A plain aio-pika channel for looking at queues from the outside."""
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        yield await connection.channel()
-    finally:
-        await connection.close()
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def read_messages(channel: AbstractChannel, queue_name: str, count: int,
@@ -77,13 +58,6 @@ def parse(value: Any) -> datetime:
     parsed = datetime.fromisoformat(value)
     assert parsed.tzinfo is not None
     return parsed
-
-
-async def wait_until(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def cancel(*tasks: asyncio.Task[Any]) -> None:
@@ -442,7 +416,7 @@ async def test_get_wakes_up_on_publish(app: Celery, redis_client: redis.asyncio.
         async def unsubscribed() -> bool:
             return await subscriber_count(redis_client, channel_name) == 0
 
-        await wait_until(subscribed, what="get() to subscribe")
+        await eventually(subscribed, what="get() to subscribe")
         # a short delay so that get() is past its first read: the result must come by pub/sub
         await asyncio.sleep(0.2)
         assert not waiting.done()
@@ -454,7 +428,7 @@ async def test_get_wakes_up_on_publish(app: Celery, redis_client: redis.asyncio.
         await asyncio.create_task(store_later())
         assert await asyncio.wait_for(asyncio.shield(waiting), timeout=3) == "late"
         assert time.monotonic() - stored_at < 3
-        await wait_until(unsubscribed, what="get() to unsubscribe")
+        await eventually(unsubscribed, what="get() to unsubscribe")
     finally:
         await cancel(waiting)
 
@@ -482,7 +456,7 @@ async def test_many_concurrent_gets_share_one_subscriber(
             counts = dict(await redis_client.pubsub_numsub(*channels))
             return all(counts.get(c.encode()) == 1 for c in channels)
 
-        await wait_until(all_subscribed, what="every get() to subscribe")
+        await eventually(all_subscribed, what="every get() to subscribe")
         clients = await redis_client.client_list()
         subscribers = [c for c in clients
                        if int(c.get("sub", 0)) > 0 and int(c["db"]) == redis_db]
@@ -522,7 +496,7 @@ async def test_same_id_awaited_twice(app: Celery, redis_client: redis.asyncio.Re
         async def subscribed() -> bool:
             return await subscriber_count(redis_client, channel_name) == 1
 
-        await wait_until(subscribed, what="get() to subscribe")
+        await eventually(subscribed, what="get() to subscribe")
         await app.backend.store(meta(task_id, states.SUCCESS, "both", app))
         done, _ = await asyncio.wait([first, second], timeout=5)
         assert len(done) == 2

@@ -8,52 +8,18 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
+from helpers import publish_raw, ready_count
 
 from aio_celery import Celery, states
 from aio_celery.exceptions import NotRegistered
 
 MESSAGES = Path(__file__).parent.parent / "messages"
 INVALID = sorted(p.stem for p in MESSAGES.glob("invalid_*.json"))
-
-
-@pytest.fixture
-async def amqp(amqp_url: str) -> AsyncIterator[AbstractConnection]:
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
-
-
-async def ready_count(connection: AbstractConnection, name: str) -> int:
-    channel = await connection.channel()
-    try:
-        queue = await channel.declare_queue(name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-    finally:
-        await channel.close()
-
-
-async def publish_raw(connection: AbstractConnection, queue: str, body: bytes, *,
-                      headers: dict[str, Any] | None, content_type: str | None,
-                      content_encoding: str | None = None,
-                      correlation_id: str | None = None) -> None:
-    channel = await connection.channel()
-    try:
-        await channel.default_exchange.publish(
-            aio_pika.Message(body, headers=headers, content_type=content_type,
-                             content_encoding=content_encoding, correlation_id=correlation_id,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=queue)
-    finally:
-        await channel.close()
 
 
 def body_of(capture: dict[str, Any]) -> bytes:

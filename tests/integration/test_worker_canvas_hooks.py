@@ -16,16 +16,6 @@ from aio_celery import Celery, chain, exitcodes, group, resultmeta, signals, sta
 from aio_celery.exceptions import Retry
 from aio_celery.worker import Worker, WorkerOptions
 
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 # --- canvas ---------------------------------------------------------------------------------
 
 

@@ -3,64 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
-import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
+from helpers import eventually, ready_count, resolves_to, stays
 
 from aio_celery import Celery, states
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def amqp(amqp_url: str) -> AsyncIterator[AbstractConnection]:
-    """A plain aio-pika connection for looking at queues from the outside."""
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
-
-
-async def ready_count(connection: AbstractConnection, name: str) -> int:
-    """Messages ready in ``name`` (delivered-but-unacked ones are not counted)."""
-    channel = await connection.channel()
-    try:
-        queue = await channel.declare_queue(name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-    finally:
-        await channel.close()
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0,
-                     what: str = "condition") -> Any:
-    """Poll ``predicate`` (sync or async) until it is truthy, failing after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-async def stays(predicate: Callable[[], Any], duration: float = 0.3) -> None:
-    """``predicate`` holds for the whole of ``duration`` (checked repeatedly)."""
-    deadline = time.monotonic() + duration
-    while time.monotonic() < deadline:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        assert value, "condition stopped holding"
-        await asyncio.sleep(0.03)
-
 
 # --- concurrency and prefetch ---------------------------------------------------------------
 
@@ -113,9 +62,9 @@ async def test_prefetch_is_multiplier_times_concurrency(
         assert handle.worker._session.prefetch_count == expected
         await eventually(lambda: running == options["concurrency"], what="slots filled")
         # The broker hands out exactly `expected` unacked messages and keeps the rest ready.
-        await eventually(lambda: _is(ready_count(amqp, unique_name), total - expected),
+        await eventually(lambda: resolves_to(ready_count(amqp, unique_name), total - expected),
                          what=f"{total - expected} messages left ready")
-        await stays(lambda: _is(ready_count(amqp, unique_name), total - expected))
+        await stays(lambda: resolves_to(ready_count(amqp, unique_name), total - expected))
         assert running == options["concurrency"]
         release.set()
         assert [await r.get(timeout=5) for r in results] == list(range(total))
@@ -123,10 +72,6 @@ async def test_prefetch_is_multiplier_times_concurrency(
         release.set()
         assert await handle.stop() == 0
     assert await ready_count(amqp, unique_name) == 0
-
-
-async def _is(awaitable: Any, expected: int) -> bool:
-    return await awaitable == expected
 
 
 # --- late acknowledgement -------------------------------------------------------------------
@@ -157,8 +102,8 @@ async def test_message_unacked_while_running_and_result_stored_before_ack(
     try:
         await asyncio.wait_for(first_started.wait(), 5)
         # The first message is out (unacked), the second one is still ready in the queue.
-        await eventually(lambda: _is(ready_count(amqp, unique_name), 1), what="1 ready")
-        await stays(lambda: _is(ready_count(amqp, unique_name), 1))
+        await eventually(lambda: resolves_to(ready_count(amqp, unique_name), 1), what="1 ready")
+        await stays(lambda: resolves_to(ready_count(amqp, unique_name), 1))
         assert (await r1.refresh()).state == states.PENDING
         release.set()
         assert await r2.get(timeout=5) == [states.SUCCESS, "first done"]

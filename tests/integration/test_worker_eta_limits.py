@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import aio_pika
-import aiormq
 import pytest
 from aio_pika.abc import AbstractConnection
+from helpers import eventually, publish_raw, ready_count, resolves_to
 
 from aio_celery import Celery, protocol, states
 from aio_celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
 from aio_celery.worker.delivery import wait_queue_name
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def amqp(amqp_url: str) -> AsyncIterator[AbstractConnection]:
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 @pytest.fixture
@@ -45,36 +33,6 @@ async def holding_queue(amqp: AbstractConnection, unique_name: str) -> AsyncIter
             await channel.queue_delete(name)
         finally:
             await channel.close()
-
-
-async def ready_count(connection: AbstractConnection, name: str) -> int | None:
-    """Messages ready in ``name``; None when the queue does not exist."""
-    channel = await connection.channel()
-    try:
-        queue = await channel.declare_queue(name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return None
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0,
-                     what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-async def _is(awaitable: Any, expected: int | None) -> bool:
-    return await awaitable == expected
 
 
 # --- countdown / eta ------------------------------------------------------------------------
@@ -133,7 +91,7 @@ async def test_eta_beyond_horizon_is_parked_and_runs_after_its_eta(
     eta = datetime.now(UTC) + timedelta(seconds=2.5)
     handle = await start_worker(concurrency=1, eta_horizon=1.0)
     try:
-        await eventually(lambda: _is(ready_count(amqp, holding_queue), 1),
+        await eventually(lambda: resolves_to(ready_count(amqp, holding_queue), 1),
                          what="the message parked in the holding queue")
         assert ran_at == []
         assert await r.get(timeout=5) == "on time"
@@ -222,16 +180,10 @@ async def test_message_expired_in_the_queue_is_revoked_and_acked(
                                    expires=now - timedelta(seconds=5))
     envelope = protocol.encode(message, now)
     await app.broker.declare_queue(unique_name)
-    channel = await amqp.channel()
-    try:
-        await channel.default_exchange.publish(
-            aio_pika.Message(envelope.body, headers=envelope.headers,
-                             content_type=envelope.content_type,
-                             content_encoding=envelope.content_encoding,
-                             correlation_id=envelope.correlation_id),
-            routing_key=unique_name)
-    finally:
-        await channel.close()
+    await publish_raw(amqp, unique_name, envelope.body, headers=envelope.headers,
+                      content_type=envelope.content_type,
+                      content_encoding=envelope.content_encoding,
+                      correlation_id=envelope.correlation_id)
     handle = await start_worker(concurrency=1, burst=True)
     assert await handle.wait() == 0
     r = app.AsyncResult(message.id)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import AMQP_URL
+from helpers import AMQP_URL
 from tcp_proxy import TcpProxy
 
 from aio_celery import Celery, exitcodes

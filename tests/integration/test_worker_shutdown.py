@@ -3,54 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
+from helpers import eventually, ready_count, resolves_to
 
 from aio_celery import Celery, exitcodes, signals, states
 from aio_celery.worker import execution
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def amqp(amqp_url: str) -> AsyncIterator[AbstractConnection]:
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
-
-
-async def ready_count(connection: AbstractConnection, name: str) -> int:
-    channel = await connection.channel()
-    try:
-        queue = await channel.declare_queue(name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-    finally:
-        await channel.close()
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0,
-                     what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-async def _is(awaitable: Any, expected: int) -> bool:
-    return await awaitable == expected
 
 
 class Tracker:
@@ -86,7 +50,7 @@ async def _three_running_ten_prefetched(app: Celery, start_worker, amqp: Abstrac
     # prefetch 3 x 5 = 15 >= 13: every message is delivered, 3 run, 10 wait for a slot
     handle = await start_worker(concurrency=3, prefetch_multiplier=5, **options)
     await eventually(lambda: len(tracker.started) == 3, what="3 tasks running")
-    await eventually(lambda: _is(ready_count(amqp, queue), 0), what="all 13 delivered")
+    await eventually(lambda: resolves_to(ready_count(amqp, queue), 0), what="all 13 delivered")
     assert len(tracker.started) == 3
     return tracker, results, handle
 

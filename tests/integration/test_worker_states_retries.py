@@ -3,42 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio
+from helpers import eventually
 
 from aio_celery import Celery, resultmeta, states
 from aio_celery.exceptions import MaxRetriesExceededError
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0,
-                     what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
 
 # --- states ---------------------------------------------------------------------------------
 

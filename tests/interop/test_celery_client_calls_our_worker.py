@@ -9,26 +9,32 @@ priority queue (``<queue>-high``) that the Celery client declared first.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import amqp
 import celery
 import celery.exceptions
 import celery.result
 import pytest
 import redis
-from conftest import AMQP_URL, REDIS_HOST_URL, delete_queues_with_prefix
+from helpers import (
+    AMQP_URL,
+    REDIS_HOST_URL,
+    delete_queues_with_prefix,
+    kill_process_group,
+    queue_depth,
+    wait_for_exit,
+    wait_for_log,
+    wait_until,
+)
 from shared_exc import SharedError
 
 from aio_celery import exitcodes
@@ -41,16 +47,6 @@ ROOT = HERE.parents[1]
 APP_SPEC = "tests.interop.our_tasks:app"
 READY_DEADLINE = 30.0
 RESULT_TIMEOUT = 15.0
-
-
-def _wait_until(predicate: Callable[[], bool], deadline: float, what: str,
-                diagnostics: Callable[[], str] = lambda: "") -> None:
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline}s waiting until {what}\n{diagnostics()}",
-                        pytrace=False)
-        time.sleep(0.02)
 
 
 class OurWorker:
@@ -86,30 +82,18 @@ class OurWorker:
         return f"--- our worker's stderr ---\n{self.log[-8000:]}"
 
     def wait_ready(self, deadline: float = READY_DEADLINE) -> None:
-        def ready() -> bool:
-            if "ready: consuming" in self.log:
-                return True
-            if self.process.poll() is not None:
-                pytest.fail(f"our worker exited with {self.process.returncode} during "
-                            f"start-up\n{self.diagnostics()}", pytrace=False)
-            return False
-
-        _wait_until(ready, deadline, "our worker is ready", self.diagnostics)
+        wait_for_log(self.process, lambda: self.log, "ready: consuming", deadline,
+                     self.diagnostics, who="our worker")
 
     def stop(self, deadline: float = 20.0) -> int:
         """SIGTERM (warm shutdown) and the exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=deadline)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"our worker did not exit within {deadline}s of SIGTERM\n"
-                        f"{self.diagnostics()}", pytrace=False)
+        return wait_for_exit(self.process, deadline, self.diagnostics,
+                             who="our worker (after SIGTERM)")
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
+        kill_process_group(self.process)
 
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -159,15 +143,6 @@ def celery_app(queue: str, backend_url: str) -> Iterator[celery.Celery]:
         app.close()
 
 
-@pytest.fixture
-def redis_client(backend_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(backend_url)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 def get(result: celery.result.AsyncResult, worker: OurWorker,
         timeout: float = RESULT_TIMEOUT) -> Any:
     """Celery's ``get``; a timeout fails with our worker's log."""
@@ -176,19 +151,6 @@ def get(result: celery.result.AsyncResult, worker: OurWorker,
     except celery.exceptions.TimeoutError:
         pytest.fail(f"no result for {result.id} within {timeout}s\n{worker.diagnostics()}",
                     pytrace=False)
-
-
-def queue_depth(queue: str) -> int:
-    parts = urlsplit(AMQP_URL)
-    with amqp.Connection(f"{parts.hostname}:{parts.port or 5672}", userid=parts.username,
-                         password=parts.password,
-                         virtual_host=parts.path[1:] or "/") as connection:
-        channel = connection.channel()
-        try:
-            _, count, _ = channel.queue_declare(queue, passive=True)
-        finally:
-            channel.close()
-    return int(count)
 
 
 def settle(celery_app: celery.Celery, worker: OurWorker) -> None:
@@ -296,9 +258,9 @@ def test_ignore_result_stores_nothing(celery_app: celery.Celery, our_worker: Our
                                       redis_client: redis.Redis) -> None:
     key = f"aio-celery-test-interop-mark-{uuid.uuid4().hex}"
     result = celery_app.send_task("ours.mark", args=(key,), ignore_result=True)
-    _wait_until(lambda: redis_client.get(key) == b"ran", RESULT_TIMEOUT, "the task ran",
+    wait_until(lambda: redis_client.get(key) == b"ran", RESULT_TIMEOUT, "the task ran",
                 our_worker.diagnostics)
-    _wait_until(lambda: f"ours.mark[{result.id}] succeeded" in our_worker.log, RESULT_TIMEOUT,
+    wait_until(lambda: f"ours.mark[{result.id}] succeeded" in our_worker.log, RESULT_TIMEOUT,
                 "the worker finished the task", our_worker.diagnostics)
     settle(celery_app, our_worker)
     assert not redis_client.exists(result_key(result.id))
@@ -320,7 +282,7 @@ def test_pickle_message_is_rejected_without_requeue(
     def rejections() -> list[str]:
         return [line for line in our_worker.log.splitlines() if marker in line]
 
-    _wait_until(lambda: bool(rejections()), RESULT_TIMEOUT,
+    wait_until(lambda: bool(rejections()), RESULT_TIMEOUT,
                 "the worker logs the rejected pickle message", our_worker.diagnostics)
     line = rejections()[0]
     assert "pickle" in line and "without requeue" in line, line

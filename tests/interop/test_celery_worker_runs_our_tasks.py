@@ -27,7 +27,7 @@ import celery.exceptions
 import celery.result
 import pytest
 from celery_tasks import InteropError
-from conftest import AMQP_URL, REDIS_HOST_URL, delete_queues_with_prefix
+from helpers import AMQP_URL, REDIS_HOST_URL, delete_queues_with_prefix
 
 from aio_celery import Celery, chain, exceptions, group, resultmeta, states
 from aio_celery.task import Task

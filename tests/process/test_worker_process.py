@@ -7,7 +7,6 @@ leaves running is killed (the whole group) in ``finally``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -19,10 +18,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import amqp
 import pytest
 import redis
-from conftest import AMQP_URL
+from helpers import (
+    AMQP_URL,
+    kill_process_group,
+    queue_depth,
+    wait_for_exit,
+    wait_for_log,
+    wait_until,
+)
 
 from aio_celery import Celery, exitcodes
 from aio_celery.resultmeta import result_key
@@ -35,16 +40,6 @@ TASK_NAME = "proc.sleep"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def _wait_until(predicate: Callable[[], bool], deadline: float, what: str,
-                diagnostics: Callable[[], str] = lambda: "") -> None:
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline}s waiting until {what}\n{diagnostics()}",
-                        pytrace=False)
-        time.sleep(0.02)
-
 
 class WorkerProcess:
     """One ``aio_celery worker`` subprocess in a process group of its own."""
@@ -72,31 +67,17 @@ class WorkerProcess:
         return f"--- worker stderr ---\n{self.stderr[-6000:]}"
 
     def wait_for_log(self, text: str, deadline: float = READY_DEADLINE) -> None:
-        def seen() -> bool:
-            if text in self.stderr:
-                return True
-            if self.process.poll() is not None:
-                pytest.fail(f"the worker exited with {self.process.returncode} before logging "
-                            f"{text!r}\n{self.diagnostics()}", pytrace=False)
-            return False
-
-        _wait_until(seen, deadline, f"the worker logs {text!r}", self.diagnostics)
+        wait_for_log(self.process, lambda: self.stderr, text, deadline, self.diagnostics)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
     def wait(self, deadline: float) -> int:
-        try:
-            return self.process.wait(timeout=deadline)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the worker did not exit within {deadline}s\n{self.diagnostics()}",
-                        pytrace=False)
+        return wait_for_exit(self.process, deadline, self.diagnostics)
 
     def kill(self) -> None:
         """SIGKILL the whole process group (children of a supervisor included)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
+        kill_process_group(self.process)
 
 
 @pytest.fixture
@@ -135,29 +116,6 @@ def publish(queue: str, redis_url: str, count: int, seconds: float) -> list[str]
     return asyncio.run(send())
 
 
-def queue_depth(queue: str) -> int:
-    """Ready messages in ``queue`` (not those delivered and unacknowledged)."""
-    parts = urlsplit(AMQP_URL)
-    with amqp.Connection(f"{parts.hostname}:{parts.port or 5672}", userid=parts.username,
-                         password=parts.password,
-                         virtual_host=parts.path[1:] or "/") as connection:
-        channel = connection.channel()
-        try:
-            _, count, _ = channel.queue_declare(queue, passive=True)
-        finally:
-            channel.close()
-    return int(count)
-
-
-@pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 def stored(client: redis.Redis, task_id: str) -> dict[str, object] | None:
     raw = client.get(result_key(task_id))
     return None if raw is None else json.loads(raw)
@@ -180,9 +138,9 @@ def start_busy_worker(spawn: Callable[..., WorkerProcess], queue: str, redis_url
     worker = spawn("worker", "-P", "solo", "--concurrency", "2", "-Q", queue, *extra, APP_SPEC,
                    env=proc_env(queue, redis_url))
     worker.wait_for_log("ready: consuming")
-    _wait_until(lambda: len(started_ids(redis_client, ids)) == 2, 15,
+    wait_until(lambda: len(started_ids(redis_client, ids)) == 2, 15,
                 "two tasks are running", worker.diagnostics)
-    _wait_until(lambda: queue_depth(queue) == 0, 15,
+    wait_until(lambda: queue_depth(queue) == 0, 15,
                 "the worker prefetched every message", worker.diagnostics)
     return worker, ids
 

@@ -1,0 +1,182 @@
+"""Plain helpers shared by the test files (fixtures live in the ``conftest.py`` files).
+
+Imported as ``from helpers import ...``: pytest puts ``tests/`` on ``sys.path`` when it loads
+``tests/conftest.py`` (rootdir-style imports, as for ``tcp_proxy``). Test modules must not
+import from ``conftest``: with more than one ``conftest.py`` in the tree, the module named
+``conftest`` is whichever pytest loaded last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import aio_pika
+import aiormq
+import amqp  # py-amqp comes with the test dependency on celery
+import pytest
+from aio_pika.abc import AbstractConnection
+
+AMQP_URL = os.environ.get("AIO_CELERY_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_HOST_URL = os.environ.get("AIO_CELERY_TEST_REDIS", "redis://127.0.0.1:6379")
+
+#: queue suffixes a test may use next to its unique name; all are removed after the test
+QUEUE_SUFFIXES = ("", "-a", "-b", "-c", "-high", "-low", "-dlx", "-other")
+
+
+# --- the broker, synchronously (py-amqp) -----------------------------------------------------
+
+@contextlib.contextmanager
+def amqp_connection() -> Iterator[amqp.Connection]:
+    """A blocking py-amqp connection to :data:`AMQP_URL`."""
+    parts = urlsplit(AMQP_URL)
+    with amqp.Connection(f"{parts.hostname}:{parts.port or 5672}", userid=parts.username,
+                         password=parts.password,
+                         virtual_host=parts.path[1:] or "/") as connection:
+        yield connection
+
+
+def delete_queues_with_prefix(prefix: str) -> None:
+    """Delete the test's queues and exchanges (``prefix`` plus :data:`QUEUE_SUFFIXES`)."""
+    with amqp_connection() as connection:
+        for suffix in QUEUE_SUFFIXES:
+            channel = connection.channel()
+            try:
+                channel.queue_delete(prefix + suffix)
+                channel.exchange_delete(prefix + suffix)
+            except amqp.exceptions.NotFound:
+                pass
+            finally:
+                if channel.is_open:
+                    channel.close()
+
+
+def queue_depth(queue: str) -> int:
+    """Ready messages in ``queue`` (not those delivered and unacknowledged)."""
+    with amqp_connection() as connection:
+        channel = connection.channel()
+        try:
+            _, count, _ = channel.queue_declare(queue, passive=True)
+        finally:
+            channel.close()
+    return int(count)
+
+
+# --- the broker, from asyncio (aio-pika) -----------------------------------------------------
+
+async def ready_count(connection: AbstractConnection, name: str) -> int | None:
+    """Messages ready in ``name`` (delivered-but-unacked ones are not counted); None when the
+    queue does not exist."""
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def publish_raw(connection: AbstractConnection, queue: str, body: bytes, *,
+                      headers: dict[str, Any] | None, content_type: str | None,
+                      content_encoding: str | None = None,
+                      correlation_id: str | None = None) -> None:
+    """Publish a message as given (persistent) to ``queue`` through the default exchange."""
+    channel = await connection.channel()
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, headers=headers, content_type=content_type,
+                             content_encoding=content_encoding, correlation_id=correlation_id,
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=queue)
+    finally:
+        await channel.close()
+
+
+# --- polling from asyncio --------------------------------------------------------------------
+
+async def _evaluate(predicate: Callable[[], Any]) -> Any:
+    value = predicate()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 5.0,
+                     what: str = "condition") -> Any:
+    """Poll ``predicate`` (sync or async) until it is truthy, failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await _evaluate(predicate)
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def stays(predicate: Callable[[], Any], duration: float = 0.3) -> None:
+    """``predicate`` (sync or async) holds for the whole of ``duration`` (checked repeatedly)."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        assert await _evaluate(predicate), "condition stopped holding"
+        await asyncio.sleep(0.03)
+
+
+async def resolves_to(awaitable: Awaitable[Any], expected: Any) -> bool:
+    """``await awaitable == expected``, as a predicate for :func:`eventually`/:func:`stays`."""
+    return await awaitable == expected
+
+
+# --- subprocesses (blocking) -----------------------------------------------------------------
+
+def wait_until(predicate: Callable[[], bool], deadline: float, what: str,
+               diagnostics: Callable[[], str] = lambda: "") -> None:
+    """Poll ``predicate`` until it is true; after ``deadline`` seconds, fail the test with
+    ``diagnostics()`` (a subprocess's log, say)."""
+    end = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline}s waiting until {what}\n{diagnostics()}",
+                        pytrace=False)
+        time.sleep(0.02)
+
+
+def wait_for_log(process: subprocess.Popen[Any], log: Callable[[], str], text: str,
+                 deadline: float, diagnostics: Callable[[], str],
+                 who: str = "the worker") -> None:
+    """Wait until ``text`` is in ``log()``; fail at once if ``process`` exits first."""
+    def seen() -> bool:
+        if text in log():
+            return True
+        if process.poll() is not None:
+            pytest.fail(f"{who} exited with {process.returncode} before logging {text!r}\n"
+                        f"{diagnostics()}", pytrace=False)
+        return False
+
+    wait_until(seen, deadline, f"{who} logs {text!r}", diagnostics)
+
+
+def wait_for_exit(process: subprocess.Popen[Any], deadline: float,
+                  diagnostics: Callable[[], str], who: str = "the worker") -> int:
+    """The exit code of ``process``; fail the test if it is still running after ``deadline``."""
+    try:
+        return process.wait(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{who} did not exit within {deadline}s\n{diagnostics()}", pytrace=False)
+
+
+def kill_process_group(process: subprocess.Popen[Any]) -> None:
+    """SIGKILL the whole process group of ``process`` (started with
+    ``start_new_session=True``: a supervisor's children included) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
