@@ -8,6 +8,7 @@ systemd and to the status file. Every decision is logged on one line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -191,7 +192,10 @@ class Supervisor:
     def _spawn(self, index: int) -> int:
         beat = heartbeat.HeartbeatFile(self._beat_dir)
         others = [record.beat.fd for record in self.children.values()]
-        pid = children.spawn(index, self.options.spec, beat, HANDLED, others)
+        spec = self.options.spec
+        if spec.processes != self.target:  # scaled: new children are "i/<current target>"
+            spec = dataclasses.replace(spec, processes=self.target)
+        pid = children.spawn(index, spec, beat, HANDLED, others)
         self.children[pid] = children.Child(index=index, pid=pid, beat=beat)
         logger.info("Started child %d (pid %d)", index, pid)
         return pid
@@ -253,7 +257,10 @@ class Supervisor:
                          self.options.crash_window, exitcodes.CRASH_LOOP)
             self.stop("warm", exit_code=exitcodes.CRASH_LOOP)
             return
-        delay = 0.0 if count == 1 else min(30.0, 0.5 * 2 ** (count - 2))
+        # Cap the backoff so that more than max_crashes crashes still fit in crash_window:
+        # otherwise children that crash at every start are retried forever.
+        cap = min(30.0, self.options.crash_window / (2 * (self.options.max_crashes + 1)))
+        delay = 0.0 if count == 1 else min(cap, 0.5 * 2 ** (count - 2))
         self._respawn_at = max(self._respawn_at, now + delay)
         if delay:
             logger.warning("%d crashes within %.0fs: next child starts in %.1fs", count,
@@ -331,6 +338,8 @@ class Supervisor:
     def _scale(self, delta: int) -> None:
         self.target = max(1, self.target + delta)
         logger.info("%s: now %d children", "SIGTTIN" if delta > 0 else "SIGTTOU", self.target)
+        _set_title(f"aio_celery supervisor [{self.options.spec.app_spec}] {self.target} "
+                   "children")
         for record in self.children.values():
             if record.index > self.target and not record.retiring:
                 record.retiring = True

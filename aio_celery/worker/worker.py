@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+import types
 from collections.abc import Callable
 
 from aio_celery import exitcodes, signals
@@ -81,7 +82,7 @@ class Worker:
         logger.warning("%d task(s) running in pid %d:", len(tasks), os.getpid())
         for task in sorted(tasks, key=lambda t: t.get_name()):
             stack = "".join(f"    {frame.f_code.co_filename}:{frame.f_lineno} in "
-                            f"{frame.f_code.co_name}\n" for frame in task.get_stack())
+                            f"{frame.f_code.co_name}\n" for frame in _awaited_frames(task))
             logger.warning("  %s\n%s", task.get_name(), stack.rstrip())
 
     @property
@@ -267,6 +268,19 @@ class Worker:
                     "the queue unstarted, %d cancelled and returned", kind,
                     time.monotonic() - started, self.stats.finished, outcome.returned,
                     outcome.cancelled)
+
+
+def _awaited_frames(task: asyncio.Task[None]) -> list[types.FrameType]:
+    """The frames of ``task``'s coroutine and of each coroutine it awaits, outermost first
+    (``Task.get_stack()`` has only the outermost frame of a suspended task)."""
+    frames: list[types.FrameType] = []
+    coro: object = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
 
 
 def resident_kib() -> int:

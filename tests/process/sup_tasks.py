@@ -11,9 +11,10 @@ the environment:
                                   imports this module, is unaffected)
     AIO_CELERY_SUP_CONTEXT_FAIL   if set: the app context raises (a start-up error)
 
-Bookkeeping (keys prefixed with the queue name, see :func:`keys`): a task adds its id to
-``started`` when it begins, and when it finishes adds it to ``done`` and increments its
-counter in the ``count`` hash, so that "every task completed exactly once" is checkable.
+Bookkeeping (Redis hashes keyed by task id, names prefixed with the queue, see :func:`keys`):
+``started`` maps a task to the pid that first started it; when it finishes, ``done`` maps it
+to the pid that completed it and ``count`` counts its completions -- so "every task completed
+exactly once" and "the killed child's tasks were completed by another process" are checkable.
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ if os.environ.get("AIO_CELERY_SUP_CONTEXT_FAIL"):
 
 
 async def _started(task_id: str) -> None:
-    await app.backend.client.sadd(KEYS["started"], task_id)
+    await app.backend.client.hsetnx(KEYS["started"], task_id, os.getpid())
 
 
 async def _done(task_id: str) -> None:
     client = app.backend.client
     await client.hincrby(KEYS["count"], task_id, 1)
-    await client.sadd(KEYS["done"], task_id)
+    await client.hset(KEYS["done"], task_id, os.getpid())
 
 
 async def _first_delivery(task_id: str) -> bool:
@@ -99,7 +100,7 @@ async def block(self: Any, seconds: float) -> str:
     task_id = str(self.request.id)
     await _started(task_id)
     if await _first_delivery(task_id):
-        time.sleep(seconds)
+        time.sleep(seconds)  # noqa: ASYNC251 - blocking the loop is the point
     await _done(task_id)
     return str(os.getpid())
 

@@ -1,0 +1,429 @@
+"""The supervisor's pure pieces: sd_notify messages, the status file and the health check,
+exit descriptions, heartbeat files, and the crash/exit bookkeeping (no fork, no broker)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from aio_celery import exitcodes
+from aio_celery.worker.options import WorkerOptions
+from supervisor import arbiter, heartbeat
+from supervisor.arbiter import Supervisor, SupervisorOptions, describe_exit
+from supervisor.child import Child, ChildSpec
+from supervisor.notify import Notifier
+from supervisor.status import (
+    ChildStatus,
+    Status,
+    check_health,
+    default_status_path,
+    read_status,
+    write_status,
+)
+
+# --- sd_notify ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def datagram_socket() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.settimeout(2)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def test_notifier_is_silent_without_notify_socket() -> None:
+    notifier = Notifier({})
+    assert not notifier.enabled
+    assert notifier.address == ""
+    assert notifier.watchdog_interval is None
+    assert notifier.send("READY=1") is False
+
+
+def test_notifier_sends_fields_as_one_newline_separated_datagram(
+        datagram_socket: socket.socket, tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    datagram_socket.bind(path)
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    assert notifier.enabled and notifier.address == path
+    assert notifier.send("READY=1", "MAINPID=4242", "STATUS=2/2 children consuming") is True
+    assert datagram_socket.recv(4096) == b"READY=1\nMAINPID=4242\nSTATUS=2/2 children consuming"
+    assert notifier.send("STOPPING=1") is True
+    assert datagram_socket.recv(4096) == b"STOPPING=1"
+
+
+def test_notifier_maps_at_sign_to_the_abstract_namespace(
+        datagram_socket: socket.socket) -> None:
+    name = f"aio-celery-unit-{uuid.uuid4().hex}"
+    datagram_socket.bind("\0" + name)
+    notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
+    assert notifier.address == "\0" + name
+    assert notifier.send("WATCHDOG=1") is True
+    assert datagram_socket.recv(4096) == b"WATCHDOG=1"
+
+
+def test_notifier_reports_undeliverable_messages(tmp_path: Path) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock")})
+    assert notifier.enabled
+    assert notifier.send("READY=1") is False
+
+
+@pytest.mark.parametrize(("environ", "interval"), [
+    ({"WATCHDOG_USEC": "2000000"}, 1.0),
+    ({"WATCHDOG_USEC": "30000000"}, 15.0),
+    ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}, 1.0),
+    ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)}, None),
+    ({"WATCHDOG_USEC": "0"}, None),
+    ({"WATCHDOG_USEC": "soon"}, None),
+    ({"WATCHDOG_USEC": "-5"}, None),
+    ({}, None),
+])
+def test_watchdog_interval_is_half_the_systemd_timeout(environ: dict[str, str],
+                                                       interval: float | None) -> None:
+    assert Notifier({"NOTIFY_SOCKET": "@x", **environ}).watchdog_interval == interval
+
+
+# --- status file and health check -----------------------------------------------------------
+
+def _status(**overrides: object) -> Status:
+    fields: dict[str, object] = {
+        "pid": 100, "state": "running", "target": 2, "heartbeat_timeout": 30.0,
+        "updated": 1_000_000.0,
+        "children": [ChildStatus(1, 101, "ready", 0.4), ChildStatus(2, 102, "ready", 0.9)]}
+    fields.update(overrides)
+    return Status(**fields)  # type: ignore[arg-type]
+
+
+def test_status_round_trips_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    path = tmp_path / "status.json"
+    status = _status()
+    write_status(str(path), status)
+    write_status(str(path), status)  # replacing an existing file
+    assert read_status(str(path)) == status
+    assert os.listdir(tmp_path) == ["status.json"]
+    data = json.loads(path.read_text())
+    assert data["children"][1] == {"index": 2, "pid": 102, "state": "ready", "beat_age": 0.9}
+
+
+def test_write_status_to_a_missing_directory_raises_and_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        write_status(str(tmp_path / "missing" / "status.json"), _status())
+    assert os.listdir(tmp_path) == []
+
+
+def test_default_status_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AIO_CELERY_STATUS_FILE", str(tmp_path / "s.json"))
+    assert default_status_path() == str(tmp_path / "s.json")
+    monkeypatch.delenv("AIO_CELERY_STATUS_FILE")
+    assert default_status_path().endswith(f"aio_celery-{os.getuid()}.status.json")
+
+
+@pytest.fixture
+def status_file(tmp_path: Path) -> Path:
+    return tmp_path / "status.json"
+
+
+def _write(path: Path, status: Status) -> None:
+    write_status(str(path), status)
+
+
+def test_health_ok_when_fresh_and_beating(status_file: Path) -> None:
+    _write(status_file, _status())
+    assert check_health(str(status_file), ready=False, now=1_000_010.0) == (
+        True, "ok: 2 children (1:ready, 2:ready)")
+    assert check_health(str(status_file), ready=True, now=1_000_010.0)[0] is True
+
+
+def test_health_fails_without_a_status_file(status_file: Path) -> None:
+    healthy, reason = check_health(str(status_file), ready=False)
+    assert not healthy
+    assert reason.startswith(f"no supervisor status at {status_file}")
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[]", '{"pid": 1}',
+                                     '{"pid": 1, "state": "running", "target": 1, '
+                                     '"heartbeat_timeout": 30, "bogus": 1}'])
+def test_health_fails_on_a_garbled_status_file(status_file: Path, content: str) -> None:
+    status_file.write_text(content)
+    healthy, reason = check_health(str(status_file), ready=False)
+    assert not healthy
+    assert reason.startswith("no supervisor status")
+
+
+def test_health_fails_when_the_status_is_stale(status_file: Path) -> None:
+    _write(status_file, _status())
+    # heartbeat_timeout (30) + 5 seconds of grace
+    assert check_health(str(status_file), ready=False, now=1_000_034.0)[0] is True
+    healthy, reason = check_health(str(status_file), ready=False, now=1_000_036.0)
+    assert not healthy
+    assert reason == "supervisor status is 36s old (pid 100 stuck or gone)"
+
+
+def test_health_fails_while_stopping(status_file: Path) -> None:
+    _write(status_file, _status(state="stopping"))
+    assert check_health(str(status_file), ready=False, now=1_000_001.0) == (
+        False, "supervisor is stopping")
+
+
+def test_health_names_children_that_do_not_beat(status_file: Path) -> None:
+    _write(status_file, _status(children=[ChildStatus(1, 101, "ready", 0.2),
+                                          ChildStatus(2, 102, "ready", 31.0)]))
+    healthy, reason = check_health(str(status_file), ready=False, now=1_000_001.0)
+    assert not healthy
+    assert reason == "children not beating: child 2 (pid 102) 31s"
+
+
+def test_readiness_needs_every_target_child_consuming(status_file: Path) -> None:
+    _write(status_file, _status(children=[ChildStatus(1, 101, "ready", 0.2),
+                                          ChildStatus(2, 102, "starting", 0.3)]))
+    assert check_health(str(status_file), ready=False, now=1_000_001.0)[0] is True
+    assert check_health(str(status_file), ready=True, now=1_000_001.0) == (
+        False, "1/2 children consuming")
+    _write(status_file, _status(target=3))
+    assert check_health(str(status_file), ready=True, now=1_000_001.0) == (
+        False, "2/3 children consuming")
+
+
+# --- describe_exit --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("code", "text"), [
+    (0, "exit code 0 (ok)"),
+    (exitcodes.RECYCLE, "exit code 6 (recycle)"),
+    (exitcodes.BROKER_LOST, "exit code 5 (broker connection lost)"),
+    (exitcodes.INTERNAL_ERROR, "exit code 70 (internal error)"),
+    (9, "exit code 9 (unknown)"),
+    (-signal.SIGKILL, "killed by SIGKILL"),
+    (-signal.SIGTERM, "killed by SIGTERM"),
+    (-signal.SIGSEGV, "killed by SIGSEGV"),
+    (-200, "killed by signal 200"),
+])
+def test_describe_exit(code: int, text: str) -> None:
+    assert describe_exit(code) == text
+
+
+def test_exit_codes_are_distinct_and_named() -> None:
+    codes = [exitcodes.OK, exitcodes.UNHEALTHY, exitcodes.USAGE_ERROR, exitcodes.APP_LOAD_ERROR,
+             exitcodes.STARTUP_ERROR, exitcodes.BROKER_LOST, exitcodes.RECYCLE,
+             exitcodes.CRASH_LOOP, exitcodes.INTERNAL_ERROR]
+    assert len(set(codes)) == len(codes)
+    for code in codes:
+        if code != exitcodes.UNHEALTHY:  # the probe's code: never a process exit to describe
+            assert code in exitcodes.NAMES
+
+
+# --- heartbeat files --------------------------------------------------------------------------
+
+@pytest.fixture
+def beat(tmp_path: Path) -> Iterator[heartbeat.HeartbeatFile]:
+    beat = heartbeat.HeartbeatFile(str(tmp_path))
+    try:
+        yield beat
+    finally:
+        beat.close()
+
+
+def test_heartbeat_starts_as_starting_and_fresh(beat: heartbeat.HeartbeatFile,
+                                                tmp_path: Path) -> None:
+    assert Path(beat.path).parent == tmp_path
+    assert Path(beat.path).name.startswith("beat-")
+    state, age = beat.read()
+    assert state == "starting"
+    assert 0.0 <= age < 2.0
+
+
+@pytest.mark.parametrize(("byte", "name"), [(heartbeat.STARTING, "starting"),
+                                            (heartbeat.READY, "ready"),
+                                            (heartbeat.STOPPING, "stopping")])
+def test_heartbeat_records_the_state(beat: heartbeat.HeartbeatFile, byte: str,
+                                     name: str) -> None:
+    beat.beat(byte)
+    assert beat.read()[0] == name
+    assert Path(beat.path).read_bytes() == byte.encode()
+
+
+def test_heartbeat_unknown_or_empty_state_reads_as_starting(
+        beat: heartbeat.HeartbeatFile) -> None:
+    beat.beat("zebra")  # one byte only is written
+    assert Path(beat.path).read_bytes() == b"z"
+    assert beat.read()[0] == "starting"
+    os.ftruncate(beat.fd, 0)
+    assert beat.read()[0] == "starting"
+
+
+def test_heartbeat_age_follows_the_mtime_and_a_beat_refreshes_it(
+        beat: heartbeat.HeartbeatFile) -> None:
+    past = time.time() - 42
+    os.utime(beat.path, (past, past))
+    state, age = beat.read()
+    assert state == "starting"
+    assert 41.0 <= age < 45.0
+    beat.beat(heartbeat.READY)
+    state, age = beat.read()
+    assert state == "ready"
+    assert age < 2.0
+    future = time.time() + 100  # a clock step backwards must not give a negative age
+    os.utime(beat.path, (future, future))
+    assert beat.read()[1] == 0.0
+
+
+def test_heartbeat_is_shared_through_the_descriptor(beat: heartbeat.HeartbeatFile) -> None:
+    # The child writes through the descriptor it inherited; the parent reads its own.
+    other = os.open(beat.path, os.O_RDWR)
+    try:
+        os.pwrite(other, heartbeat.READY.encode(), 0)
+    finally:
+        os.close(other)
+    assert beat.read()[0] == "ready"
+
+
+def test_heartbeat_close_removes_the_file_and_is_idempotent(tmp_path: Path) -> None:
+    beat = heartbeat.HeartbeatFile(str(tmp_path))
+    beat.close()
+    assert not os.path.exists(beat.path)
+    beat.close()
+    assert os.listdir(tmp_path) == []
+
+
+# --- the supervisor's bookkeeping (no process is forked) ---------------------------------------
+
+def _supervisor(processes: int = 2, **options: object) -> Supervisor:
+    spec = ChildSpec(app_spec="proj.tasks:app", worker=WorkerOptions(), loglevel="INFO",
+                     log_config=False, processes=processes)
+    sup = Supervisor(SupervisorOptions(spec=spec, processes=processes, **options))  # type: ignore[arg-type]
+    sup.notifier = Notifier({})
+    return sup
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """A fake ``time.monotonic`` for the arbiter (``clock.now`` is the time)."""
+    fake = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(arbiter, "time", SimpleNamespace(monotonic=lambda: fake.now,
+                                                         time=time.time))
+    return fake
+
+
+def _record(tmp_path: Path, index: int, pid: int) -> Child:
+    return Child(index=index, pid=pid, beat=heartbeat.HeartbeatFile(str(tmp_path)))
+
+
+def test_recycled_or_retired_children_are_not_crashes(tmp_path: Path, clock: SimpleNamespace,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    sup = _supervisor()
+    caplog.set_level(logging.INFO, logger="aio_celery.supervisor")
+    sup._on_child_exit(_record(tmp_path, 1, 11), exitcodes.RECYCLE)
+    retiring = _record(tmp_path, 2, 12)
+    retiring.retiring = True
+    sup._on_child_exit(retiring, -signal.SIGKILL)
+    killed = _record(tmp_path, 2, 13)
+    killed.killed = True
+    sup._on_child_exit(killed, -signal.SIGKILL)
+    assert not sup._crashes and sup._stopping is None
+    assert "child 1 (pid 11) recycled (exit code 6 (recycle)): replacing it" in caplog.text
+    assert "child 2 (pid 12) exited: killed by SIGKILL" in caplog.text
+
+
+def test_sigkill_is_a_crash_with_an_out_of_memory_hint(
+        tmp_path: Path, clock: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
+    sup = _supervisor()
+    sup._on_child_exit(_record(tmp_path, 1, 21), -signal.SIGKILL)
+    assert len(sup._crashes) == 1 and sup._stopping is None
+    assert "child 1 (pid 21) killed by SIGKILL: out of memory?" in caplog.text
+    assert sup._respawn_at <= clock.now  # the first crash is replaced at once
+
+
+def test_startup_error_before_any_child_was_ready_stops_with_that_code(
+        tmp_path: Path, clock: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
+    sup = _supervisor()
+    sup._on_child_exit(_record(tmp_path, 1, 31), exitcodes.STARTUP_ERROR)
+    assert sup._stopping == "warm"
+    assert sup._exit_code == exitcodes.STARTUP_ERROR
+    assert "failed to start" in caplog.text
+
+
+def test_startup_error_after_a_child_was_ready_is_only_a_crash(
+        tmp_path: Path, clock: SimpleNamespace) -> None:
+    sup = _supervisor()
+    sup._ever_ready = True
+    sup._on_child_exit(_record(tmp_path, 1, 41), exitcodes.STARTUP_ERROR)
+    assert sup._stopping is None and len(sup._crashes) == 1
+
+
+def test_crash_backoff_grows(clock: SimpleNamespace) -> None:
+    sup = _supervisor()
+    delays = []
+    for _ in range(4):
+        sup._record_crash()
+        delays.append(round(sup._respawn_at - clock.now, 3))
+    assert delays[0] <= 0.0
+    assert delays[1:] == [0.5, 1.0, 2.0]
+
+
+def test_more_crashes_than_the_cap_within_the_window_stop_with_crash_loop(
+        clock: SimpleNamespace) -> None:
+    sup = _supervisor(max_crashes=3, crash_window=60.0)
+    for _ in range(3):
+        sup._record_crash()
+        clock.now += 1
+    assert sup._stopping is None
+    sup._record_crash()
+    assert sup._stopping == "warm" and sup._exit_code == exitcodes.CRASH_LOOP
+
+
+def test_crashes_outside_the_window_are_forgotten(clock: SimpleNamespace) -> None:
+    sup = _supervisor(max_crashes=3, crash_window=10.0)
+    for _ in range(3):
+        sup._record_crash()
+        clock.now += 6
+    sup._record_crash()
+    assert sup._stopping is None
+    assert len(sup._crashes) == 2
+
+
+def _simulate_crash_loop(sup: Supervisor, clock: SimpleNamespace, processes: int,
+                         start_to_crash: float, horizon: float) -> float | None:
+    """Children that die ``start_to_crash`` seconds after every start, as the main loop
+    would see them (reap, record the crash, respawn once the backoff allows, every TICK).
+    Returns the seconds until the supervisor gave up, or None within ``horizon``."""
+    began = clock.now
+    dies_at = {index: clock.now + start_to_crash for index in range(1, processes + 1)}
+    while clock.now - began < horizon:
+        clock.now += arbiter.TICK
+        for index, when in list(dies_at.items()):
+            if when <= clock.now:
+                del dies_at[index]
+                sup._record_crash()
+                if sup._stopping:
+                    return clock.now - began
+        if clock.now >= sup._respawn_at:
+            for index in range(1, processes + 1):
+                dies_at.setdefault(index, clock.now + start_to_crash)
+    return None
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_children_crashing_at_every_start_are_detected_within_the_crash_window(
+        clock: SimpleNamespace, processes: int) -> None:
+    """``max_crashes`` (10) crashes within ``crash_window`` (60 s) must stay reachable for a
+    child that dies 0.5 s after each start, whatever the number of children: otherwise the
+    supervisor retries forever and never exits CRASH_LOOP for systemd/Kubernetes to act."""
+    sup = _supervisor(processes=processes)
+    gave_up_after = _simulate_crash_loop(sup, clock, processes, start_to_crash=0.5,
+                                         horizon=300.0)
+    assert gave_up_after is not None, (
+        f"with {processes} child(ren) crashing on every start the supervisor never gave up "
+        f"in 300 s ({len(sup._crashes)} crashes in the window at the end)")
+    assert gave_up_after <= sup.options.crash_window
+    assert sup._exit_code == exitcodes.CRASH_LOOP
