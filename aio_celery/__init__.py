@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aio_celery import exceptions, states
     from aio_celery.app import Celery, current_app, shared_task
-    from aio_celery.canvas import GroupResult, Signature, chain, group
+    from aio_celery.canvas import GroupResult, Signature, chain, chord, group
     from aio_celery.canvas import Signature as signature
     from aio_celery.result import AsyncResult
     from aio_celery.task import Context, Task, current_request, current_task
@@ -30,6 +30,7 @@ _EXPORTS = {
     "Signature": "aio_celery.canvas",
     "Task": "aio_celery.task",
     "chain": "aio_celery.canvas",
+    "chord": "aio_celery.canvas",
     "current_app": "aio_celery.app",
     "current_request": "aio_celery.task",
     "current_task": "aio_celery.task",
@@ -65,6 +66,7 @@ __all__ = [
     "Task",
     "__version__",
     "chain",
+    "chord",
     "current_app",
     "current_request",
     "current_task",

@@ -255,6 +255,7 @@ class Celery:
             callbacks=_signatures(options.get("link")),
             errbacks=_signatures(options.get("link_error")),
             chain=options.get("chain") or (retry_of.chain if retry_of else None),
+            chord=options.get("chord") or (retry_of.chord if retry_of else None),
             priority=priority,
             reply_to=options.get("reply_to") or self.oid,
             extra_headers=options.get("headers") or {},
@@ -267,7 +268,7 @@ class Celery:
 _SEND_OPTIONS = frozenset({
     "task_id", "countdown", "eta", "expires", "queue", "priority", "ignore_result", "headers",
     "soft_time_limit", "time_limit", "link", "link_error", "chain", "group_id", "group_index",
-    "shadow", "reply_to", "retries",
+    "shadow", "reply_to", "retries", "chord",
 })
 
 

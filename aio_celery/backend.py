@@ -3,16 +3,23 @@
 Writes use SETEX (or SET when results never expire) and PUBLISH on the key's channel in one
 MULTI/EXEC, as Celery does. Waiting for a result subscribes first, reads once, then waits
 for the channel: one shared pub/sub connection serves every waiter, and nothing polls.
+
+Chords keep their state under ``celery-taskset-meta-<group_id>`` plus a suffix, with the
+Lua scripts of Celery 5.7's Redis backend (``celery/backends/redis.py``), copied verbatim so
+that Celery workers and ours can share one chord: ``.s`` the header size, ``.j`` the header
+results (a sorted set scored by ``group_index``), ``.d`` the members already counted,
+``.t`` the size added at run time, ``.c`` the claim to send the body (then ``done``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from aio_celery import resultmeta, states
+from aio_celery import jsoncodec, resultmeta, states
 from aio_celery.config import mask_url
 from aio_celery.exceptions import BackendConnectionError, ConfigurationError
 
@@ -27,6 +34,127 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions
 
     return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+GROUP_KEY_PREFIX = "celery-taskset-meta-"
+
+
+def group_key(group_id: str, suffix: str = "") -> str:
+    """``celery-taskset-meta-<group_id><suffix>``, Celery's key for a group and its chord."""
+    if not group_id:
+        raise ValueError("a group id is needed")
+    return f"{GROUP_KEY_PREFIX}{group_id}{suffix}"
+
+
+# The three scripts below are Celery 5.7's (celery/backends/redis.py), unchanged: the keys,
+# their encodings and the claim protocol must be the same for Celery and aio-celery workers
+# to complete each other's chords.
+
+#: Record one header result (once per ``task_id:group_index``), return
+#: ``{readycount, totaldiff, size, claimed}``; the part completing the chord claims ``.c``.
+CHORD_PART_RETURN_LUA = """
+local jkey, tkey, skey, dkey, gkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local tid, value, ordered, score = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local expires, group_expires = tonumber(ARGV[5]), tonumber(ARGV[6])
+local claim_expires = tonumber(ARGV[7])
+local claim_token = ARGV[8]
+
+-- Prevent late duplicates from recreating chord state after successful cleanup.
+local done_marker = redis.call('GET', ckey)
+if done_marker == 'done' then
+    return {-1, 0, 0, 0}
+end
+
+-- Key the check on the task id and header index, so it doesn't merge two
+-- header entries that share the task id of a reused frozen signature.
+local member = tid .. ':' .. score
+if redis.call('SISMEMBER', dkey, member) == 0 then
+    if ordered == '1' then
+        redis.call('ZADD', jkey, score, value)
+    else
+        redis.call('RPUSH', jkey, value)
+    end
+    redis.call('SADD', dkey, member)
+end
+local readycount
+if ordered == '1' then
+    readycount = redis.call('ZCOUNT', jkey, '-inf', '+inf')
+else
+    readycount = redis.call('LLEN', jkey)
+end
+if expires > 0 then
+    for _, key in ipairs({jkey, tkey, skey, dkey}) do
+        redis.call('EXPIRE', key, expires)
+    end
+    if group_expires > 0 then
+        redis.call('EXPIRE', gkey, group_expires)
+    end
+end
+
+local totaldiff = redis.call('GET', tkey)
+local size = redis.call('GET', skey)
+local claimed = 0
+if size and readycount == tonumber(size) + tonumber(totaldiff or 0) then
+    if redis.call('SET', ckey, claim_token, 'NX', 'EX', claim_expires) then
+        claimed = 1
+    end
+end
+
+return {readycount, totaldiff, size, claimed}
+"""
+
+#: Release the claim and delete the chord's data if the token still holds it; then mark
+#: ``.c`` as ``done`` so that a late duplicate part cannot start the chord again.
+CHORD_CLEANUP_LUA = """
+local ckey = KEYS[1]
+local jkey = KEYS[2]
+local tkey = KEYS[3]
+local skey = KEYS[4]
+local dkey = KEYS[5]
+local token = ARGV[1]
+local done_expires = tonumber(ARGV[2])
+
+if redis.call('GET', ckey) == token then
+    redis.call('DEL', jkey, tkey, skey, dkey)
+    if done_expires and done_expires > 0 then
+        redis.call('SET', ckey, 'done', 'EX', done_expires)
+    end
+    return 1
+end
+return 0
+"""
+
+#: Extend the claim while this worker owns it (or take an expired one back).
+CHORD_CLAIM_EXTEND_LUA = """
+local ckey, skey = KEYS[1], KEYS[2]
+local token = ARGV[1]
+local expires = tonumber(ARGV[2])
+if redis.call('GET', ckey) == token then
+    return redis.call('EXPIRE', ckey, expires)
+end
+if not redis.call('GET', ckey) and redis.call('EXISTS', skey) == 1 then
+    return redis.call('SET', ckey, token, 'EX', expires, 'NX') and 1 or 0
+end
+return 0
+"""
+
+_SCRIPT_SHAS = {script: hashlib.sha1(script.encode()).hexdigest()
+                for script in (CHORD_PART_RETURN_LUA, CHORD_CLEANUP_LUA, CHORD_CLAIM_EXTEND_LUA)}
+
+
+class ChordPart(NamedTuple):
+    """What :meth:`RedisBackend.chord_part_return` found after recording a part."""
+
+    #: header results recorded so far; -1 when the chord was already completed
+    readycount: int
+    #: the chord's size (header size plus ``.t``), None when ``.s`` is gone or never set
+    total: int | None
+    #: True for the one part that must now send the body
+    claimed: bool
+
+    @property
+    def complete(self) -> bool:
+        return self.claimed and self.total is not None and self.readycount == self.total
 
 
 class RedisBackend:
@@ -105,6 +233,83 @@ class RedisBackend:
             raise  # asyncio's timeout is an OSError too: it is not "unreachable"
         except _redis_errors() as exc:
             raise self._unreachable(exc) from exc
+
+
+    # --- chords (Celery 5.7's keys and scripts) --------------------------------------------
+
+    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        import redis.exceptions
+
+        client = self.client
+        sha = _SCRIPT_SHAS[script]
+        try:
+            try:
+                return await client.evalsha(sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                await client.script_load(script)
+                return await client.evalsha(sha, len(keys), *keys, *args)
+        except _redis_errors() as exc:
+            raise self._unreachable(exc) from exc
+
+    async def set_chord_size(self, group_id: str, size: int) -> None:
+        """Before the header is sent: ``.s`` = the header size (kept as long as results),
+        and no claim left from an earlier run of the same group id (Celery's
+        ``set_chord_size``)."""
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(group_key(group_id, ".c"))
+                pipe.set(group_key(group_id, ".s"), size, ex=self.expires or None)
+                await pipe.execute()
+        except _redis_errors() as exc:
+            raise self._unreachable(exc) from exc
+
+    async def chord_part_return(self, group_id: str, task_id: str, group_index: int | None,
+                                encoded: str, *, claim_expires: int,
+                                claim_token: str) -> ChordPart:
+        """Record one header task's ``[1, id, state, result]`` (JSON) atomically, once."""
+        keys = [group_key(group_id, suffix) for suffix in (".j", ".t", ".s", ".d", "", ".c")]
+        expires = self.expires or 0
+        score = "+inf" if group_index is None else group_index
+        readycount, totaldiff, size, claimed = await self._script(
+            CHORD_PART_RETURN_LUA, keys,
+            [task_id, encoded, 1, score, expires, expires, claim_expires, claim_token])
+        total = None if size is None else int(size) + int(totaldiff or 0)
+        return ChordPart(int(readycount), total, bool(claimed))
+
+    async def chord_results(self, group_id: str) -> list[bytes | str]:
+        """The header results recorded for a chord, in ``group_index`` order."""
+        try:
+            return [item for item in await self.client.zrange(group_key(group_id, ".j"), 0, -1)
+                    if isinstance(item, (bytes, str))]
+        except _redis_errors() as exc:
+            raise self._unreachable(exc) from exc
+
+    async def get_group_meta(self, group_id: str) -> dict[str, Any] | None:
+        """A group saved under ``celery-taskset-meta-<id>`` (``{"result": tuple}``), if any."""
+        try:
+            raw = await self.client.get(group_key(group_id))
+        except _redis_errors() as exc:
+            raise self._unreachable(exc) from exc
+        if raw is None:
+            return None
+        value = jsoncodec.loads(raw)
+        return value if isinstance(value, dict) else None
+
+    async def chord_claim_extend(self, group_id: str, claim_token: str, expires: int) -> bool:
+        keys = [group_key(group_id, ".c"), group_key(group_id, ".s")]
+        return bool(await self._script(CHORD_CLAIM_EXTEND_LUA, keys, [claim_token, expires]))
+
+    async def chord_cleanup(self, group_id: str, claim_token: str, done_expires: int) -> bool:
+        keys = [group_key(group_id, suffix) for suffix in (".c", ".j", ".t", ".s", ".d")]
+        return bool(await self._script(CHORD_CLEANUP_LUA, keys, [claim_token, done_expires]))
+
+    async def drop_chord_size(self, group_id: str) -> None:
+        """After a chord failed: a late copy of a header task cannot fail it again."""
+        try:
+            await self.client.delete(group_key(group_id, ".s"))
+        except _redis_errors() as exc:
+            raise self._unreachable(exc) from exc
+
 
 
 class _Subscriber:

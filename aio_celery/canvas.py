@@ -1,21 +1,32 @@
-"""Signatures, ``chain`` and ``group``, serialized exactly as Celery serializes them.
+"""Signatures, ``chain``, ``group`` and ``chord``, serialized exactly as Celery serializes them.
 
 A signature is a dict (``task``, ``args``, ``kwargs``, ``options``, ``subtask_type``,
 ``immutable``) so that it travels in a message body unchanged. A chain is
 sent as its first step; the rest ride in the body's ``chain`` stack, last step first, and
-the worker pops the next step when a step succeeds.
+the worker pops the next step when a step succeeds. A chord is sent as Celery sends it: the
+header size goes to ``celery-taskset-meta-<group_id>.s`` first, then each header task is
+sent with the group id, its ``group_index`` and the body's signature in the ``chord`` field
+of its message; the worker that finishes the last header task sends the body (see
+:mod:`aio_celery.worker.chord`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from aio_celery import protocol
 from aio_celery.result import AsyncResult
+from aio_celery.task import current_request
 
 if TYPE_CHECKING:
     from aio_celery.app import Celery
+
+logger = logging.getLogger(__name__)
 
 
 class Signature(dict[str, Any]):
@@ -67,11 +78,12 @@ class Signature(dict[str, Any]):
 
     def clone(self, args: Any = None, kwargs: dict[str, Any] | None = None,
               **options: Any) -> Signature:
-        """A copy with ``args`` appended, ``kwargs`` and ``options`` merged (Celery's rules:
-        an immutable signature takes no new arguments)."""
+        """A copy with ``args`` *prepended*, ``kwargs`` and ``options`` merged (Celery's
+        rules: a chain step gets the previous result first; an immutable signature takes no
+        new arguments)."""
         new_args, new_kwargs = self.args, self.kwargs
         if not self.immutable:
-            new_args = new_args + list(args or ())
+            new_args = [*(args or ()), *new_args]
             new_kwargs.update(kwargs or {})
         copy = Signature(dict(self), app=self._app)
         copy.update(args=new_args, kwargs=new_kwargs, options={**self.options, **options})
@@ -153,6 +165,9 @@ def chain(*tasks: Signature, app: Celery | None = None) -> _Chain:
 class GroupResult:
     """The results of a group, in the order of its tasks."""
 
+    #: a group is no step of a chain here (an ``AsyncResult``-like attribute, always None)
+    parent: AsyncResult | None = None
+
     def __init__(self, id: str, results: list[AsyncResult]) -> None:
         self.id = id
         self.results = results
@@ -195,3 +210,189 @@ class group:
 
     async def delay(self, *args: Any, **kwargs: Any) -> GroupResult:
         return await self.apply_async(args, kwargs)
+
+    def __or__(self, body: Signature) -> chord:
+        """``group(...) | body`` is a chord, as in Celery."""
+        return chord(self, body)
+
+
+class chord:
+    """``chord(header, body)``: the header tasks run in parallel, then the body runs once with
+    the list of their results, in header order (``chord(header)(body)`` also works).
+
+    ``await chord([add.s(i, i) for i in range(5)], tsum.s()).apply_async()`` returns the
+    body's result (its id assigned before anything is sent); its ``parent`` is the header's
+    :class:`GroupResult`. If a header task fails, the body does not run: the worker stores
+    ``ChordError`` as the body's result, as Celery does, and sends its ``link_error``.
+
+    Header members are task signatures or chains of them (a chain counts as its last step);
+    the body is a task signature. A ``result_backend`` is required: the chord's state lives
+    there, in Celery's keys, so Celery and aio-celery workers can share a chord.
+    """
+
+    def __init__(self, header: group | Signature | Iterable[Signature],
+                 body: Signature | None = None, *, app: Celery | None = None,
+                 **options: Any) -> None:
+        if isinstance(header, group):
+            members: list[Any] = list(header.tasks)
+            app = app or header._app
+        elif isinstance(header, Signature):
+            members = [header]
+        else:
+            members = list(header)
+        self.tasks = [_header_member(member, app) for member in members]
+        self.body = None if body is None else _plain(body, app, "the chord body")
+        self._app = app
+        self.options = options
+
+    def __repr__(self) -> str:
+        body = self.body.name if self.body is not None else "<no body>"
+        return f"chord([{', '.join(t.name for t in self.tasks)}], {body})"
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def app(self) -> Celery:
+        if self._app is not None:
+            return self._app
+        for sig in [*self.tasks, *([self.body] if self.body is not None else [])]:
+            if sig._app is not None:
+                return sig._app
+        from aio_celery.app import current_app
+
+        return current_app()
+
+    async def __call__(self, body: Signature | None = None, **options: Any) -> AsyncResult:
+        """``await chord(header)(body)``: send the chord with this body."""
+        return await self.apply_async(body=body, **options)
+
+    async def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        return await self.apply_async(args, kwargs)
+
+    async def apply_async(self, args: Any = None, kwargs: dict[str, Any] | None = None, *,
+                          body: Signature | None = None, task_id: str | None = None,
+                          **options: Any) -> AsyncResult:
+        """Send the chord; returns the body's result.
+
+        ``args``/``kwargs`` are partial arguments for every header task (prepended, as in
+        Celery). ``countdown``/``eta`` delay the header; ``link``/``link_error`` go to the
+        body; other options (``queue``, ``priority``, ``expires``...) apply to the header
+        tasks and the body. ``task_id`` is the body's id (unless the body has one already),
+        ``group_id`` the header's.
+        """
+        app = self.app
+        body = self.body if body is None else _plain(body, app, "the chord body")
+        if body is None:
+            raise TypeError("chord() needs a body: chord(header, body) or chord(header)(body)")
+        options = {**self.options, **options}
+        header_delay: dict[str, Any] = {
+            k: options.pop(k) for k in ("countdown", "eta") if k in options}
+        callbacks = {k: options.pop(k) for k in ("link", "link_error") if k in options}
+        group_id = str(options.pop("group_id", None) or uuid.uuid4())
+        task_id = task_id or options.pop("task_id", None)
+        for key in ("group_index", "chord", "chain", "task_id"):
+            options.pop(key, None)
+
+        body = body.clone(**options)
+        body_options = body["options"]
+        body_options.setdefault("task_id", task_id or str(uuid.uuid4()))
+        body_options.setdefault("reply_to", app.oid)
+        body_options.setdefault("group_id", group_id)
+        for key, value in callbacks.items():
+            extra = value if isinstance(value, (list, tuple)) else [value]
+            body_options[key] = [*body_options.get(key, []), *(dict(v) for v in extra)]
+        result = AsyncResult(body_options["task_id"], app=app)
+
+        if not self.tasks:  # nothing would ever send the body: Celery sends it at once
+            await send_signature(app, body.clone([[]]))
+            result.parent = GroupResult(group_id, [])  # type: ignore[assignment]
+            return result
+
+        body_dict = dict(body)
+        await app.backend.set_chord_size(group_id, len(self.tasks))
+        sends = [
+            _send_member(app, member, index, args, kwargs, body_dict, group_id,
+                         {**options, **header_delay})
+            for index, member in enumerate(self.tasks)
+        ]
+        parts = list(await asyncio.gather(*sends))
+        result.parent = GroupResult(group_id, parts)  # type: ignore[assignment]
+        return result
+
+
+async def send_signature(app: Celery, sig: Signature, *, chord: dict[str, Any] | None = None,
+                         add_to_parent: bool = False, lenient: bool = False,
+                         **options: Any) -> AsyncResult:
+    """Send ``sig`` as it is (its args, kwargs and options, ``options`` on top), with
+    ``chord`` (a chord body) in the message. The ``chord`` option of the signature, set on
+    the last step of a chain in a chord header, is moved to the message the same way.
+
+    ``lenient`` drops the options aio-celery does not send (``root_id``, ``parent_id``...),
+    for signatures that arrived in a message from Celery.
+    """
+    from aio_celery.app import _IGNORED_OPTIONS, _SEND_OPTIONS
+
+    merged = {**sig.options, **options}
+    body = merged.pop("chord", None)
+    if chord is not None:
+        body = chord
+    if lenient:
+        unknown = merged.keys() - _SEND_OPTIONS - _IGNORED_OPTIONS
+        if unknown:
+            logger.debug("Sending %s without the options %s", sig.name, sorted(unknown))
+            for key in unknown:
+                del merged[key]
+    message, queue = app._build_message(sig.name, sig.args, sig.kwargs,
+                                        app.tasks.get(sig.name), None, merged)
+    if body is not None:
+        message = dataclasses.replace(message, chord=dict(body))
+    await app.broker.publish(protocol.encode(message, app.now()), queue)
+    result = AsyncResult(message.id, app=app)
+    parent = current_request.get()
+    if add_to_parent and parent is not None and parent.id is not None:
+        parent.children.append(result)
+    return result
+
+
+async def _send_member(app: Celery, member: Signature, index: int, args: Any,
+                       kwargs: dict[str, Any] | None, body: dict[str, Any], group_id: str,
+                       options: dict[str, Any]) -> AsyncResult:
+    """Send one header task (or the first step of a header chain, whose last step carries the
+    chord) and return the result the chord waits for."""
+    if not isinstance(member, _Chain):
+        sig = member.clone(args, kwargs)
+        sig["options"].setdefault("task_id", str(uuid.uuid4()))
+        return await send_signature(app, sig, chord=body, **options, group_id=group_id,
+                                    group_index=index)
+    steps = [step.clone() for step in member.tasks]
+    steps[0] = steps[0].clone(args, kwargs)
+    results: list[AsyncResult] = []
+    for step in steps:
+        step["options"].setdefault("task_id", str(uuid.uuid4()))
+        results.append(AsyncResult(step["options"]["task_id"], app=app,
+                                   parent=results[-1] if results else None))
+    if len(steps) == 1:
+        await send_signature(app, steps[0], chord=body, **options, group_id=group_id,
+                             group_index=index)
+        return results[-1]
+    # As in Celery, only the last step is a member of the group, and carries the chord.
+    steps[-1]["options"].update(chord=body, group_id=group_id, group_index=index)
+    await send_signature(app, steps[0], chain=[dict(step) for step in reversed(steps[1:])],
+                         **options)
+    return results[-1]
+
+
+def _plain(sig: Any, app: Celery | None, what: str) -> Signature:
+    if isinstance(sig, (_Chain, group, chord)) or not isinstance(sig, dict) or sig.get(
+            "subtask_type"):
+        raise TypeError(f"{what} must be a task signature (add.s(...)), not {sig!r}")
+    return sig if isinstance(sig, Signature) else Signature(sig, app=app)
+
+
+def _header_member(sig: Any, app: Celery | None) -> Signature:
+    if isinstance(sig, _Chain):
+        for step in sig.tasks:
+            _plain(step, app, "a step of a chain in a chord header")
+        return sig
+    return _plain(sig, app, "a chord header member")

@@ -13,6 +13,7 @@
     ├── TaskRevokedError                         the task was revoked (e.g. it expired)
     ├── SoftTimeLimitExceeded                    raised inside a task at its soft time limit
     ├── TimeLimitExceeded                        stored when a task hits its hard time limit
+    ├── ChordError                               a chord member failed: the body did not run
     └── RemoteTaskError                          a failure whose class is not known here
 
 The class names mirror ``celery.exceptions`` so that failures stored by either side are
@@ -110,6 +111,10 @@ class TimeLimitExceeded(AioCeleryError):
     """The task ran past its hard time limit and was cancelled."""
 
 
+class ChordError(AioCeleryError):
+    """A task of a chord's header failed (or expired), so the chord's body did not run."""
+
+
 class RemoteTaskError(AioCeleryError):
     """A stored failure whose exception class is unknown or not importable here.
 
@@ -132,6 +137,7 @@ __all__ = [
     "BackendConnectionError",
     "BackendError",
     "BrokerConnectionError",
+    "ChordError",
     "ConfigurationError",
     "MaxRetriesExceededError",
     "MessageDecodeError",

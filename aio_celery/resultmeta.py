@@ -33,6 +33,7 @@ _MIRRORED = {
         exceptions.TimeLimitExceeded,
         exceptions.Retry,
         exceptions.TimeoutError,
+        exceptions.ChordError,
     )
 }
 

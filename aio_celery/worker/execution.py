@@ -2,7 +2,8 @@
 
 Order of events, as in Celery: expiry check, STARTED (if tracked), ``task_prerun``, the task
 under its time limits, then on success the next chain step and callbacks are sent, the
-result is stored (with those ``children``), and only then the message is acknowledged.
+result is stored (with those ``children``), a chord header task reports its part (see
+:mod:`aio_celery.worker.chord`), and only then the message is acknowledged.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import logging
 import os
 import time
 import traceback
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aio_celery import resultmeta, signals, states
 from aio_celery.app import Celery
-from aio_celery.canvas import Signature
+from aio_celery.canvas import Signature, send_signature
 from aio_celery.exceptions import (
     BackendError,
     NotRegistered,
@@ -27,6 +30,7 @@ from aio_celery.exceptions import (
 from aio_celery.protocol import TaskMessage
 from aio_celery.result import result_tuple
 from aio_celery.task import Context, Task, current_request, current_task, retry_countdown
+from aio_celery.worker import chord
 from aio_celery.worker.limits import run_with_limits
 
 logger = logging.getLogger("aio_celery.worker")
@@ -150,6 +154,8 @@ class TaskRunner:
             children = [result_tuple(child) for child in request.children]
             if not await self._store(message, states.SUCCESS, value, children=children):
                 return Settle.REQUEUE
+        if not await self._chord_part(message, states.SUCCESS, value):
+            return Settle.REQUEUE
         await signals.task_success.send(sender=task, result=value, task_id=message.id)
         return Settle.ACK
 
@@ -158,7 +164,11 @@ class TaskRunner:
         if message.chain:
             stack = list(message.chain)
             step = Signature(stack.pop(), app=self.app)
-            await step.apply_async((value,), chain=stack or None)
+            if "chord" in step.options:  # the last step of a chain in a chord header
+                await send_signature(self.app, step.clone((value,)), chain=stack or None,
+                                     add_to_parent=True, lenient=True)
+            else:
+                await step.apply_async((value,), chain=stack or None)
         for callback in message.callbacks or ():
             await Signature(callback, app=self.app).apply_async((value,))
 
@@ -186,9 +196,13 @@ class TaskRunner:
             except Exception:
                 logger.exception("Task %s[%s]: could not send errback %r", task.name,
                                  message.id, errback.get("task"))
-        if not ignore and not await self._store(message, states.FAILURE,
-                                                resultmeta.exception_to_dict(exc),
+        error = resultmeta.exception_to_dict(exc)
+        if not ignore and not await self._store(message, states.FAILURE, error,
                                                 traceback_text=tb):
+            return Settle.REQUEUE
+        if not await self._chord_part(message, states.FAILURE, error):
+            return Settle.REQUEUE
+        if not await self._fail_chord_steps(message, error, tb):
             return Settle.REQUEUE
         await signals.task_failure.send(sender=task, task_id=message.id, exception=exc,
                                         args=message.args, kwargs=message.kwargs,
@@ -209,11 +223,79 @@ class TaskRunner:
     async def _expired(self, task: Task, message: TaskMessage) -> Settle:
         logger.info("Task %s[%s] expired at %s: not run, stored as REVOKED", task.name,
                     message.id, message.expires)
+        error = resultmeta.exception_to_dict(TaskRevokedError("expired"))
         if not self._ignores_result(task, message):
-            await self._store(message, states.REVOKED,
-                              resultmeta.exception_to_dict(TaskRevokedError("expired")))
+            await self._store(message, states.REVOKED, error)
+        if not await self._chord_part(message, states.REVOKED, error):
+            return Settle.REQUEUE
         await signals.task_revoked.send(sender=task, request=message, expired=True)
         return Settle.ACK
+
+    async def _chord_part(self, message: TaskMessage, state: str, result: Any) -> bool:
+        """For a chord header task: Celery's ``on_chord_part_return`` (whether or not the
+        result itself is stored). False if the backend stayed unreachable: the message is
+        then requeued, and the part is counted once however often it comes back."""
+        if not message.chord or not message.group:
+            return True
+        return await self._report_part(message.task, message.id, message.group,
+                                       message.group_index, message.chord, state, result)
+
+    async def _report_part(self, name: str, task_id: str, group_id: str,
+                           group_index: int | None, body: dict[str, Any], state: str,
+                           result: Any) -> bool:
+        if not self._has_backend:
+            logger.error("Task %s[%s] is part of chord %s but no result_backend is "
+                         "configured: the chord cannot complete", name, task_id, group_id)
+            return True
+        token = uuid.uuid4().hex  # the same for every attempt: a claim we took is ours
+
+        async def report() -> None:
+            await chord.on_chord_part_return(
+                self.app, task_id=task_id, group_id=group_id, group_index=group_index,
+                body=body, state=state, result=result, claim_token=token)
+
+        return await self._with_backend_retries(name, task_id, "chord part", report)
+
+    async def _fail_chord_steps(self, message: TaskMessage, error: dict[str, Any],
+                                tb: str) -> bool:
+        """A chain in a chord header failed before its last step: that step (the chord's
+        member) is stored as failed and reports its part, as Celery's ``_fail_chain``
+        does, so that the chord does not wait for it forever."""
+        for step in message.chain or ():
+            options = step.get("options") or {}
+            task_id, group_id = options.get("task_id"), options.get("group_id")
+            if "chord" not in options or not task_id or not group_id or not self._has_backend:
+                continue
+            meta = resultmeta.build_meta(task_id, states.FAILURE, error, now=self.app.now(),
+                                         traceback=tb, parent_id=options.get("parent_id"),
+                                         group_id=group_id)
+            if not await self._store_meta(message, meta):
+                return False
+            if not await self._report_part(str(step.get("task")), task_id, group_id,
+                                           options.get("group_index"), options["chord"],
+                                           states.FAILURE, error):
+                return False
+        return True
+
+    async def _with_backend_retries(self, name: str, task_id: str, what: str,
+                                    operation: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``operation``, retrying for a while if the backend is down; False if it never
+        got through."""
+        deadline = time.monotonic() + STORE_RETRY_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                await operation()
+                return True
+            except BackendError as exc:
+                if time.monotonic() + delay > deadline:
+                    logger.error("Task %s[%s]: %s not recorded (%s); the message goes back to "
+                                 "the queue", name, task_id, what, exc)
+                    return False
+                logger.warning("Task %s[%s]: result backend error (%s), retrying in %.1fs",
+                               name, task_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _store(self, message: TaskMessage, state: str, result: Any, *,
                      traceback_text: str | None = None,

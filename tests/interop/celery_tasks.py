@@ -110,3 +110,9 @@ def introspect(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         "reply_to": request.reply_to,
         "correlation_id": request.correlation_id,
     }
+
+
+@app.task(name=PREFIX + "tsum")
+def tsum(values: list[Any], *rest: Any) -> dict[str, Any]:
+    """A chord body: the header's results (first argument, as Celery passes them)."""
+    return {"sum": sum(values), "values": values, "rest": list(rest)}

@@ -28,6 +28,7 @@ import redis
 from helpers import (
     AMQP_URL,
     REDIS_HOST_URL,
+    close_celery_client,
     delete_queues_with_prefix,
     kill_process_group,
     queue_depth,
@@ -140,7 +141,7 @@ def celery_app(queue: str, backend_url: str) -> Iterator[celery.Celery]:
     try:
         yield app
     finally:
-        app.close()
+        close_celery_client(app)
 
 
 def get(result: celery.result.AsyncResult, worker: OurWorker,
@@ -326,4 +327,4 @@ def test_priority_queue_declared_by_both_sides(
     finally:
         if worker is not None:
             worker.kill()
-        client.close()
+        close_celery_client(client)

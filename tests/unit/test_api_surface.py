@@ -230,7 +230,7 @@ def test_clone_follows_celerys_rules() -> None:
     _, add = _app_with_add()
     partial = add.s(2)
     full = partial.clone((3,), {"y": 4}, countdown=1)
-    assert full["args"] == [2, 3]
+    assert full["args"] == [3, 2]  # new arguments come first, as in Celery
     assert full["kwargs"] == {"y": 4}
     assert full["options"] == {"countdown": 1}
     assert partial["args"] == [2]  # the original is untouched
