@@ -219,11 +219,21 @@ class ConsumerChannel:
         # fixed when basic.consume is sent, so widening it for eta tasks would not apply.
         await self._channel.basic_qos(prefetch_count=self.prefetch_count, global_=True)
 
-    def closed(self) -> asyncio.Future[Any]:
-        """A future that completes when the connection is lost or closed."""
-        if self._connection is None:
+    async def closed(self) -> str:
+        """Return why, once the connection or the channel is lost or closed (the broker
+        closes just the channel on a channel error; the worker must notice that too)."""
+        if self._connection is None or self._channel is None:
             raise RuntimeError("consumer channel is not open")
-        return self._connection.closing
+        watched = [self._connection.closing, self._channel.closing]
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in watched:
+                future.cancel()  # observers only: cancelling them closes nothing
+        for future in done:
+            if not future.cancelled() and future.exception() is not None:
+                return describe_error(future.exception())  # type: ignore[arg-type]
+        return "closed"
 
     async def declare(self, queue: str) -> None:
         """Declare ``queue`` exactly like Celery and the publisher do."""

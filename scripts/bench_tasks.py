@@ -7,7 +7,8 @@ Both count what they execute in a :class:`Tally` that is written to
 once every process is consuming (see ``scale`` in scripts/bench.py).
 
 Environment: ``BENCH_BROKER`` (AMQP URL), ``BENCH_QUEUE``, ``BENCH_STATS_DIR`` and, for the
-plain consumer, ``BENCH_PREFETCH``.
+plain consumer, ``BENCH_PREFETCH`` and ``BENCH_QOS_GLOBAL=1`` (a channel-wide prefetch limit,
+as our worker sets, instead of aio-pika's default per-consumer one; for experiments).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Tally:
             return
         self._gate = asyncio.Event()
         go = os.path.join(STATS_DIR, "go")
-        while not os.path.exists(go):
+        while not os.path.exists(go):  # noqa: ASYNC110, ASYNC240 (a 5 ms poll, once)
             await asyncio.sleep(GATE_POLL)
         self._cpu_at_gate = time.process_time()
         self.open = True
@@ -70,9 +71,8 @@ class Tally:
         if self.count == self._flushed or not STATS_DIR:
             return
         self._flushed = self.count
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         state = {"pid": os.getpid(), "count": self.count, "last": self.last,
-                 "cpu": time.process_time() - self._cpu_at_gate, "peak_rss_mib": peak}
+                 "cpu": time.process_time() - self._cpu_at_gate, "peak_rss_mib": peak_rss_mib()}
         path = os.path.join(STATS_DIR, f"{os.getpid()}.json")
         with open(path + ".tmp", "w", encoding="utf-8") as out:
             json.dump(state, out)
@@ -82,6 +82,19 @@ class Tally:
         if self._flusher is not None:
             self._flusher.cancel()
         self.flush()
+
+
+def peak_rss_mib() -> float:
+    """VmHWM (Linux): unlike ru_maxrss, it does not include the parent's peak before the
+    fork and exec that started this process."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 tally = Tally()
@@ -120,7 +133,8 @@ async def plain_consumer() -> None:
     connection = await aio_pika.connect(BROKER)
     async with connection:
         channel = await connection.channel()
-        await channel.set_qos(prefetch_count=int(os.environ.get("BENCH_PREFETCH", "400")))
+        await channel.set_qos(prefetch_count=int(os.environ.get("BENCH_PREFETCH", "400")),
+                              global_=os.environ.get("BENCH_QOS_GLOBAL") == "1")
         queue = await channel.declare_queue(QUEUE, durable=True)
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:

@@ -14,8 +14,10 @@ without requeue). Each task then runs in an asyncio task of its own:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import enum
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +26,7 @@ import aiormq
 from aiormq.abc import DeliveredMessage
 
 from aio_celery import protocol
-from aio_celery.broker import ConsumerChannel
+from aio_celery.broker import ConsumerChannel, describe_error
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.execution import Settle, TaskRunner
@@ -39,6 +41,13 @@ _CHANNEL_GONE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 def wait_queue_name(queue: str) -> str:
     """The holding queue for far-away etas of ``queue``."""
     return f"{queue}.aio-celery-eta"
+
+
+class _Frame(enum.Enum):
+    ACK = "ack"
+    ACK_UPTO = "ack multiple"
+    REJECT = "reject"
+    REQUEUE = "requeue"
 
 
 @dataclasses.dataclass
@@ -69,7 +78,8 @@ class Session:
         self._prefetch_applied = self.prefetch_count
         self._prefetch_task: asyncio.Task[None] | None = None
         self._wait_queues: set[str] = set()
-        self._frames: set[asyncio.Future[Any]] = set()
+        self._outbox: collections.deque[tuple[_Frame, int]] = collections.deque()
+        self._writer: asyncio.Task[None] | None = None
         self._outcome = StopOutcome()
 
     # --- start and state -----------------------------------------------------------------
@@ -96,10 +106,12 @@ class Session:
     async def message_count(self, queue: str) -> int:
         return await self.channel.message_count(queue)
 
-    async def lost(self) -> None:
-        """Return when the connection closes (for whatever reason)."""
-        with contextlib.suppress(Exception):
-            await self.channel.closed()
+    async def lost(self) -> str:
+        """Return why, once the connection or channel closes (for whatever reason)."""
+        try:
+            return await self.channel.closed()
+        except Exception as exc:
+            return describe_error(exc)
 
     def running_tasks(self) -> set[asyncio.Task[None]]:
         return set(self._running)
@@ -238,7 +250,7 @@ class Session:
                 asyncio.get_running_loop().call_soon(self._start_flush)
             return
         self._tracker.settled(tag)
-        self._send(self.channel.reject(tag, requeue=settle is Settle.REQUEUE))
+        self._send(_Frame.REQUEUE if settle is Settle.REQUEUE else _Frame.REJECT, tag)
 
     def _give_back(self, tag: int) -> None:
         self._settle(tag, Settle.REQUEUE)
@@ -247,22 +259,39 @@ class Session:
         self._flush_scheduled = False
         upto, singles = self._tracker.take()
         if upto is not None:
-            self._send(self.channel.ack(upto, multiple=True))
+            self._send(_Frame.ACK_UPTO, upto)
         for tag in singles:
-            self._send(self.channel.ack(tag))
+            self._send(_Frame.ACK, tag)
 
-    def _send(self, frame: Any) -> None:
-        """Hand an ack/reject to aiormq; a closed channel means the broker requeues anyway."""
-        task = asyncio.ensure_future(frame)
-        self._frames.add(task)
-        task.add_done_callback(self._frames.discard)
-        task.add_done_callback(_ignore_channel_gone)
+    def _send(self, frame: _Frame, tag: int) -> None:
+        """Queue an ack/reject. One writer sends them strictly in order: an ack with
+        ``multiple`` overtaking a single ack of a lower tag would make the broker close the
+        channel ("unknown delivery tag")."""
+        self._outbox.append((frame, tag))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_frames())
+
+    async def _write_frames(self) -> None:
+        channel = self.channel
+        while self._outbox:
+            frame, tag = self._outbox.popleft()
+            try:
+                if frame is _Frame.ACK_UPTO:
+                    await channel.ack(tag, multiple=True)
+                elif frame is _Frame.ACK:
+                    await channel.ack(tag)
+                else:
+                    await channel.reject(tag, requeue=frame is _Frame.REQUEUE)
+            except _CHANNEL_GONE:
+                # The broker requeues whatever was not settled on a channel that is gone.
+                self._outbox.clear()
+                return
 
     async def _settle_everything(self) -> None:
-        """Send the last acks and wait until every ack/reject has reached the socket."""
+        """Send the last acks and wait until the broker has processed every ack/reject."""
         self._start_flush()
-        if self._frames:
-            await asyncio.wait(set(self._frames))
+        if self._writer is not None:
+            await self._writer
         with contextlib.suppress(*_CHANNEL_GONE):
             await self.channel.barrier()
 
@@ -320,9 +349,3 @@ class Session:
         await self.channel.close()
 
 
-def _ignore_channel_gone(task: asyncio.Future[Any]) -> None:
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None and not isinstance(exc, _CHANNEL_GONE):
-        logger.error("Could not settle a delivery: %r", exc)

@@ -193,21 +193,22 @@ class Worker:
                 await asyncio.wait([lost, stop], return_when=asyncio.FIRST_COMPLETED)
                 if not lost.done():
                     lost.cancel()
-                elif not self._stop_requested.is_set() and not await self._reconnect():
+                elif not self._stop_requested.is_set() and not await self._reconnect(
+                        lost.result()):
                     return exitcodes.BROKER_LOST
         finally:
             for watcher in (*watchers, stop):
                 watcher.cancel()
         return self._exit_code
 
-    async def _reconnect(self) -> bool:
+    async def _reconnect(self, reason: str) -> bool:
         """Open a new consumer session within ``reconnect_timeout``; False if impossible."""
         assert self._session is not None and self.consuming is not None
         self.consuming.clear()
         url = mask_url(self.app.conf.settings.broker_url)
-        logger.warning("Lost the broker connection to %s; %d task(s) in flight are cancelled "
-                       "and will be redelivered. Reconnecting for up to %.0fs", url,
-                       self._session.in_flight, self.options.reconnect_timeout)
+        logger.warning("Lost the broker connection to %s (%s); %d task(s) in flight are "
+                       "cancelled and will be redelivered. Reconnecting for up to %.0fs", url,
+                       reason, self._session.in_flight, self.options.reconnect_timeout)
         await self._session.abandon()
         deadline = time.monotonic() + self.options.reconnect_timeout
         delay = 0.5
