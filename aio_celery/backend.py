@@ -170,6 +170,8 @@ class RedisBackend:
         self.socket_timeout = socket_timeout
         self._client: Redis | None = None
         self._subscriber: _Subscriber | None = None
+        self._batch: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._writers: set[asyncio.Future[None]] = set()
 
     @property
     def client(self) -> Redis:
@@ -185,6 +187,8 @@ class RedisBackend:
         return self._client
 
     async def close(self) -> None:
+        if self._writers:  # results still on their way to Redis
+            await asyncio.wait(set(self._writers))
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             await subscriber.close()
@@ -198,16 +202,45 @@ class RedisBackend:
             "Check that Redis runs there and that result_backend is right.")
 
     async def store(self, meta: dict[str, Any]) -> None:
-        """Write and publish one result document (``meta["task_id"]`` names it)."""
+        """Write and publish one result document (``meta["task_id"]`` names it); returns
+        once Redis has it.
+
+        Results stored in the same event-loop turn share one MULTI/EXEC round trip (a busy
+        worker finishes many tasks per turn), each still SET with its expiry and PUBLISHed.
+        """
         key = resultmeta.result_key(meta["task_id"])
         value = resultmeta.encode_meta(meta)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._batch.append((key, value, future))
+        if len(self._batch) == 1:
+            loop.call_soon(self._write_batch)
+        await future
+
+    def _write_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        writer = asyncio.ensure_future(self._write(batch))
+        self._writers.add(writer)
+        writer.add_done_callback(self._writers.discard)
+
+    async def _write(self, batch: list[tuple[str, bytes, asyncio.Future[None]]]) -> None:
+        error: BaseException | None = None
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(key, value, ex=self.expires or None)
-                pipe.publish(key, value)
+                for key, value, _ in batch:
+                    pipe.set(key, value, ex=self.expires or None)
+                    pipe.publish(key, value)
                 await pipe.execute()
         except _redis_errors() as exc:
-            raise self._unreachable(exc) from exc
+            error = self._unreachable(exc)
+        except Exception as exc:  # reported to every waiter rather than lost in this task
+            error = exc
+        for _, _, future in batch:
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
 
     async def get_meta(self, task_id: str) -> dict[str, Any] | None:
         """The stored document, or None when there is none (PENDING)."""
