@@ -110,8 +110,9 @@ class TaskRunner:
         if track and not ignore:
             await self._store(message, states.STARTED, {"pid": os.getpid(),
                                                         "hostname": self.hostname})
-        await signals.task_prerun.send(sender=task, task_id=message.id, task=task,
-                                       args=message.args, kwargs=message.kwargs)
+        if signals.task_prerun.receivers:  # hot path: no coroutine when unused
+            await signals.task_prerun.send(sender=task, task_id=message.id, task=task,
+                                           args=message.args, kwargs=message.kwargs)
         soft = _first(message.soft_time_limit, task.soft_time_limit,
                       settings.task_soft_time_limit)
         hard = _first(message.time_limit, task.time_limit, settings.task_time_limit)
@@ -133,8 +134,9 @@ class TaskRunner:
         else:
             settle = await self._on_failure(task, message, outcome, ignore, runtime)
             state = states.FAILURE
-        await signals.task_postrun.send(sender=task, task_id=message.id, task=task,
-                                        args=message.args, kwargs=message.kwargs, state=state)
+        if signals.task_postrun.receivers:  # hot path: no coroutine when unused
+            await signals.task_postrun.send(sender=task, task_id=message.id, task=task,
+                                            args=message.args, kwargs=message.kwargs, state=state)
         return settle
 
     async def _autoretry(self, task: Task, request: Context, exc: Exception) -> BaseException:
@@ -148,15 +150,17 @@ class TaskRunner:
     async def _on_success(self, task: Task, request: Context, message: TaskMessage,
                           value: Any, ignore: bool, runtime: float) -> Settle:
         await self._send_followers(message, value)
-        logger.info("Task %s[%s] succeeded in %.3fs: %s", task.name, message.id, runtime,
-                    _short(value))
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("Task %s[%s] succeeded in %.3fs: %s", task.name, message.id, runtime,
+                        _short(value))
         if not ignore:
             children = [result_tuple(child) for child in request.children]
             if not await self._store(message, states.SUCCESS, value, children=children):
                 return Settle.REQUEUE
         if not await self._chord_part(message, states.SUCCESS, value):
             return Settle.REQUEUE
-        await signals.task_success.send(sender=task, result=value, task_id=message.id)
+        if signals.task_success.receivers:  # hot path: no coroutine when unused
+            await signals.task_success.send(sender=task, result=value, task_id=message.id)
         return Settle.ACK
 
     async def _send_followers(self, message: TaskMessage, value: Any) -> None:
