@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import socket
@@ -222,6 +223,8 @@ class Celery:
             unknown = options.keys() - _SEND_OPTIONS - _IGNORED_OPTIONS
             if unknown:
                 raise TypeError(f"send_task({name!r}): unknown option(s) {sorted(unknown)}")
+        if retry_of is not None:  # the same task again: keep how it was sent (Celery does)
+            options = {**_retry_options(retry_of), **options}
         settings = self.conf.settings
         now = self.now()
         args = list(args or ())
@@ -242,8 +245,8 @@ class Celery:
             kwargs=kwargs,
             root_id=(parent.root_id or parent.id) if parent and parent.id else None,
             parent_id=(retry_of.parent_id if retry_of else parent.id if parent else None),
-            group=options.get("group_id") or (retry_of.group if retry_of else None),
-            group_index=options.get("group_index", retry_of.group_index if retry_of else None),
+            group=options.get("group_id"),
+            group_index=options.get("group_index"),
             retries=retry_of.retries + 1 if retry_of else int(options.get("retries") or 0),
             eta=_eta(now, options.get("countdown"), options.get("eta")),
             expires=_expires(now, options.get("expires")),
@@ -254,14 +257,14 @@ class Celery:
             ignore_result=options.get("ignore_result"),
             callbacks=_signatures(options.get("link")),
             errbacks=_signatures(options.get("link_error")),
-            chain=options.get("chain") or (retry_of.chain if retry_of else None),
-            chord=options.get("chord") or (retry_of.chord if retry_of else None),
+            chain=options.get("chain"),
+            chord=options.get("chord"),
             priority=priority,
             reply_to=options.get("reply_to") or self.oid,
             extra_headers=options.get("headers") or {},
         )
         if retry_of is not None:
-            message = _keep_retry_context(message, retry_of)
+            message = dataclasses.replace(message, root_id=retry_of.root_id or retry_of.id)
         return message, queue
 
 
@@ -301,13 +304,25 @@ def _signatures(value: Any) -> list[dict[str, Any]] | None:
     return [dict(item) for item in items]
 
 
-def _keep_retry_context(message: protocol.TaskMessage, request: Context) -> protocol.TaskMessage:
-    """A retry is the same task again: same root, callbacks and errbacks."""
-    from dataclasses import replace
-
-    return replace(message, root_id=request.root_id or request.id,
-                   callbacks=message.callbacks or request.callbacks,
-                   errbacks=message.errbacks or request.errbacks)
+def _retry_options(request: Context) -> dict[str, Any]:
+    """How the running task was sent, as ``send_task`` options for its retry: its queue,
+    priority, expiry, time limits, group, chain, chord and callbacks."""
+    delivery = request.delivery_info or {}
+    hard, soft = request.timelimit
+    options = {
+        "queue": delivery.get("queue") or delivery.get("routing_key"),
+        "priority": delivery.get("priority"),
+        "expires": request.expires,
+        "soft_time_limit": soft,
+        "time_limit": hard,
+        "group_id": request.group,
+        "group_index": request.group_index,
+        "chain": request.chain,
+        "chord": request.chord,
+        "link": request.callbacks,
+        "link_error": request.errbacks,
+    }
+    return {key: value for key, value in options.items() if value is not None}
 
 
 _origin_cache: tuple[int, str] | None = None

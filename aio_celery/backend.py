@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aio_celery import jsoncodec, resultmeta, states
 from aio_celery.config import mask_url
-from aio_celery.exceptions import BackendConnectionError, ConfigurationError
+from aio_celery.exceptions import BackendConnectionError, BackendError, ConfigurationError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -233,8 +233,9 @@ class RedisBackend:
                 await pipe.execute()
         except _redis_errors() as exc:
             error = self._unreachable(exc)
-        except Exception as exc:  # reported to every waiter rather than lost in this task
-            error = exc
+        except Exception as exc:  # READONLY, OOM, ...: retried by the worker like an outage
+            error = BackendError(f"result backend {mask_url(self.url)} refused the write: "
+                                 f"{exc!r}")
         for _, _, future in batch:
             if not future.done():
                 if error is None:
@@ -406,10 +407,11 @@ class _Subscriber:
         key = channel.decode() if isinstance(channel, bytes) else channel
         try:
             meta = resultmeta.decode_meta(data)
-        except ValueError:
+        except Exception:  # the reader must survive whatever is published
             logger.warning("Ignoring a malformed result published on %s", key)
             return
-        if meta.get("status") not in states.READY_STATES:
+        status = meta.get("status")
+        if not isinstance(status, str) or status not in states.READY_STATES:
             return
         for future in self._waiters.get(key, ()):
             if not future.done():

@@ -242,8 +242,8 @@ def decode(
     args, kwargs, embed = _decode_body(body)
     try:
         return _message_from_parts(headers, args, kwargs, embed, priority, reply_to)
-    except (TypeError, ValueError) as exc:
-        raise MessageDecodeError(f"invalid header value: {exc}", body) from exc
+    except Exception as exc:
+        raise MessageDecodeError(f"invalid header value: {exc!r}", body) from exc
 
 
 def _check_content_type(body: bytes, content_type: str | None,
@@ -261,8 +261,8 @@ def _check_content_type(body: bytes, content_type: str | None,
 def _decode_body(body: bytes) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
     try:
         payload = jsoncodec.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MessageDecodeError(f"body is not valid JSON: {exc}", body) from exc
+    except Exception as exc:  # bad JSON, a bad kombu tag value, nesting too deep, ...
+        raise MessageDecodeError(f"body is not valid JSON: {exc!r}", body) from exc
     if not isinstance(payload, list) or len(payload) != 3:
         raise MessageDecodeError("body is not a [args, kwargs, embed] list", body)
     args, kwargs, embed = payload

@@ -138,15 +138,19 @@ class Session:
         try:
             message = protocol.decode(raw.body, props.headers, props.content_type,
                                       props.content_encoding, props.priority, props.reply_to)
-        except MessageDecodeError as exc:
+        except Exception as exc:  # MessageDecodeError, or a decoder bug: never leave it unsettled
+            if not isinstance(exc, MessageDecodeError):
+                exc = MessageDecodeError(f"undecodable: {exc!r}", raw.body)
             self.stats.rejected += 1
             logger.error("Rejected a message from queue %s without requeue: %s. It is not a "
                          "Celery protocol v2 JSON task; a dead-letter exchange on the queue "
                          "would keep it for inspection.", queue, exc.summary())
             self._settle(tag, Settle.REJECT)
             return
+        # Celery's keys, plus the queue it was consumed from (a retry goes back there).
         delivery_info = {"exchange": deliver.exchange, "routing_key": deliver.routing_key,
-                         "priority": props.priority, "redelivered": deliver.redelivered}
+                         "priority": props.priority, "redelivered": deliver.redelivered,
+                         "queue": queue}
         task = asyncio.create_task(self._handle(queue, raw, message, tag, delivery_info),
                                    name=f"{message.task}[{message.id}]")
         self._waiting.add(task)

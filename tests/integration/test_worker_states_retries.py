@@ -294,3 +294,35 @@ async def test_request_fields(app: Celery, start_worker, unique_name: str) -> No
     }
     # The parent's stored result lists the task it started.
     assert [c.id for c in r.children] == [inner_id]
+
+
+async def test_a_retry_keeps_queue_priority_expiry_and_time_limits(
+        app: Celery, start_worker, unique_name: str) -> None:
+    """Like Celery, a retry goes back to the queue it came from, with the same priority,
+    expiry and time limits (not to the task's default queue with none of them)."""
+    seen: list[dict[str, Any]] = []
+
+    @app.task(name="retry.keeps", bind=True, max_retries=1)
+    async def keeps(self) -> str:
+        request = self.request
+        seen.append({"queue": request.delivery_info["routing_key"],
+                     "priority": request.delivery_info["priority"],
+                     "expires": request.expires, "timelimit": request.timelimit,
+                     "retries": request.retries})
+        if request.retries == 0:
+            await self.retry(countdown=0)
+        return "done"
+
+    other = f"{unique_name}-a"
+    result = await keeps.apply_async(queue=other, priority=3, expires=600,
+                                     soft_time_limit=50, time_limit=60)
+    await start_worker(queues=(other,), concurrency=2)
+    assert await result.get(timeout=10) == "done"
+    first, second = seen
+    assert second["retries"] == 1
+    for key in ("queue", "priority", "expires", "timelimit"):
+        assert second[key] == first[key], key
+    assert second["queue"] == other
+    assert second["priority"] == 3
+    assert second["timelimit"] == (60.0, 50.0)
+    assert second["expires"] is not None

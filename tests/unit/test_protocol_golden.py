@@ -332,3 +332,15 @@ def test_summary_names_reason_and_payload_start() -> None:
     summary = caught.value.summary()
     assert "'task'" in summary
     assert f"payload {len(raw_body(data))} bytes" in summary
+
+
+@pytest.mark.parametrize("body", [
+    b'[[{"__type__": "decimal", "__value__": "x"}], {}, {}]',
+    b'[[{"__type__": "uuid", "__value__": "not-a-dict"}], {}, {}]',
+    b'[[{"__type__": "bytes", "__value__": 5}], {}, {}]',
+    b"[[" + b"[" * 100_000 + b"]" * 100_000 + b"], {}, {}]",
+])
+def test_any_body_the_decoders_choke_on_is_a_decode_error(body: bytes) -> None:
+    with pytest.raises(MessageDecodeError) as caught:
+        protocol.decode(body, {"task": "t", "id": "1"}, "application/json", "utf-8")
+    assert caught.value.payload == body
