@@ -42,8 +42,9 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("--prefetch-multiplier", type=click.IntRange(min=1), default=None,
               help="Prefetch = this x concurrency (default: worker_prefetch_multiplier).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
-              help="Seconds running tasks get on warm shutdown (default: "
-                   "worker_shutdown_timeout, 25).")
+              help="Seconds running tasks get on warm shutdown (default 25; with -P solo "
+                   "the app's worker_shutdown_timeout). The supervisor kills children 5 s "
+                   "after it.")
 @click.option("--eta-horizon", type=click.FloatRange(min=0.1), default=600.0,
               show_default=True,
               help="Tasks due further away than this many seconds wait on the broker in a "
@@ -101,6 +102,9 @@ def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel
     spec = ChildSpec(app_spec=app, worker=options, loglevel=loglevel, log_config=log_config,
                      processes=count)
     shutdown = options.shutdown_timeout if options.shutdown_timeout is not None else 25.0
+    # Children and supervisor must agree on the bound, or the supervisor would SIGKILL a
+    # child in the middle of a longer warm shutdown taken from the app's settings.
+    options = dataclasses.replace(options, shutdown_timeout=shutdown)
     return Supervisor(SupervisorOptions(
         spec=spec, processes=count, shutdown_timeout=shutdown,
         heartbeat_timeout=heartbeat_timeout,

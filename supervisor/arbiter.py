@@ -122,6 +122,7 @@ class Supervisor:
         if self._stopping:
             if not self.children:
                 return False
+            self._kill_due(now)
             if now >= self._stop_deadline:
                 logger.warning("Shutdown timeout: killing %d child(ren) still running",
                                len(self.children))
@@ -178,7 +179,11 @@ class Supervisor:
             logger.info("Warm shutdown: %d child(ren) finish their tasks (up to %.0fs)",
                         len(self.children), timeout)
             self._stop_deadline = time.monotonic() + timeout + WARM_GRACE
-            self._signal_all(signal.SIGTERM)
+            # Children already told to finish (restart, scale-down) are not signalled again:
+            # a second SIGTERM would turn their warm shutdown cold.
+            for record in list(self.children.values()):
+                if not record.retiring and not record.killed:
+                    _kill(record.pid, signal.SIGTERM)
         else:
             logger.info("Cold shutdown: %d child(ren) cancel their tasks now (messages go "
                         "back to the queue)", len(self.children))
@@ -272,6 +277,10 @@ class Supervisor:
             for index in self._missing_slots():
                 self._spawn(index)
         self._advance_restart()
+        self._kill_due(now)
+
+    def _kill_due(self, now: float) -> None:
+        """SIGKILL children whose stack dump grace (stale heartbeat) is over."""
         for record in list(self.children.values()):
             if record.kill_at is not None and now >= record.kill_at:
                 _kill(record.pid, signal.SIGKILL)
@@ -294,16 +303,25 @@ class Supervisor:
             if state == "ready" and not record.was_ready:
                 record.was_ready = True
                 self._ever_ready = True
-            limit = (self.options.heartbeat_timeout if record.was_ready or state != "starting"
-                     else max(self.options.startup_timeout, self.options.heartbeat_timeout))
+            starting = state == "starting" and not record.was_ready
+            limit = (max(self.options.startup_timeout, self.options.heartbeat_timeout)
+                     if starting else self.options.heartbeat_timeout)
             if now - record.started > limit and age > limit:
-                logger.error("child %d (pid %d) missed its heartbeat for %.0fs (a task blocking "
-                             "the event loop?): dumping its stack, then killing it; its "
-                             "unacknowledged messages go back to the queue", record.index,
-                             record.pid, age)
-                record.killed = True
-                _kill(record.pid, children.DUMP_SIGNAL)
-                record.kill_at = now + DUMP_GRACE
+                self._kill_stale(record, now, f"missed its heartbeat for {age:.0f}s (a task "
+                                              "blocking the event loop?)")
+            elif starting and now - record.started > self.options.startup_timeout:
+                # Beating but never consuming (app context or broker hanging): a rolling
+                # restart waiting for it would wait for ever.
+                self._kill_stale(record, now, "did not start consuming within "
+                                              f"{self.options.startup_timeout:.0f}s")
+
+    def _kill_stale(self, record: children.Child, now: float, why: str) -> None:
+        logger.error("child %d (pid %d) %s: dumping its stack, then killing it; its "
+                     "unacknowledged messages go back to the queue", record.index, record.pid,
+                     why)
+        record.killed = True
+        _kill(record.pid, children.DUMP_SIGNAL)
+        record.kill_at = now + DUMP_GRACE
 
     # --- operator signals ----------------------------------------------------------------
 
@@ -329,8 +347,8 @@ class Supervisor:
         while self._restart_queue:
             old_pid = self._restart_queue.pop(0)
             old = self.children.get(old_pid)
-            if old is None or old.retiring:
-                continue
+            if old is None or old.retiring or old.killed or old.beat.read()[0] == "stopping":
+                continue  # already on its way out (and already replaced)
             new_pid = self._spawn(old.index)
             self._replacing = (old_pid, new_pid)
             return

@@ -108,6 +108,9 @@ def validate_app(spec: ChildSpec, handled: Iterable[signal.Signals]) -> int:
 def _reset_after_fork(handled: list[signal.Signals], close_fds: Iterable[int]) -> None:
     for signum in handled:
         signal.signal(signum, signal.SIG_DFL)
+    # Until the worker installs its handler, a forwarded SIGUSR1 (dump tasks) must not kill
+    # a child that is still importing the app.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     random.seed()
     for fd in close_fds:
