@@ -357,6 +357,9 @@ class _Subscriber:
         self._waiters: dict[str, set[asyncio.Future[dict[str, Any]]]] = {}
         #: one (un)subscribe at a time: concurrent first calls would each open a connection
         self._lock = asyncio.Lock()
+        #: per channel: resolved when Redis confirms the SUBSCRIBE (every waiter of the
+        #: channel awaits it before its GET, so no PUBLISH can fall in between)
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
 
     async def wait(self, task_id: str, timeout: float | None) -> dict[str, Any]:
         key = resultmeta.result_key(task_id)
@@ -365,9 +368,8 @@ class _Subscriber:
         waiters.add(future)
         try:
             async with asyncio.timeout(timeout):
-                if len(waiters) == 1:
-                    await self._subscribe(key)
-                # Read after subscribing: a result stored in between is not missed.
+                await self._subscribe(key)
+                # Read once subscribed: a result stored in between is not missed.
                 meta = await self._backend.get_meta(task_id)
                 if meta is not None and meta["status"] in states.READY_STATES:
                     return meta
@@ -379,16 +381,27 @@ class _Subscriber:
                 await self._unsubscribe(key)
 
     async def _subscribe(self, key: str) -> None:
+        """Subscribe to ``key`` (once for all its waiters) and wait for Redis to confirm."""
         async with self._lock:
-            if self._pubsub is None:
-                self._pubsub = self._backend.client.pubsub(ignore_subscribe_messages=True)
-            await self._pubsub.subscribe(key)
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.create_task(self._read(self._pubsub))
+            confirmed = self._confirmed.get(key)
+            if confirmed is None:
+                confirmed = asyncio.get_running_loop().create_future()
+                self._confirmed[key] = confirmed
+                if self._pubsub is None:
+                    self._pubsub = self._backend.client.pubsub()
+                await self._pubsub.subscribe(key)
+                if self._reader is None or self._reader.done():
+                    self._reader = asyncio.create_task(self._read(self._pubsub))
+        await asyncio.shield(confirmed)
 
     async def _unsubscribe(self, key: str) -> None:
         async with self._lock:
-            if self._pubsub is not None and key not in self._waiters:
+            if key in self._waiters:
+                return  # a new waiter came meanwhile and uses the subscription
+            confirmed = self._confirmed.pop(key, None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.cancel()
+            if self._pubsub is not None:
                 with contextlib.suppress(*_redis_errors()):
                     await self._pubsub.unsubscribe(key)
 
@@ -396,8 +409,12 @@ class _Subscriber:
         try:
             while self._waiters:
                 message = await pubsub.get_message(timeout=1.0)
-                if message is not None and message["type"] == "message":
+                if message is None:
+                    continue
+                if message["type"] == "message":
                     self._deliver(message["channel"], message["data"])
+                elif message["type"] == "subscribe":
+                    self._confirm(message["channel"])
         except _redis_errors() as exc:
             # The connection is gone: the next waiter opens a new one.
             self._pubsub = None
@@ -417,7 +434,17 @@ class _Subscriber:
             if not future.done():
                 future.set_result(meta)
 
+    def _confirm(self, channel: bytes | str) -> None:
+        key = channel.decode() if isinstance(channel, bytes) else channel
+        confirmed = self._confirmed.get(key)
+        if confirmed is not None and not confirmed.done():
+            confirmed.set_result(None)
+
     def _fail_all(self, exc: BaseException) -> None:
+        confirmations, self._confirmed = self._confirmed, {}
+        for confirmed in confirmations.values():
+            if not confirmed.done():
+                confirmed.set_exception(self._backend._unreachable(exc))
         for waiters in self._waiters.values():
             for future in waiters:
                 if not future.done():
