@@ -697,3 +697,16 @@ def test_titles_task_dump_and_scaling(
     assert sup.stop() == exitcodes.OK, sup.diagnostics()
     book.assert_exactly_once(ids)
     assert not later, "\n".join(later)
+
+
+def test_children_of_a_dead_supervisor_stop_by_themselves(
+        supervise: Callable[..., Supervised]) -> None:
+    """SIGKILL to the supervisor: its children notice (from their heartbeat loop) and shut
+    down warm instead of consuming unsupervised."""
+    sup = supervise(processes=2)
+    pids = list(sup.wait_ready(2).values())
+    os.kill(sup.pid, signal.SIGKILL)
+    sup.process.wait(timeout=10)
+    wait_until(lambda: not any(alive(pid) for pid in pids), 15,
+               "the orphaned children exit", sup.diagnostics)
+    assert len(lines_with("Warm shutdown", sup.log)) == 2, sup.diagnostics()
