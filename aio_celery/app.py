@@ -208,10 +208,14 @@ class Celery:
         """Send a task by name (it need not be registered here) and return its result."""
         task = _task if _task is not None else self.tasks.get(name)
         message, queue = self._build_message(name, args, kwargs, task, _retry_of, options)
-        envelope = protocol.encode(message, self.now())
-        await self.broker.publish(envelope, queue)
+        task_id = message.id
+        # Only the wire bytes stay alive while the confirm is awaited: thousands of
+        # concurrent sends would otherwise each hold a message and its header dict.
+        publishing = self.broker.publish(protocol.encode(message, self.now()), queue)
+        del message
+        await publishing
         parent = current_request.get()
-        result = AsyncResult(message.id, app=self)
+        result = AsyncResult(task_id, app=self)
         if parent is not None and parent.id is not None and _retry_of is None:
             parent.children.append(result)
         return result

@@ -139,6 +139,9 @@ class Broker:
     async def publish(self, envelope: Envelope, queue: str) -> None:
         """Publish to ``queue`` through the default exchange (as Celery 5 does) and wait for
         the broker's confirm."""
+        body, properties = envelope.body, EncodedProperties(envelope)
+        task_name, task_id = envelope.headers.get("task"), envelope.correlation_id
+        del envelope  # the header dict is not needed past this point
         declared = self._declared.get(queue)
         if declared is None or not declared.done():
             await self.declare_queue(queue)  # waits for a declaration already under way too
@@ -148,17 +151,17 @@ class Broker:
             # wait=False: do not hold aiormq's channel lock until the socket drains; the
             # publisher confirm awaited here is what proves the broker has the message.
             await raw.basic_publish(
-                envelope.body,
+                body,
                 exchange=_DEFAULT_EXCHANGE,
                 routing_key=queue,
-                properties=EncodedProperties(envelope),
+                properties=properties,
                 timeout=self.publish_timeout,
                 wait=False,
             )
         except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
             raise BrokerConnectionError(
-                f"publishing task {envelope.headers.get('task')}[{envelope.correlation_id}] "
-                f"to {queue!r} on {mask_url(self.url)} failed: {describe_error(exc)}. The broker "
+                f"publishing task {task_name}[{task_id}] to {queue!r} on {mask_url(self.url)} failed: "
+                f"{describe_error(exc)}. The broker "
                 "did not confirm it; it may or may not have been queued.") from exc
 
 

@@ -120,7 +120,7 @@ class Task:
 
     async def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Send the task with these arguments (shortcut for ``apply_async``)."""
-        return await self.apply_async(args, kwargs)
+        return await self.app.send_task(self.name, args, kwargs, _task=self)
 
     async def apply_async(self, args: Any = None, kwargs: dict[str, Any] | None = None,
                           **options: Any) -> AsyncResult:
