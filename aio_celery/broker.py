@@ -160,9 +160,9 @@ class Broker:
             )
         except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
             raise BrokerConnectionError(
-                f"publishing task {task_name}[{task_id}] to {queue!r} on {mask_url(self.url)} failed: "
-                f"{describe_error(exc)}. The broker "
-                "did not confirm it; it may or may not have been queued.") from exc
+                f"publishing task {task_name}[{task_id}] to {queue!r} on "
+                f"{mask_url(self.url)} failed: {describe_error(exc)}. The broker did not "
+                "confirm it; it may or may not have been queued.") from exc
 
 
 def describe_error(exc: BaseException) -> str:
