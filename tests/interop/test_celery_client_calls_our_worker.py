@@ -9,15 +9,10 @@ priority queue (``<queue>-high``) that the Celery client declared first.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import celery
@@ -30,71 +25,18 @@ from helpers import (
     REDIS_HOST_URL,
     close_celery_client,
     delete_queues_with_prefix,
-    kill_process_group,
     queue_depth,
-    wait_for_exit,
-    wait_for_log,
     wait_until,
 )
 from shared_exc import SharedError
+from workers import OurWorker
 
 from aio_celery import exitcodes
 from aio_celery.resultmeta import result_key
 
 pytestmark = pytest.mark.interop
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-APP_SPEC = "tests.interop.our_tasks:app"
-READY_DEADLINE = 30.0
 RESULT_TIMEOUT = 15.0
-
-
-class OurWorker:
-    """``python -m aio_celery worker`` in its own process group, stderr kept in a file."""
-
-    def __init__(self, queue: str, backend_url: str, log_dir: Path, *extra: str,
-                 max_priority: int | None = None, concurrency: int = 20) -> None:
-        self.queue = queue
-        self.stderr_path = log_dir / f"our-worker-{uuid.uuid4().hex[:8]}.stderr"
-        env = {
-            **os.environ,
-            "AIO_CELERY_OURS_BROKER": AMQP_URL,
-            "AIO_CELERY_OURS_BACKEND": backend_url,
-            "AIO_CELERY_OURS_QUEUE": queue,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(HERE),
-                                                        os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
-        if max_priority is not None:
-            env["AIO_CELERY_OURS_MAX_PRIORITY"] = str(max_priority)
-        with open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "aio_celery", "worker", "-P", "solo",
-                 "--concurrency", str(concurrency), "-Q", queue, *extra, APP_SPEC],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=err, start_new_session=True)
-
-    @property
-    def log(self) -> str:
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
-    def diagnostics(self) -> str:
-        return f"--- our worker's stderr ---\n{self.log[-8000:]}"
-
-    def wait_ready(self, deadline: float = READY_DEADLINE) -> None:
-        wait_for_log(self.process, lambda: self.log, "ready: consuming", deadline,
-                     self.diagnostics, who="our worker")
-
-    def stop(self, deadline: float = 20.0) -> int:
-        """SIGTERM (warm shutdown) and the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return wait_for_exit(self.process, deadline, self.diagnostics,
-                             who="our worker (after SIGTERM)")
-
-    def kill(self) -> None:
-        kill_process_group(self.process)
 
 
 # --- fixtures --------------------------------------------------------------------------------

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import celery
@@ -28,77 +24,14 @@ import celery.result
 import pytest
 from celery_tasks import InteropError
 from helpers import AMQP_URL, REDIS_HOST_URL, delete_queues_with_prefix
+from workers import CeleryWorker
 
 from aio_celery import Celery, chain, exceptions, group, resultmeta, states
 from aio_celery.task import Task
 
 pytestmark = pytest.mark.interop
 
-HERE = Path(__file__).resolve().parent
-READY_DEADLINE = 30.0
 RESULT_TIMEOUT = 15.0
-
-
-class CeleryWorker:
-    """A ``celery worker`` subprocess whose combined output is kept for diagnostics."""
-
-    def __init__(self, queue: str, backend_url: str) -> None:
-        self.queue = queue
-        self.backend_url = backend_url
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self._ended = threading.Event()
-        env = {
-            **os.environ,
-            "AIO_CELERY_INTEROP_BROKER": AMQP_URL,
-            "AIO_CELERY_INTEROP_BACKEND": backend_url,
-            "AIO_CELERY_INTEROP_QUEUE": queue,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE),
-                                                        os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "celery_tasks", "worker",
-             "-P", "threads", "-c", "4", "-Q", queue, "-n", f"{queue}@%h", "-l", "INFO",
-             # No --without-heartbeat: its 2 s timer is what wakes the worker's event loop
-             # for a shutdown signal (without it, stopping an idle worker takes ~10 s). Task
-             # events are off (no -E), so the heartbeat publishes nothing.
-             "--without-gossip", "--without-mingle"],
-            cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-        self._reader = threading.Thread(target=self._read, name="celery-worker-log",
-                                        daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if " ready." in line:
-                self._ready.set()
-        self._ended.set()
-        self._ready.set()  # wake the waiter: the worker is gone
-
-    def log(self, last: int = 60) -> str:
-        return "".join(self.lines[-last:])
-
-    def wait_ready(self, deadline: float) -> None:
-        if not self._ready.wait(deadline) or self._ended.is_set():
-            self.stop()
-            pytest.fail(f"the Celery worker was not ready within {deadline}s:\n{self.log()}",
-                        pytrace=False)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # warm shutdown
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        self._reader.join(timeout=5)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +44,7 @@ def worker_queue() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def celery_worker(worker_queue: str, redis_db: int) -> Iterator[CeleryWorker]:
     worker = CeleryWorker(worker_queue, f"{REDIS_HOST_URL}/{redis_db}")
-    worker.wait_ready(READY_DEADLINE)
+    worker.wait_ready()
     try:
         yield worker
     finally:

@@ -12,14 +12,8 @@ Each worker is a subprocess on a queue of its own; both use the run's Redis data
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import celery
@@ -32,12 +26,10 @@ from helpers import (
     REDIS_HOST_URL,
     close_celery_client,
     delete_queues_with_prefix,
-    kill_process_group,
-    wait_for_exit,
-    wait_for_log,
     wait_until,
 )
 from shared_exc import SharedError
+from workers import CeleryWorker, OurWorker
 
 import aio_celery.exceptions
 from aio_celery import AsyncResult, Celery, GroupResult, chord, exitcodes
@@ -45,96 +37,7 @@ from aio_celery.backend import group_key
 
 pytestmark = pytest.mark.interop
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-READY_DEADLINE = 30.0
 RESULT_TIMEOUT = 15.0
-
-
-class OurWorker:
-    """``python -m aio_celery worker -P solo`` on ``our_tasks.py``, stderr kept in a file."""
-
-    def __init__(self, queue: str, backend_url: str, log_dir: Path) -> None:
-        self.stderr_path = log_dir / f"our-worker-{uuid.uuid4().hex[:8]}.stderr"
-        env = {
-            **os.environ,
-            "AIO_CELERY_OURS_BROKER": AMQP_URL,
-            "AIO_CELERY_OURS_BACKEND": backend_url,
-            "AIO_CELERY_OURS_QUEUE": queue,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(HERE),
-                                                        os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
-        with open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "aio_celery", "worker", "-P", "solo", "--concurrency",
-                 "20", "-Q", queue, "tests.interop.our_tasks:app"],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=err, start_new_session=True)
-
-    @property
-    def log(self) -> str:
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
-    def diagnostics(self) -> str:
-        return f"--- our worker's stderr ---\n{self.log[-8000:]}"
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return wait_for_exit(self.process, 20.0, self.diagnostics, who="our worker")
-
-
-class CeleryWorker:
-    """``celery -A celery_tasks worker`` (threads pool), output kept for diagnostics."""
-
-    def __init__(self, queue: str, backend_url: str) -> None:
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        env = {
-            **os.environ,
-            "AIO_CELERY_INTEROP_BROKER": AMQP_URL,
-            "AIO_CELERY_INTEROP_BACKEND": backend_url,
-            "AIO_CELERY_INTEROP_QUEUE": queue,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE),
-                                                        os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "celery_tasks", "worker", "-P", "threads",
-             "-c", "4", "-Q", queue, "-n", f"{queue}@%h", "-l", "INFO", "--without-gossip",
-             "--without-mingle"],
-            cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if " ready." in line:
-                self._ready.set()
-        self._ready.set()
-
-    def diagnostics(self) -> str:
-        return "--- the Celery worker's output ---\n" + "".join(self.lines[-80:])
-
-    def wait_ready(self) -> None:
-        if not self._ready.wait(READY_DEADLINE) or self.process.poll() is not None:
-            pytest.fail(f"the Celery worker did not start\n{self.diagnostics()}", pytrace=False)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # warm shutdown
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        self._reader.join(timeout=5)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -157,12 +60,11 @@ def our_worker(queues: tuple[str, str], backend_url: str,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[OurWorker]:
     worker = OurWorker(queues[0], backend_url, tmp_path_factory.mktemp("chord-our-worker"))
     try:
-        wait_for_log(worker.process, lambda: worker.log, "ready: consuming", READY_DEADLINE,
-                     worker.diagnostics, who="our worker")
+        worker.wait_ready()
         yield worker
         assert worker.stop() == exitcodes.OK, worker.diagnostics()
     finally:
-        kill_process_group(worker.process)
+        worker.kill()
 
 
 @pytest.fixture(scope="module")
