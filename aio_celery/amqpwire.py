@@ -87,24 +87,23 @@ _CACHE_MAX = 512
 _CACHEABLE = frozenset({type(None), bool, int})
 
 
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    """Store ``value`` under ``key`` unless the cache is full; return ``value``."""
+    if len(cache) < _CACHE_MAX:
+        cache[key] = value
+    return value
+
+
 def _key(key: str) -> bytes:
     encoded = _KEY_CACHE.get(key)
-    if encoded is None:
-        encoded = _short_str(key)
-        if len(_KEY_CACHE) < _CACHE_MAX:
-            _KEY_CACHE[key] = encoded
-    return encoded
+    return encoded if encoded is not None else _remember(_KEY_CACHE, key, _short_str(key))
 
 
 def _sorted_keys(table: dict[str, Any]) -> list[str]:
     # Every task message has the same keys in the same order: sort them once.
     keys = tuple(table)
     order = _ORDER_CACHE.get(keys)
-    if order is None:
-        order = sorted(keys)
-        if len(_ORDER_CACHE) < _CACHE_MAX:
-            _ORDER_CACHE[keys] = order
-    return order
+    return order if order is not None else _remember(_ORDER_CACHE, keys, sorted(keys))
 
 
 def field_table(table: dict[str, Any]) -> bytes:
@@ -121,9 +120,7 @@ def field_table(table: dict[str, Any]) -> bytes:
             cache_key = (key, kind, value)
             encoded = _PAIR_CACHE.get(cache_key)
             if encoded is None:
-                encoded = _key(key) + _value(value)
-                if len(_PAIR_CACHE) < _CACHE_MAX:
-                    _PAIR_CACHE[cache_key] = encoded
+                encoded = _remember(_PAIR_CACHE, cache_key, _key(key) + _value(value))
             append(encoded)
         else:
             append(_key(key) + _value(value))

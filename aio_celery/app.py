@@ -16,7 +16,7 @@ from typing import Any, overload
 from aio_celery import protocol
 from aio_celery.backend import RedisBackend
 from aio_celery.broker import Broker
-from aio_celery.config import Config
+from aio_celery.config import Config, first_set
 from aio_celery.exceptions import BackendError
 from aio_celery.result import AsyncResult
 from aio_celery.result import AsyncResult as _AsyncResult
@@ -240,7 +240,7 @@ class Celery:
             "task_id") or str(uuid.uuid4())
         queue = options.get("queue") or (task.queue if task else None) or route_queue(
             settings.task_routes, name, args, kwargs, options, task) or settings.task_default_queue
-        priority = _first(options.get("priority"), task.priority if task else None,
+        priority = first_set(options.get("priority"), task.priority if task else None,
                           settings.task_default_priority)
         message = protocol.TaskMessage(
             id=task_id,
@@ -277,10 +277,6 @@ _SEND_OPTIONS = frozenset({
     "soft_time_limit", "time_limit", "link", "link_error", "chain", "group_id", "group_index",
     "shadow", "reply_to", "retries", "chord",
 })
-
-
-def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
 
 
 def _eta(now: datetime, countdown: float | None, eta: datetime | None) -> datetime | None:

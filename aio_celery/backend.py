@@ -421,7 +421,7 @@ class _Subscriber:
             self._fail_all(exc)
 
     def _deliver(self, channel: bytes | str, data: bytes) -> None:
-        key = channel.decode() if isinstance(channel, bytes) else channel
+        key = _text(channel)
         try:
             meta = resultmeta.decode_meta(data)
         except Exception:  # the reader must survive whatever is published
@@ -435,7 +435,7 @@ class _Subscriber:
                 future.set_result(meta)
 
     def _confirm(self, channel: bytes | str) -> None:
-        key = channel.decode() if isinstance(channel, bytes) else channel
+        key = _text(channel)
         confirmed = self._confirmed.get(key)
         if confirmed is not None and not confirmed.done():
             confirmed.set_result(None)
@@ -458,3 +458,8 @@ class _Subscriber:
         if self._pubsub is not None:
             with contextlib.suppress(*_redis_errors()):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _text(channel: bytes | str) -> str:
+    """A pub/sub channel name as text (redis-py gives bytes unless decoding responses)."""
+    return channel.decode() if isinstance(channel, bytes) else channel

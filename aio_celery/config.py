@@ -124,6 +124,11 @@ class Config(Mapping[str, Any]):
         return len(_FIELDS)
 
 
+def first_set(*values: Any) -> Any:
+    """The first value that is not None (explicit option > task option > app setting)."""
+    return next((v for v in values if v is not None), None)
+
+
 def mask_url(url: str | None) -> str:
     """The URL with its password replaced by ``***`` (for logs and error messages)."""
     if not url:

@@ -400,18 +400,25 @@ async def publish_aio_pika(params: Params) -> Stopwatch:
     concurrently, through the default exchange to a durable queue."""
     import aio_pika
 
+    def bare_message(n: int) -> aio_pika.Message:
+        return aio_pika.Message(json.dumps({"task": "bench.add", "args": [n, n]}).encode(),
+                                delivery_mode=2)
+
+    return await publish_with_aio_pika(params, bare_message)
+
+
+async def publish_with_aio_pika(params: Params, make: Callable[[int], Any]) -> Stopwatch:
+    """Publish ``make(n)`` for n < N concurrently with confirms, timed."""
+    import aio_pika
+
     queue = params["queue"]
     connection = await aio_pika.connect(params["broker"])
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await channel.declare_queue(queue, durable=True)
         with stopwatch() as watch:
-            await asyncio.gather(*[
-                channel.default_exchange.publish(
-                    aio_pika.Message(json.dumps({"task": "bench.add", "args": [n, n]}).encode(),
-                                     delivery_mode=2),
-                    routing_key=queue)
-                for n in range(params["n"])])
+            await asyncio.gather(*[channel.default_exchange.publish(make(n), routing_key=queue)
+                                   for n in range(params["n"])])
     return watch
 
 
@@ -429,7 +436,6 @@ async def publish_aio_pika_celery_msg(params: Params) -> Stopwatch:
     aio_celery. Byte for byte the same but for one: aio-pika always sends ``priority`` (0)."""
     import aio_pika
 
-    queue = params["queue"]
     origin = f"gen{os.getpid()}@{socket.gethostname()}"
     reply_to = str(uuid.uuid4())  # an app's oid, as aio-celery and Celery send
 
@@ -449,15 +455,7 @@ async def publish_aio_pika_celery_msg(params: Params) -> Stopwatch:
             content_type="application/json", content_encoding="utf-8", delivery_mode=2,
             correlation_id=task_id, message_id=task_id, reply_to=reply_to)
 
-    connection = await aio_pika.connect(params["broker"])
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        await channel.declare_queue(queue, durable=True)
-        with stopwatch() as watch:
-            await asyncio.gather(*[
-                channel.default_exchange.publish(celery_message(n), routing_key=queue)
-                for n in range(params["n"])])
-    return watch
+    return await publish_with_aio_pika(params, celery_message)
 
 
 async def cmd_publish(args: argparse.Namespace) -> int:

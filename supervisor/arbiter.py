@@ -94,7 +94,7 @@ class Supervisor:
     def run(self) -> int:
         spec = self.options.spec
         self._install_handlers()
-        _set_title(f"aio_celery supervisor [{spec.app_spec}] {self.target} children")
+        self._retitle()
         code = children.validate_app(spec, HANDLED)
         if code != exitcodes.OK:
             logger.error("The app %s could not be loaded (see above): no child started, "
@@ -353,11 +353,14 @@ class Supervisor:
             self._replacing = (old_pid, new_pid)
             return
 
+    def _retitle(self) -> None:
+        children.set_title(
+            f"aio_celery supervisor [{self.options.spec.app_spec}] {self.target} children")
+
     def _scale(self, delta: int) -> None:
         self.target = max(1, self.target + delta)
         logger.info("%s: now %d children", "SIGTTIN" if delta > 0 else "SIGTTOU", self.target)
-        _set_title(f"aio_celery supervisor [{self.options.spec.app_spec}] {self.target} "
-                   "children")
+        self._retitle()
         for record in self.children.values():
             if record.index > self.target and not record.retiring:
                 record.retiring = True
@@ -438,12 +441,3 @@ def _kill(pid: int, signum: int) -> None:
     except OSError as exc:
         if exc.errno != errno.ESRCH:
             raise
-
-
-def _set_title(title: str) -> None:
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(title)
-    except ImportError:  # pragma: no cover
-        pass

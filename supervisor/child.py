@@ -138,7 +138,7 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile) -> i
     from aio_celery.worker.process import run_worker
 
     label = f"child {index}/{spec.processes}"
-    _set_title(f"aio_celery {label} [{spec.app_spec}]")
+    set_title(f"aio_celery {label} [{spec.app_spec}]")
     if spec.log_config:
         logs.configure(spec.loglevel, label=label)
     faulthandler.register(DUMP_SIGNAL, all_threads=True)
@@ -165,7 +165,8 @@ def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], No
     return tick
 
 
-def _set_title(title: str) -> None:
+def set_title(title: str) -> None:
+    """The process title shown by ps/top (setproctitle)."""
     try:
         import setproctitle
 

@@ -21,6 +21,7 @@ from typing import Any
 from aio_celery import resultmeta, signals, states
 from aio_celery.app import Celery
 from aio_celery.canvas import Signature, send_signature
+from aio_celery.config import first_set
 from aio_celery.exceptions import (
     BackendError,
     NotRegistered,
@@ -113,9 +114,9 @@ class TaskRunner:
         if signals.task_prerun.receivers:  # hot path: no coroutine when unused
             await signals.task_prerun.send(sender=task, task_id=message.id, task=task,
                                            args=message.args, kwargs=message.kwargs)
-        soft = _first(message.soft_time_limit, task.soft_time_limit,
+        soft = first_set(message.soft_time_limit, task.soft_time_limit,
                       settings.task_soft_time_limit)
-        hard = _first(message.time_limit, task.time_limit, settings.task_time_limit)
+        hard = first_set(message.time_limit, task.time_limit, settings.task_time_limit)
         started = time.monotonic()
         outcome: BaseException | None = None
         try:
@@ -336,10 +337,6 @@ class TaskRunner:
                                message.task, message.id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-
-def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
 
 
 def _format_tb(exc: BaseException) -> str:
