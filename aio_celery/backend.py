@@ -1,8 +1,11 @@
 """Redis result backend in Celery's exact format (``redis`` is imported lazily).
 
-Writes use SETEX (or SET when results never expire) and PUBLISH on the key's channel in one
-MULTI/EXEC, as Celery does. Waiting for a result subscribes first, reads once, then waits
-for the channel: one shared pub/sub connection serves every waiter, and nothing polls.
+Writes SET the document with its expiry and PUBLISH it on the key's channel, as Celery does,
+and, like Celery, never overwrite a stored SUCCESS (a retry's RETRY landing after the retried
+run succeeded, or a redelivered duplicate, must not hide the result); one Lua script does
+that atomically for every result finished in the same loop turn. Waiting for a result
+subscribes first, reads once, then waits for the channel: one shared pub/sub connection
+serves every waiter, and nothing polls.
 
 Chords keep their state under ``celery-taskset-meta-<group_id>`` plus a suffix, with the
 Lua scripts of Celery 5.7's Redis backend (``celery/backends/redis.py``), copied verbatim so
@@ -138,8 +141,34 @@ end
 return 0
 """
 
+#: Store and publish result documents (KEYS, with ARGV[1] the expiry in seconds, 0 for none,
+#: then one document per key), skipping a key whose stored document says SUCCESS. Celery
+#: checks the same with a GET before its SET; here no other write can come in between.
+STORE_RESULTS_LUA = """
+local expires = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+    local current = redis.call('GET', key)
+    local succeeded = false
+    if current then
+        local ok, meta = pcall(cjson.decode, current)
+        succeeded = ok and type(meta) == 'table' and meta['status'] == 'SUCCESS'
+    end
+    if not succeeded then
+        local value = ARGV[i + 1]
+        if expires > 0 then
+            redis.call('SET', key, value, 'EX', expires)
+        else
+            redis.call('SET', key, value)
+        end
+        redis.call('PUBLISH', key, value)
+    end
+end
+return 0
+"""
+
 _SCRIPT_SHAS = {script: hashlib.sha1(script.encode()).hexdigest()
-                for script in (CHORD_PART_RETURN_LUA, CHORD_CLEANUP_LUA, CHORD_CLAIM_EXTEND_LUA)}
+                for script in (CHORD_PART_RETURN_LUA, CHORD_CLEANUP_LUA, CHORD_CLAIM_EXTEND_LUA,
+                               STORE_RESULTS_LUA)}
 
 
 class ChordPart(NamedTuple):
@@ -202,11 +231,11 @@ class RedisBackend:
             "Check that Redis runs there and that result_backend is right.")
 
     async def store(self, meta: dict[str, Any]) -> None:
-        """Write and publish one result document (``meta["task_id"]`` names it); returns
-        once Redis has it.
+        """Write and publish one result document (``meta["task_id"]`` names it), unless
+        the task's stored result is already a SUCCESS; returns once Redis has it.
 
-        Results stored in the same event-loop turn share one MULTI/EXEC round trip (a busy
-        worker finishes many tasks per turn), each still SET with its expiry and PUBLISHed.
+        Results stored in the same event-loop turn share one round trip (a busy worker
+        finishes many tasks per turn), each still SET with its expiry and PUBLISHed.
         """
         key = resultmeta.result_key(meta["task_id"])
         value = resultmeta.encode_meta(meta)
@@ -226,13 +255,10 @@ class RedisBackend:
     async def _write(self, batch: list[tuple[str, bytes, asyncio.Future[None]]]) -> None:
         error: BaseException | None = None
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                for key, value, _ in batch:
-                    pipe.set(key, value, ex=self.expires or None)
-                    pipe.publish(key, value)
-                await pipe.execute()
-        except _redis_errors() as exc:
-            error = self._unreachable(exc)
+            await self._script(STORE_RESULTS_LUA, [key for key, _, _ in batch],
+                               [self.expires or 0, *(value for _, value, _ in batch)])
+        except BackendConnectionError as exc:
+            error = exc
         except Exception as exc:  # READONLY, OOM, ...: retried by the worker like an outage
             error = BackendError(f"result backend {mask_url(self.url)} refused the write: "
                                  f"{exc!r}")

@@ -606,6 +606,32 @@ async def test_states_and_reads(app: Celery) -> None:
     assert stored_child.parent.id == "child-1"
 
 
+async def test_a_stored_success_is_never_overwritten(app: Celery) -> None:
+    """Like Celery: a RETRY (or a duplicate's STARTED/FAILURE) landing after the SUCCESS of the
+    same task id leaves the SUCCESS in place; other states replace each other."""
+    task_id = str(uuid.uuid4())
+    await app.backend.store(meta(task_id, states.STARTED, {"pid": 1}, app))
+    await app.backend.store(meta(task_id, states.RETRY, {"exc_type": "X"}, app))
+    retry = await app.backend.get_meta(task_id)
+    assert retry is not None
+    assert retry["status"] == states.RETRY
+    await app.backend.store(meta(task_id, states.SUCCESS, "first", app))
+    late = [meta(task_id, state, None, app)
+            for state in (states.RETRY, states.STARTED, states.FAILURE, states.SUCCESS)]
+    await asyncio.gather(*(app.backend.store(document) for document in late))
+    stored = await app.backend.get_meta(task_id)
+    assert stored is not None
+    assert (stored["status"], stored["result"]) == (states.SUCCESS, "first")
+
+
+async def test_a_document_that_is_not_json_is_overwritten(
+        app: Celery, redis_client: redis.asyncio.Redis) -> None:
+    task_id = str(uuid.uuid4())
+    await redis_client.set(resultmeta.result_key(task_id), b"\x80\x04pickled")
+    await app.backend.store(meta(task_id, states.SUCCESS, 5, app))
+    assert await app.AsyncResult(task_id).get(timeout=5) == 5
+
+
 async def test_forget(app: Celery, redis_client: redis.asyncio.Redis) -> None:
     task_id = str(uuid.uuid4())
     key = resultmeta.result_key(task_id)
