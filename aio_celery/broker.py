@@ -1,6 +1,7 @@
-"""The aio-pika adapter: connect, declare queues like Celery, publish and consume.
+"""The broker adapter: connect, declare queues like Celery, publish and consume.
 
-This is the only module that speaks AMQP; everything above it deals in
+Publishing goes through aio-pika (a robust connection); the worker consumes on a lean
+connection of its own (:mod:`aio_celery.amqpconn`). Everything above this module deals in
 :class:`~aio_celery.protocol.Envelope` and :class:`~aio_celery.protocol.TaskMessage`.
 """
 
@@ -14,8 +15,8 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
-from aiormq.abc import AbstractChannel
 
+from aio_celery.amqpconn import AMQPConnection, DeliveryCallback
 from aio_celery.amqpwire import EncodedProperties
 from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError
@@ -176,11 +177,12 @@ def describe_error(exc: BaseException) -> str:
 
 
 class ConsumerChannel:
-    """A dedicated AMQP connection and channel for consuming (the worker's side).
+    """The worker's side: a dedicated AMQP connection with one channel for consuming.
 
-    Plain aiormq underneath: deliveries reach ``on_message`` as raw frames with no per-message
-    wrapper objects, and acknowledgements can cover many deliveries at once. It does not
-    reconnect by itself: the worker opens a new one and says so in the log, so that a
+    Built on :class:`~aio_celery.amqpconn.AMQPConnection`: deliveries reach ``on_message``
+    as they are read, with no per-message task or wrapper objects, and acks are written at
+    once, in the order they are made (a ``multiple`` ack can cover many deliveries). It does
+    not reconnect by itself: the worker opens a new one and says so in the log, so that a
     delivery tag is never acknowledged on a channel it did not come from.
     """
 
@@ -193,78 +195,61 @@ class ConsumerChannel:
         self.heartbeat = heartbeat
         self.max_priority = max_priority
         self.connection_name = connection_name
-        self._connection: aiormq.abc.AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._connection: AMQPConnection | None = None
         self._consumer_tags: list[str] = []
 
     @property
-    def channel(self) -> AbstractChannel:
-        if self._channel is None:
+    def connection(self) -> AMQPConnection:
+        if self._connection is None:
             raise RuntimeError("consumer channel is not open")
-        return self._channel
+        return self._connection
 
     @property
     def is_open(self) -> bool:
-        return self._channel is not None and not self._channel.is_closed
+        return self._connection is not None and self._connection.is_open
 
     async def open(self) -> None:
+        connection = AMQPConnection(self.url, heartbeat=self.heartbeat,
+                                    connection_name=self.connection_name,
+                                    connect_timeout=self.connection_timeout)
         try:
-            self._connection = await asyncio.wait_for(
-                aiormq.connect(self.url, client_properties={
-                    "connection_name": self.connection_name}),
-                timeout=self.connection_timeout,
-            )
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            await connection.connect()
+        except (TimeoutError, OSError, ValueError) as exc:
             raise BrokerConnectionError(
                 f"cannot connect to broker {mask_url(self.url)}: {describe_error(exc)}") from exc
-        self._channel = await self._connection.channel()
+        self._connection = connection
         # global_: RabbitMQ's per-channel limit, as Celery sets it. A per-consumer limit is
         # fixed when basic.consume is sent, so widening it for eta tasks would not apply.
-        await self._channel.basic_qos(prefetch_count=self.prefetch_count, global_=True)
+        await connection.qos(self.prefetch_count, global_=True)
 
     async def closed(self) -> str:
         """Return why, once the connection or the channel is lost or closed (the broker
-        closes just the channel on a channel error; the worker must notice that too)."""
-        if self._connection is None or self._channel is None:
-            raise RuntimeError("consumer channel is not open")
-        watched = [self._connection.closing, self._channel.closing]
-        try:
-            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for future in watched:
-                future.cancel()  # observers only: cancelling them closes nothing
-        for future in done:
-            if not future.cancelled() and future.exception() is not None:
-                return describe_error(future.exception())  # type: ignore[arg-type]
-        return "closed"
+        closes just the channel on a channel error; that ends this connection too)."""
+        return await self.connection.closed()
 
     async def declare(self, queue: str) -> None:
         """Declare ``queue`` exactly like Celery and the publisher do."""
-        channel = self.channel
-        await channel.exchange_declare(queue, exchange_type="direct", durable=True)
-        await channel.queue_declare(queue, durable=True,
-                                    arguments=queue_arguments(self.max_priority))
-        await channel.queue_bind(queue, queue, routing_key=queue)
+        connection = self.connection
+        await connection.exchange_declare(queue, "direct", durable=True)
+        await connection.queue_declare(queue, durable=True,
+                                       arguments=queue_arguments(self.max_priority))
+        await connection.queue_bind(queue, queue, routing_key=queue)
 
     async def declare_wait_queue(self, name: str, target: str, ttl_ms: int) -> None:
         """A holding queue: messages expire after ``ttl_ms`` and dead-letter back to
         ``target`` (every message has the same TTL, so expiry order is arrival order)."""
-        await self.channel.queue_declare(name, durable=True, arguments={
+        await self.connection.queue_declare(name, durable=True, arguments={
             "x-message-ttl": ttl_ms,
             "x-dead-letter-exchange": _DEFAULT_EXCHANGE,
             "x-dead-letter-routing-key": target,
         })
 
     async def message_count(self, queue: str) -> int:
-        result = await self.channel.queue_declare(queue, passive=True)
+        result = await self.connection.queue_declare(queue, passive=True)
         return int(result.message_count or 0)
 
-    async def consume(self, queue: str,
-                      on_message: aiormq.abc.ConsumerCallback) -> None:
-        ok = await self.channel.basic_consume(queue, on_message)
-        if ok.consumer_tag is None:  # pragma: no cover - the broker always names it
-            raise BrokerConnectionError(f"broker did not attach a consumer to {queue!r}")
-        self._consumer_tags.append(ok.consumer_tag)
+    async def consume(self, queue: str, on_message: DeliveryCallback) -> None:
+        self._consumer_tags.append(await self.connection.consume(queue, on_message))
 
     @property
     def consumer_count(self) -> int:
@@ -273,38 +258,43 @@ class ConsumerChannel:
     async def cancel_consumers(self) -> None:
         """Stop deliveries (prefetched messages stay with us until settled)."""
         tags, self._consumer_tags = self._consumer_tags, []
-        if not self.is_open:
-            return
         for tag in tags:
-            with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
-                await self.channel.basic_cancel(tag)
+            if not self.is_open:
+                return
+            with contextlib.suppress(ConnectionError):
+                await self.connection.cancel(tag)
 
     async def set_prefetch(self, count: int) -> None:
         if self.is_open:
-            await self.channel.basic_qos(prefetch_count=min(count, 65535), global_=True)
+            await self.connection.qos(min(count, 65535), global_=True)
 
-    async def ack(self, tag: int, multiple: bool = False) -> None:
-        await self.channel.basic_ack(tag, multiple=multiple, wait=False)
+    def hold(self) -> None:
+        """Enough deliveries wait to be run: keep the rest as wire bytes for now."""
+        if self._connection is not None:
+            self._connection.hold()
+
+    def release(self) -> None:
+        if self._connection is not None:
+            self._connection.release()
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        """Acknowledge now (raises ConnectionError if the connection is gone)."""
+        self.connection.ack(tag, multiple)
+
+    def reject(self, tag: int, requeue: bool) -> None:
+        self.connection.reject(tag, requeue)
 
     async def barrier(self) -> None:
         """Return once the broker has processed every frame sent so far on this channel (a
         channel is processed in order, so one cheap synchronous round trip proves it)."""
         if self.is_open:
-            await self.channel.exchange_declare("amq.direct", exchange_type="direct",
-                                                passive=True)
+            await self.connection.exchange_declare("amq.direct", "direct", passive=True)
 
-    async def reject(self, tag: int, requeue: bool) -> None:
-        await self.channel.basic_reject(tag, requeue=requeue, wait=False)
-
-    async def publish_raw(self, body: bytes, properties: aiormq.spec.Basic.Properties,
-                          routing_key: str) -> None:
-        """Publish a received message's body and properties again (confirmed)."""
-        await self.channel.basic_publish(body, exchange=_DEFAULT_EXCHANGE,
-                                         routing_key=routing_key, properties=properties)
+    async def publish_raw(self, body: bytes, properties: bytes, routing_key: str) -> None:
+        """Publish a received message's body and encoded properties again (confirmed)."""
+        await self.connection.publish(body, properties, routing_key, _DEFAULT_EXCHANGE)
 
     async def close(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
+        connection, self._connection = self._connection, None
         if connection is not None:
-            with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError,
-                                     TimeoutError):
-                await asyncio.wait_for(connection.close(), timeout=5)
+            await connection.close()

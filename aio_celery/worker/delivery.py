@@ -1,14 +1,19 @@
 """One consumer session: the deliveries of one AMQP channel, from arrival to settlement.
 
 A delivery is decoded as it arrives (a message that cannot be decoded is rejected at once,
-without requeue). Each task then runs in an asyncio task of its own:
+without requeue); only the decoded message is kept, not the wire bytes. Then:
 
-* an ``eta`` in the future waits without holding a concurrency slot; the prefetch window is
-  widened by one while it waits so it never starves ready messages (Celery does the same).
-  An eta beyond ``eta_horizon`` is *parked*: republished to a holding queue whose TTL
-  dead-letters it back here, so RabbitMQ's ``consumer_timeout`` never sees it unacked;
-* a concurrency slot (semaphore) is taken, the task runs, its result is stored, then the
-  delivery is acknowledged: finished prefixes with one ``multiple`` ack per loop turn.
+* an ``eta`` in the future waits in a task of its own without holding a concurrency slot;
+  the prefetch window is widened by one while it waits so it never starves ready messages
+  (Celery does the same). An eta beyond ``eta_horizon`` is *parked*: republished to a
+  holding queue whose TTL dead-letters it back here, so RabbitMQ's ``consumer_timeout``
+  never sees it unacked;
+* a message that is due joins the ready queue; whenever one of the ``concurrency`` slots is
+  free the next one starts in an asyncio task of its own, runs, its result is stored, then
+  the delivery is acknowledged: finished prefixes with one ``multiple`` ack per loop turn.
+
+Acks and rejects are written to the socket as they are decided, so they reach the broker in
+that order: a ``multiple`` ack never overtakes a single ack of a tag it covers.
 """
 
 from __future__ import annotations
@@ -17,15 +22,12 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import enum
 import logging
 from collections.abc import Callable
 from typing import Any
 
-import aiormq
-from aiormq.abc import DeliveredMessage
-
 from aio_celery import protocol
+from aio_celery.amqpconn import Delivery
 from aio_celery.broker import ConsumerChannel, describe_error
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.worker.acks import AckTracker
@@ -35,7 +37,14 @@ from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
 
-_CHANNEL_GONE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+_CHANNEL_GONE = (ConnectionError, RuntimeError)
+
+
+#: Decoded messages cost about twice their wire size in memory: with this many waiting for a
+#: slot, the rest of the prefetch window stays undecoded until the line is down to
+#: _RELEASE_AT (it matters at high concurrency: 1000 slots prefetch 4000 messages).
+_HOLD_AT = 64
+_RELEASE_AT = 16
 
 
 def wait_queue_name(queue: str) -> str:
@@ -43,11 +52,14 @@ def wait_queue_name(queue: str) -> str:
     return f"{queue}.aio-celery-eta"
 
 
-class _Frame(enum.Enum):
-    ACK = "ack"
-    ACK_UPTO = "ack multiple"
-    REJECT = "reject"
-    REQUEUE = "requeue"
+@dataclasses.dataclass(slots=True)
+class _Job:
+    """A decoded delivery, waiting for its turn or running."""
+
+    queue: str
+    message: protocol.TaskMessage
+    tag: int
+    delivery_info: dict[str, Any]
 
 
 @dataclasses.dataclass
@@ -67,9 +79,10 @@ class Session:
         self.stats = stats
         self._on_task_done = on_task_done
         self.prefetch_count = channel.prefetch_count
-        self._slots = asyncio.Semaphore(options.concurrency)
+        self._free_slots = options.concurrency
         self._tracker = AckTracker()
-        self._waiting: set[asyncio.Task[None]] = set()
+        self._ready: collections.deque[_Job] = collections.deque()
+        self._waiting: set[asyncio.Task[None]] = set()  # etas not due yet
         self._running: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._stopping = False
@@ -78,8 +91,6 @@ class Session:
         self._prefetch_applied = self.prefetch_count
         self._prefetch_task: asyncio.Task[None] | None = None
         self._wait_queues: set[str] = set()
-        self._outbox: collections.deque[tuple[_Frame, int]] = collections.deque()
-        self._writer: asyncio.Task[None] | None = None
         self._outcome = StopOutcome()
 
     # --- start and state -----------------------------------------------------------------
@@ -97,11 +108,11 @@ class Session:
 
     @property
     def in_flight(self) -> int:
-        return len(self._waiting) + len(self._running)
+        return len(self._ready) + len(self._waiting) + len(self._running)
 
     @property
     def busy(self) -> bool:
-        return bool(self._waiting or self._running or len(self._tracker))
+        return bool(self._ready or self._waiting or self._running or len(self._tracker))
 
     async def message_count(self, queue: str) -> int:
         return await self.channel.message_count(queue)
@@ -118,24 +129,23 @@ class Session:
 
     # --- deliveries ----------------------------------------------------------------------
 
-    def _receiver(self, queue: str) -> Callable[[DeliveredMessage], Any]:
-        async def on_message(raw: DeliveredMessage) -> None:
+    def _receiver(self, queue: str) -> Callable[[Delivery], None]:
+        def on_message(raw: Delivery) -> None:
             self._receive(queue, raw)
 
         return on_message
 
-    def _receive(self, queue: str, raw: DeliveredMessage) -> None:
-        deliver = raw.delivery
-        assert isinstance(deliver, aiormq.spec.Basic.Deliver)
+    def _receive(self, queue: str, raw: Delivery) -> None:
+        deliver = raw.deliver
         tag = deliver.delivery_tag
-        if tag is None:  # pragma: no cover - deliveries always carry a tag
-            return
         self._tracker.delivered(tag)
         if self._stopping:
             self._give_back(tag)
             return
-        props = raw.header.properties
+        props = raw.properties
         try:
+            if props is None:
+                raise MessageDecodeError(f"unreadable AMQP properties: {raw.problem}", raw.body)
             message = protocol.decode(raw.body, props.headers, props.content_type,
                                       props.content_encoding, props.priority, props.reply_to)
         except Exception as exc:  # MessageDecodeError, or a decoder bug: never leave it unsettled
@@ -149,59 +159,91 @@ class Session:
             return
         # Celery's keys, plus the queue it was consumed from (a retry goes back there).
         delivery_info = {"exchange": deliver.exchange, "routing_key": deliver.routing_key,
-                         "priority": props.priority, "redelivered": deliver.redelivered,
+                         "priority": message.priority, "redelivered": deliver.redelivered,
                          "queue": queue}
-        task = asyncio.create_task(self._handle(queue, raw, message, tag, delivery_info),
-                                   name=f"{message.task}[{message.id}]")
-        self._waiting.add(task)
+        job = _Job(queue, message, tag, delivery_info)
+        if message.eta is None:
+            self._ready.append(job)
+            self._start_ready()
+            if len(self._ready) >= _HOLD_AT:
+                self.channel.hold()
+        else:
+            hold = asyncio.create_task(self._hold_until_due(job, raw),
+                                       name=f"eta {message.task}[{message.id}]")
+            self._waiting.add(hold)
 
-    async def _handle(self, queue: str, raw: DeliveredMessage, message: protocol.TaskMessage,
-                      tag: int, delivery_info: dict[str, Any]) -> None:
-        this = asyncio.current_task()
-        assert this is not None
-        started = acked = False
+    def _start_ready(self) -> None:
+        """Start ready jobs while there are free slots (none once a stop was requested)."""
+        ready = self._ready
+        while ready and self._free_slots and not self._draining and not self._stopping:
+            job = ready.popleft()
+            self._free_slots -= 1
+            task = asyncio.create_task(self._run(job),
+                                       name=f"{job.message.task}[{job.message.id}]")
+            self._running.add(task)
+        if len(ready) <= _RELEASE_AT:
+            self.channel.release()
+
+    def _return_ready(self) -> None:
+        """Give back every message that has not started."""
+        while self._ready:
+            self._outcome.returned += 1
+            self._give_back(self._ready.popleft().tag)
+
+    async def _run(self, job: _Job) -> None:
+        message = job.message
+        acked = False
         try:
-            if message.eta is not None and not await self._wait_for_eta(queue, raw, message,
-                                                                          tag):
-                return
-            async with self._slots:
-                if self._draining:
-                    self._outcome.returned += 1
-                    self._give_back(tag)
-                    return
-                self._waiting.discard(this)
-                self._running.add(this)
-                started = True
-                if self.runner.acks_early(message):
-                    self._settle(tag, Settle.ACK)
-                    acked = True
-                settle = await self.runner.run(message, delivery_info)
+            if self.runner.acks_early(message):
+                self._settle(job.tag, Settle.ACK)
+                acked = True
+            settle = await self.runner.run(message, job.delivery_info)
         except Exception:
             # A bug of ours (task errors are handled by the runner). Requeue once; a
             # message that fails like this again is rejected rather than looped.
-            settle = Settle.REJECT if delivery_info["redelivered"] else Settle.REQUEUE
+            settle = Settle.REJECT if job.delivery_info["redelivered"] else Settle.REQUEUE
             logger.exception("Internal error while handling task %s[%s]: message %s",
                              message.task, message.id,
                              "rejected" if settle is Settle.REJECT else "requeued once")
         except asyncio.CancelledError:
             # Shutdown or connection loss: the message goes back to the queue.
-            if started:
-                self._outcome.cancelled += 1
-            else:
-                self._outcome.returned += 1
+            self._outcome.cancelled += 1
             if not acked:
-                self._give_back(tag)
+                self._give_back(job.tag)
+            self._start_ready()  # nothing starts if we are stopping
             return
         finally:
-            self._waiting.discard(this)
-            self._running.discard(this)
+            self._running.discard(asyncio.current_task())
+            self._free_slots += 1
         if not acked:
-            self._settle(tag, settle)
+            self._settle(job.tag, settle)
         self.stats.finished += 1
-        self._on_task_done()
+        self._on_task_done()  # may request a stop (max tasks): before the next one starts
+        self._start_ready()
 
-    async def _wait_for_eta(self, queue: str, raw: DeliveredMessage,
-                            message: protocol.TaskMessage, tag: int) -> bool:
+    async def _hold_until_due(self, job: _Job, raw: Delivery) -> None:
+        """An eta task: wait (or park it) without a slot, then queue it as ready."""
+        try:
+            due = await self._wait_for_eta(job.queue, raw, job.message)
+        except asyncio.CancelledError:
+            self._outcome.returned += 1
+            self._give_back(job.tag)
+            return
+        except Exception:
+            logger.exception("Internal error while holding task %s[%s] until its eta: "
+                             "message requeued", job.message.task, job.message.id)
+            self._give_back(job.tag)
+            return
+        finally:
+            self._waiting.discard(asyncio.current_task())
+        if due:
+            self._ready.append(job)
+            self._start_ready()
+        else:
+            self._settle(job.tag, Settle.ACK)  # parked: the copy in the holding queue counts
+
+    async def _wait_for_eta(self, queue: str, raw: Delivery,
+                            message: protocol.TaskMessage) -> bool:
         """Wait for the eta without a slot; False when the message was parked instead."""
         assert message.eta is not None
         delay = (message.eta - self.runner.app.now()).total_seconds()
@@ -209,7 +251,6 @@ class Session:
             return True
         if delay > self.options.eta_horizon:
             await self._park(queue, raw, message, delay)
-            self._settle(tag, Settle.ACK)
             return False
         self._held += 1
         self._update_prefetch()
@@ -220,14 +261,15 @@ class Session:
             self._update_prefetch()
         return True
 
-    async def _park(self, queue: str, raw: DeliveredMessage, message: protocol.TaskMessage,
+    async def _park(self, queue: str, raw: Delivery, message: protocol.TaskMessage,
                     delay: float) -> None:
+        assert raw.properties is not None  # it was decoded
         name = wait_queue_name(queue)
         if name not in self._wait_queues:
             await self.channel.declare_wait_queue(name, queue,
                                                   int(self.options.eta_horizon * 1000))
             self._wait_queues.add(name)
-        await self.channel.publish_raw(raw.body, raw.header.properties, name)
+        await self.channel.publish_raw(raw.body, raw.properties.encoded, name)
         logger.info("Task %s[%s] is due in %.0fs, beyond the %.0fs eta horizon: parked in %s "
                     "(the broker hands it back every %.0fs until it is due)", message.task,
                     message.id, delay, self.options.eta_horizon, name,
@@ -251,51 +293,30 @@ class Session:
             self._tracker.finished(tag)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._start_flush)
+                asyncio.get_running_loop().call_soon(self._flush)
             return
         self._tracker.settled(tag)
-        self._send(_Frame.REQUEUE if settle is Settle.REQUEUE else _Frame.REJECT, tag)
+        with contextlib.suppress(*_CHANNEL_GONE):
+            self.channel.reject(tag, requeue=settle is Settle.REQUEUE)
 
     def _give_back(self, tag: int) -> None:
         self._settle(tag, Settle.REQUEUE)
 
-    def _start_flush(self) -> None:
+    def _flush(self) -> None:
+        """Ack what finished since the last flush: the finished prefix in one frame."""
         self._flush_scheduled = False
         upto, singles = self._tracker.take()
-        if upto is not None:
-            self._send(_Frame.ACK_UPTO, upto)
-        for tag in singles:
-            self._send(_Frame.ACK, tag)
-
-    def _send(self, frame: _Frame, tag: int) -> None:
-        """Queue an ack/reject. One writer sends them strictly in order: an ack with
-        ``multiple`` overtaking a single ack of a lower tag would make the broker close the
-        channel ("unknown delivery tag")."""
-        self._outbox.append((frame, tag))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_frames())
-
-    async def _write_frames(self) -> None:
-        channel = self.channel
-        while self._outbox:
-            frame, tag = self._outbox.popleft()
-            try:
-                if frame is _Frame.ACK_UPTO:
-                    await channel.ack(tag, multiple=True)
-                elif frame is _Frame.ACK:
-                    await channel.ack(tag)
-                else:
-                    await channel.reject(tag, requeue=frame is _Frame.REQUEUE)
-            except _CHANNEL_GONE:
-                # The broker requeues whatever was not settled on a channel that is gone.
-                self._outbox.clear()
-                return
+        try:
+            if upto is not None:
+                self.channel.ack(upto, multiple=True)
+            for tag in singles:
+                self.channel.ack(tag)
+        except _CHANNEL_GONE:
+            pass  # the broker requeues whatever was not settled on a channel that is gone
 
     async def _settle_everything(self) -> None:
         """Send the last acks and wait until the broker has processed every ack/reject."""
-        self._start_flush()
-        if self._writer is not None:
-            await self._writer
+        self._flush()
         with contextlib.suppress(*_CHANNEL_GONE):
             await self.channel.barrier()
 
@@ -303,13 +324,15 @@ class Session:
 
     def drain(self) -> None:
         """A stop was requested: start no more tasks (running ones carry on). New
-        deliveries are still taken until the consumers are cancelled, or they would bounce
-        straight back."""
+        deliveries are still taken (and held) until the consumers are cancelled, or they
+        would bounce straight back."""
         self._draining = True
 
     def go_cold(self) -> None:
         """Cancel everything now (from a signal handler: no awaiting here)."""
         self._stopping = True
+        self.channel.release()  # held deliveries are handed over, to be given back
+        self._return_ready()
         for task in (*self._waiting, *self._running):
             task.cancel()
 
@@ -317,8 +340,10 @@ class Session:
         """Stop consuming, give back what has not started, let running tasks finish for up to
         ``timeout`` seconds (none when cold), cancel the rest, settle all, close."""
         self._stopping = True
+        self.channel.release()  # held deliveries are handed over, to be given back
         with contextlib.suppress(*_CHANNEL_GONE):
             await self.channel.cancel_consumers()
+        self._return_ready()
         for task in list(self._waiting):
             task.cancel()
         if self._running and not cold:
@@ -333,6 +358,7 @@ class Session:
         pending = self._waiting | self._running
         if pending:
             await asyncio.wait(pending)
+        self._return_ready()  # an eta that fell due while we waited
         await self._settle_everything()
         await self.close()
         return self._outcome
@@ -340,6 +366,7 @@ class Session:
     async def abandon(self) -> None:
         """The connection is gone: cancel every task (RabbitMQ requeues their messages)."""
         self._stopping = True
+        self._ready.clear()
         pending = self._waiting | self._running
         for task in pending:
             task.cancel()

@@ -1,0 +1,512 @@
+"""A lean AMQP 0-9-1 client connection with one channel: the worker's consumer side.
+
+aiormq reads each of the three frames of a delivery through a stream lock, a ``BytesIO``,
+pamqp's generic decoder and two queues, then starts a task per message; for a worker that
+runs no-op tasks that was more than half of its CPU. Here deliveries are cut straight out of
+the socket buffer by :mod:`aio_celery.amqpwire` and handed to a plain callback, and acks
+are single ``write`` calls. The rare methods (handshake, declarations, consume, cancel) are
+encoded and decoded by pamqp.
+
+One channel, in confirm mode, so that a republished message is known to be queued before
+the original is acked. Lost connections are not repaired here: :meth:`AMQPConnection.closed`
+says why it ended, and the owner opens a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import ssl
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pamqp import commands, frame
+
+from aio_celery import __version__, amqpwire
+from aio_celery.amqpwire import Deliver, Properties, WireError
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = 1
+#: the largest frame we accept and send (RabbitMQ's default)
+FRAME_MAX = 131072
+_PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+#: while deliveries are held, stop reading the socket once this much is buffered
+_PAUSE_READING_AT = 65536
+_CAPABILITIES = {
+    "publisher_confirms": True,
+    "consumer_cancel_notify": True,
+    "basic.nack": True,
+    "connection.blocked": True,
+    "authentication_failure_close": True,
+}
+
+Reply = TypeVar("Reply", bound=Any)
+
+
+class ConnectionClosed(ConnectionError):
+    """The connection is gone, or the broker refused a request (its reason is the text)."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message delivered to a consumer. ``properties`` is None when they could not be
+    decoded; ``problem`` then says why (the message is still handed over, so that its
+    owner can reject it rather than lose the connection over it)."""
+
+    deliver: Deliver
+    properties: Properties | None
+    body: bytes
+    problem: str | None = None
+
+
+DeliveryCallback = Callable[[Delivery], None]
+
+
+@dataclass(slots=True)
+class _Incoming:
+    deliver: Deliver
+    properties: Properties | None = None
+    problem: str | None = None
+    size: int = -1  # -1 until the content header arrives
+    received: int = 0
+    chunks: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where and how to connect, read from an ``amqp://`` or ``amqps://`` URL."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    vhost: str
+    tls: bool
+    heartbeat: int | None  # from ``?heartbeat=``: None when the URL does not say
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps", "pyamqp"):
+            raise ValueError(f"not an AMQP URL (amqp:// or amqps://): {parts.scheme}://...")
+        tls = parts.scheme == "amqps"
+        path = unquote(parts.path)
+        heartbeat = parse_qs(parts.query).get("heartbeat")
+        return cls(
+            host=parts.hostname or "localhost",
+            port=parts.port or (5671 if tls else 5672),
+            username=unquote(parts.username or "guest"),
+            password=unquote(parts.password or "guest"),
+            # "amqp://host" and "amqp://host/" mean "/"; "amqp://host//" is "/" spelled out
+            vhost=path[1:] if len(path) > 1 else "/",
+            tls=tls,
+            heartbeat=int(heartbeat[0]) if heartbeat else None,
+        )
+
+
+class AMQPConnection(asyncio.Protocol):
+    """An AMQP connection and its one channel. Inert until :meth:`connect`."""
+
+    def __init__(self, url: str, *, heartbeat: int = 60, connection_name: str = "aio_celery",
+                 connect_timeout: float = 4.0) -> None:
+        self.endpoint = Endpoint.from_url(url)
+        self.heartbeat = self.endpoint.heartbeat if self.endpoint.heartbeat is not None \
+            else heartbeat
+        self.connection_name = connection_name
+        self.connect_timeout = connect_timeout
+        self.frame_max = FRAME_MAX
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._held = False
+        self._reading_paused = False
+        self._ended: asyncio.Future[str] | None = None
+        self._rpc_lock = asyncio.Lock()
+        self._reply: asyncio.Future[Any] | None = None
+        self._consumers: dict[str, DeliveryCallback] = {}
+        self._incoming: _Incoming | None = None
+        self._published = 0
+        self._confirms: dict[int, asyncio.Future[None]] = {}
+        self._last_received = 0.0
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None and self._ended is not None \
+            and not self._ended.done()
+
+    async def connect(self) -> None:
+        """Connect, log in, open the channel in confirm mode; ConnectionClosed or OSError if
+        that cannot be done within ``connect_timeout``."""
+        self._loop = asyncio.get_running_loop()
+        self._ended = self._loop.create_future()
+        try:
+            await asyncio.wait_for(self._open(), self.connect_timeout)
+        except BaseException:
+            self._abort("connection attempt failed")
+            raise
+
+    async def _open(self) -> None:
+        assert self._loop is not None
+        endpoint = self.endpoint
+        await self._loop.create_connection(
+            lambda: self, endpoint.host, endpoint.port,
+            ssl=ssl.create_default_context() if endpoint.tls else None)
+        start = await self._call(None, commands.Connection.Start, raw=_PROTOCOL_HEADER)
+        if b"PLAIN" not in start.mechanisms.encode().split():
+            raise ConnectionClosed(f"the broker offers no PLAIN login ({start.mechanisms})")
+        tune = await self._call(commands.Connection.StartOk(
+            client_properties=self._client_properties(), mechanism="PLAIN",
+            response=f"\0{endpoint.username}\0{endpoint.password}", locale="en_US"),
+            commands.Connection.Tune, channel=0)
+        self.frame_max = min(tune.frame_max or FRAME_MAX, FRAME_MAX)
+        self._write(frame.marshal(commands.Connection.TuneOk(
+            channel_max=tune.channel_max, frame_max=self.frame_max,
+            heartbeat=self.heartbeat), 0))
+        await self._call(commands.Connection.Open(virtual_host=endpoint.vhost),
+                         commands.Connection.OpenOk, channel=0)
+        await self._call(commands.Channel.Open(), commands.Channel.OpenOk)
+        await self._call(commands.Confirm.Select(), commands.Confirm.SelectOk)
+        if self.heartbeat:
+            self._schedule_heartbeat()
+
+    def _client_properties(self) -> dict[str, Any]:
+        return {"product": "aio-celery", "version": __version__,
+                "platform": f"Python {platform.python_version()}",
+                "connection_name": self.connection_name, "capabilities": _CAPABILITIES}
+
+    async def closed(self) -> str:
+        """Wait until the connection ends (for whatever reason) and return why."""
+        if self._ended is None:
+            raise RuntimeError("connection is not open")
+        return await asyncio.shield(self._ended)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close politely (``connection.close``, wait for its ok), then drop the socket."""
+        if self.is_open:
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(self._call(
+                    commands.Connection.Close(reply_code=200, reply_text="Normal shutdown",
+                                              class_id=0, method_id=0),
+                    commands.Connection.CloseOk, channel=0), timeout)
+        self._abort("closed")
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        assert self._loop is not None
+        self._last_received = self._loop.time()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._end(f"connection lost: {exc}" if exc else "the broker closed the connection")
+
+    def data_received(self, data: bytes) -> None:
+        assert self._loop is not None
+        self._last_received = self._loop.time()
+        self._buffer += data
+        self._parse()
+
+    def _parse(self) -> None:
+        """Handle every complete frame in the buffer; while deliveries are held, stop at the
+        next message boundary (unless an RPC waits for its reply behind them)."""
+        if self._transport is None:  # ended: nothing read now can be acted upon
+            return
+        buffer = self._buffer
+        size = len(buffer)
+        pos = 0
+        head = amqpwire.FRAME_HEAD.unpack_from
+        try:
+            while size - pos >= 8:
+                if self._held and self._incoming is None and (
+                        self._reply is None or self._reply.done()):
+                    break
+                kind, channel, length = head(buffer, pos)
+                end = pos + 7 + length
+                if end >= size:
+                    break
+                if buffer[end] != amqpwire.FRAME_END:
+                    raise WireError(f"frame of type {kind} does not end with 0xCE")
+                payload = bytes(buffer[pos + 7:end])
+                pos = end + 1
+                self._frame(kind, channel, payload)
+                if self._transport is None:
+                    return
+        except (WireError, ValueError) as exc:
+            # pamqp raises ValueError on bytes it cannot read; either way the stream is lost
+            self._abort(f"unreadable frame from the broker: {exc}")
+            return
+        del buffer[:pos]
+        if self._held and not self._reading_paused and len(buffer) > _PAUSE_READING_AT \
+                and self._transport is not None:
+            self._transport.pause_reading()
+            self._reading_paused = True
+
+    # --- holding deliveries back --------------------------------------------------------
+
+    def hold(self) -> None:
+        """Stop handing over deliveries for now: the owner has enough waiting. What arrives
+        stays in the buffer as wire bytes, and past a limit stays in the socket."""
+        self._held = True
+
+    def release(self) -> None:
+        """Hand over deliveries again, starting with those held back."""
+        if self._held:
+            self._held = False
+            self._parse_soon()
+
+    def _parse_soon(self) -> None:
+        """Resume reading and parse the buffer from the event loop (never re-entrantly from
+        inside a delivery callback)."""
+        assert self._loop is not None
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._last_received = self._loop.time()
+            self._transport.resume_reading()
+        if self._buffer:
+            self._loop.call_soon(self._parse)
+
+    # --- incoming frames ----------------------------------------------------------------
+
+    def _frame(self, kind: int, channel: int, payload: bytes) -> None:
+        if kind == amqpwire.FRAME_METHOD:
+            if amqpwire.METHOD_ID.unpack_from(payload) == amqpwire.BASIC_DELIVER:
+                if self._incoming is not None:
+                    raise WireError("basic.deliver before the previous message's content")
+                self._incoming = _Incoming(amqpwire.decode_deliver(payload))
+            else:
+                self._method(channel, payload)
+        elif kind == amqpwire.FRAME_HEADER:
+            self._content_header(payload)
+        elif kind == amqpwire.FRAME_BODY:
+            incoming = self._incoming
+            if incoming is None or incoming.size < 0:
+                raise WireError("content body without a delivery")
+            incoming.chunks.append(payload)
+            incoming.received += len(payload)
+            if incoming.received >= incoming.size:
+                self._deliver(incoming)
+        elif kind != amqpwire.FRAME_HEARTBEAT:
+            raise WireError(f"unknown frame type {kind}")
+
+    def _content_header(self, payload: bytes) -> None:
+        incoming = self._incoming
+        if incoming is None or incoming.size >= 0:
+            raise WireError("content header without a delivery")
+        incoming.size = amqpwire.content_header_body_size(payload)
+        try:
+            incoming.properties = amqpwire.decode_properties(payload, 12)
+        except WireError as exc:
+            incoming.problem = str(exc)
+        if incoming.size == 0:
+            self._deliver(incoming)
+
+    def _deliver(self, incoming: _Incoming) -> None:
+        self._incoming = None
+        chunks = incoming.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        deliver = incoming.deliver
+        callback = self._consumers.get(deliver.consumer_tag)
+        if callback is None:  # cannot happen: tags are registered before consuming starts
+            logger.error("Delivery for unknown consumer %s: requeued", deliver.consumer_tag)
+            self.reject(deliver.delivery_tag, requeue=True)
+            return
+        try:
+            callback(Delivery(deliver, incoming.properties, body, incoming.problem))
+        except Exception:
+            logger.exception("Delivery callback of consumer %s failed (delivery tag %d)",
+                             deliver.consumer_tag, deliver.delivery_tag)
+
+    def _method(self, channel: int, payload: bytes) -> None:
+        wire = amqpwire.FRAME_HEAD.pack(amqpwire.FRAME_METHOD, channel, len(payload))
+        _, _, method = frame.unmarshal(wire + payload + b"\xce")
+        if isinstance(method, commands.Basic.Ack):
+            self._confirmed(method.delivery_tag, method.multiple, None)
+        elif isinstance(method, commands.Basic.Nack):
+            self._confirmed(method.delivery_tag, method.multiple,
+                            ConnectionClosed("the broker refused (nacked) a published message"))
+        elif isinstance(method, commands.Connection.Close | commands.Channel.Close):
+            self._closed_by_broker(channel, method)
+        elif isinstance(method, commands.Basic.Cancel):
+            self._cancelled_by_broker(method)
+        elif isinstance(method, commands.Connection.Blocked):
+            logger.warning("The broker blocked this connection (%s): it accepts no published "
+                           "messages until its resource alarm clears", method.reason)
+        elif isinstance(method, commands.Connection.Unblocked):
+            logger.info("The broker unblocked this connection")
+        elif isinstance(method, commands.Channel.Flow):
+            self._write(frame.marshal(commands.Channel.FlowOk(active=method.active), channel))
+        elif isinstance(method, commands.Basic.Return):
+            pass  # nothing is published as mandatory
+        elif self._reply is not None and not self._reply.done():
+            self._reply.set_result(method)
+        else:
+            raise WireError(f"unexpected {method.name} from the broker")
+
+    def _closed_by_broker(self, channel: int,
+                          method: commands.Connection.Close | commands.Channel.Close) -> None:
+        if isinstance(method, commands.Connection.Close):
+            self._write(frame.marshal(commands.Connection.CloseOk(), 0))
+            what = "connection"
+        else:
+            self._write(frame.marshal(commands.Channel.CloseOk(), channel))
+            what = "channel"
+        self._abort(f"the broker closed the {what}: {method.reply_code} {method.reply_text}")
+
+    def _cancelled_by_broker(self, method: commands.Basic.Cancel) -> None:
+        if not method.nowait:
+            self._write(frame.marshal(
+                commands.Basic.CancelOk(consumer_tag=method.consumer_tag), CHANNEL))
+        self._consumers.pop(method.consumer_tag or "", None)
+        self._abort(f"the broker cancelled consumer {method.consumer_tag} (its queue was "
+                    "deleted, or the node holding it went away)")
+
+    def _confirmed(self, tag: int, multiple: bool, error: Exception | None) -> None:
+        tags = [t for t in self._confirms if t <= tag] if multiple else [tag]
+        for confirmed in tags:
+            future = self._confirms.pop(confirmed, None)
+            if future is not None and not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    # --- ending -------------------------------------------------------------------------
+
+    def _abort(self, reason: str) -> None:
+        """End now: record ``reason``, drop the socket, fail whatever waits."""
+        self._end(reason)
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+    def _end(self, reason: str) -> None:
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+            self._heartbeat_timer = None
+        self._consumers.clear()
+        self._incoming = None
+        self._buffer.clear()
+        error = ConnectionClosed(reason)
+        if self._reply is not None and not self._reply.done():
+            self._reply.set_exception(error)
+        confirms, self._confirms = self._confirms, {}
+        for future in confirms.values():
+            if not future.done():
+                future.set_exception(error)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(reason)
+
+    # --- heartbeats ---------------------------------------------------------------------
+
+    def _schedule_heartbeat(self) -> None:
+        assert self._loop is not None
+        self._heartbeat_timer = self._loop.call_later(self.heartbeat / 2, self._beat)
+
+    def _beat(self) -> None:
+        """Send a heartbeat every half interval; give up on a broker silent for two."""
+        assert self._loop is not None
+        silent = self._loop.time() - self._last_received
+        if silent > 2 * self.heartbeat and not self._reading_paused:
+            self._abort(f"no heartbeat from the broker for {silent:.0f}s")
+            return
+        self._write(amqpwire.HEARTBEAT)
+        self._schedule_heartbeat()
+
+    # --- outgoing -----------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            reason = self._ended.result() if self._ended is not None and self._ended.done() \
+                else "not connected"
+            raise ConnectionClosed(reason)
+        transport.write(data)
+
+    async def _call(self, method: Any, reply: type[Reply], *, channel: int = CHANNEL,
+                    raw: bytes | None = None) -> Reply:
+        """Send a synchronous method and return the broker's reply (one at a time, as
+        AMQP wants)."""
+        assert self._loop is not None
+        async with self._rpc_lock:
+            self._reply = future = self._loop.create_future()
+            try:
+                self._write(raw if raw is not None else frame.marshal(method, channel))
+                if self._held:  # the reply may be queued behind held deliveries
+                    self._parse_soon()
+                answer = await future
+            finally:
+                self._reply = None
+        if not isinstance(answer, reply):
+            raise ConnectionClosed(f"the broker answered {answer.name} to "
+                                   f"{getattr(method, 'name', 'the protocol header')}")
+        return answer
+
+    def ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self._write(amqpwire.encode_ack(CHANNEL, delivery_tag, multiple))
+
+    def reject(self, delivery_tag: int, requeue: bool) -> None:
+        self._write(amqpwire.encode_reject(CHANNEL, delivery_tag, requeue))
+
+    async def publish(self, body: bytes, properties: bytes, routing_key: str,
+                      exchange: str = "") -> None:
+        """Publish and wait for the broker's confirm. ``properties`` are encoded
+        (e.g. :attr:`Properties.encoded` of a received message)."""
+        assert self._loop is not None
+        self._published += 1
+        confirm = self._confirms[self._published] = self._loop.create_future()
+        self._write(frame.marshal(commands.Basic.Publish(exchange=exchange,
+                                                         routing_key=routing_key), CHANNEL)
+                    + amqpwire.content_frames(CHANNEL, body, properties, self.frame_max))
+        await confirm
+
+    async def qos(self, prefetch_count: int, global_: bool = True) -> None:
+        await self._call(commands.Basic.Qos(prefetch_count=prefetch_count, global_=global_),
+                         commands.Basic.QosOk)
+
+    async def exchange_declare(self, name: str, kind: str = "direct", *, durable: bool = True,
+                               passive: bool = False) -> None:
+        await self._call(commands.Exchange.Declare(exchange=name, exchange_type=kind,
+                                                   durable=durable, passive=passive),
+                         commands.Exchange.DeclareOk)
+
+    async def queue_declare(self, name: str, *, durable: bool = True, passive: bool = False,
+                            arguments: dict[str, Any] | None = None
+                            ) -> commands.Queue.DeclareOk:
+        return await self._call(commands.Queue.Declare(queue=name, durable=durable,
+                                                       passive=passive, arguments=arguments),
+                                commands.Queue.DeclareOk)
+
+    async def queue_bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        await self._call(commands.Queue.Bind(queue=queue, exchange=exchange,
+                                             routing_key=routing_key), commands.Queue.BindOk)
+
+    async def consume(self, queue: str, callback: DeliveryCallback) -> str:
+        """Start a consumer; its deliveries reach ``callback`` from then on."""
+        tag = f"aio-celery-{uuid.uuid4().hex[:12]}"
+        # Registered first: deliveries may follow consume-ok in the same read.
+        self._consumers[tag] = callback
+        try:
+            await self._call(commands.Basic.Consume(queue=queue, consumer_tag=tag),
+                             commands.Basic.ConsumeOk)
+        except BaseException:
+            self._consumers.pop(tag, None)
+            raise
+        return tag
+
+    async def cancel(self, consumer_tag: str) -> None:
+        """Stop a consumer (messages already delivered stay ours until settled)."""
+        await self._call(commands.Basic.Cancel(consumer_tag=consumer_tag),
+                         commands.Basic.CancelOk)
+        self._consumers.pop(consumer_tag, None)
+
