@@ -5,7 +5,9 @@ Celery message carries ~19 headers, so that cost dominated both publishing and c
 
 * Encoding (publishing) handles exactly the value types a task message uses (str, None,
   bool, int, float, list, dict, datetime) and produces the bytes pamqp would, keys sorted
-  like pamqp's.
+  like pamqp's, except that floats are doubles ('d', as py-amqp writes them; pamqp's 'f'
+  loses precision) and ints use signed types only (b/s/I/l, where pamqp picks u/i for
+  32768..65535 and 2**31..2**32-1). pamqp reads both back to the same values.
 * Decoding (the worker) reads every field type RabbitMQ sends, to the values pamqp would
   give, and the frames of the hot path: ``basic.deliver``, content header and body, and
   ``basic.ack``/``basic.reject``. Both are tested against pamqp (``tests/unit``).
@@ -83,6 +85,8 @@ def _value(value: Any) -> bytes:
         items = b"".join(_value(item) for item in value)
         return b"A" + _LONG.pack(len(items)) + items
     if isinstance(value, datetime):
+        if value.tzinfo is None:  # naive means UTC, as pamqp takes it (not local time)
+            value = value.replace(tzinfo=UTC)
         return b"T" + _TIMESTAMP.pack(int(value.timestamp()))
     raise TypeError(f"cannot put {type(value).__name__} {value!r} in an AMQP header")
 
@@ -205,7 +209,10 @@ def _timestamp(data: bytes, offset: int) -> datetime:
     seconds: float = _TIMESTAMP.unpack_from(data, offset)[0]
     if seconds > _TIMESTAMP_SECONDS_MAX:
         seconds /= 1000.0
-    return datetime.fromtimestamp(seconds, tz=UTC)
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (ValueError, OverflowError, OSError) as exc:  # past the year 9999
+        raise WireError(f"timestamp {seconds!r} is out of range") from exc
 
 
 def _field(data: bytes, offset: int) -> tuple[Any, int]:
@@ -246,7 +253,7 @@ def _byte_array(data: bytes, offset: int) -> tuple[bytearray, int]:
 
 
 def _decimal(data: bytes, offset: int) -> tuple[Decimal, int]:
-    digits = _LONG.unpack_from(data, offset + 1)[0]
+    digits = _INT32.unpack_from(data, offset + 1)[0]  # signed, as pamqp reads it
     return Decimal(digits) * (Decimal(10) ** -data[offset]), offset + 5
 
 
