@@ -80,15 +80,18 @@ class _Incoming:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where and how to connect, read from an ``amqp://`` or ``amqps://`` URL."""
+    """Where and how to connect, read from an ``amqp://`` or ``amqps://`` URL. The query
+    parameters aio-pika reads for TLS (``cafile``, ``capath``, ``certfile``, ``keyfile``,
+    ``no_verify_ssl=1``) and ``heartbeat`` mean the same here."""
 
     host: str
     port: int
     username: str
-    password: str
+    password: str = field(repr=False)
     vhost: str
     tls: bool
     heartbeat: int | None  # from ``?heartbeat=``: None when the URL does not say
+    tls_options: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
@@ -97,7 +100,8 @@ class Endpoint:
             raise ValueError(f"not an AMQP URL (amqp:// or amqps://): {parts.scheme}://...")
         tls = parts.scheme == "amqps"
         path = unquote(parts.path)
-        heartbeat = parse_qs(parts.query).get("heartbeat")
+        query = {name: values[0] for name, values in parse_qs(parts.query).items()}
+        heartbeat = query.get("heartbeat")
         return cls(
             host=parts.hostname or "localhost",
             port=parts.port or (5671 if tls else 5672),
@@ -106,8 +110,25 @@ class Endpoint:
             # "amqp://host" and "amqp://host/" mean "/"; "amqp://host//" is "/" spelled out
             vhost=path[1:] if len(path) > 1 else "/",
             tls=tls,
-            heartbeat=int(heartbeat[0]) if heartbeat else None,
+            heartbeat=int(heartbeat) if heartbeat else None,
+            tls_options=tuple((name, query[name]) for name in _TLS_OPTIONS if name in query),
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        options = dict(self.tls_options)
+        context = ssl.create_default_context(cafile=options.get("cafile"),
+                                             capath=options.get("capath"))
+        if "certfile" in options:
+            context.load_cert_chain(options["certfile"], options.get("keyfile"))
+        if options.get("no_verify_ssl", "0") != "0":
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+_TLS_OPTIONS = ("cafile", "capath", "certfile", "keyfile", "no_verify_ssl")
 
 
 class AMQPConnection(asyncio.Protocol):
@@ -157,9 +178,8 @@ class AMQPConnection(asyncio.Protocol):
     async def _open(self) -> None:
         assert self._loop is not None
         endpoint = self.endpoint
-        await self._loop.create_connection(
-            lambda: self, endpoint.host, endpoint.port,
-            ssl=ssl.create_default_context() if endpoint.tls else None)
+        await self._loop.create_connection(lambda: self, endpoint.host, endpoint.port,
+                                           ssl=endpoint.ssl_context())
         start = await self._call(None, commands.Connection.Start, raw=_PROTOCOL_HEADER)
         if b"PLAIN" not in start.mechanisms.encode().split():
             raise ConnectionClosed(f"the broker offers no PLAIN login ({start.mechanisms})")
