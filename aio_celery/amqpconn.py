@@ -19,13 +19,14 @@ import contextlib
 import logging
 import platform
 import ssl
+import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pamqp import commands, frame
+from pamqp import commands, exceptions, frame
 
 from aio_celery import __version__, amqpwire
 from aio_celery.amqpwire import Deliver, Properties, WireError
@@ -150,6 +151,8 @@ class AMQPConnection(asyncio.Protocol):
         self._ended: asyncio.Future[str] | None = None
         self._rpc_lock = asyncio.Lock()
         self._reply: asyncio.Future[Any] | None = None
+        #: replies still to come for requests whose callers gave up waiting (cancelled)
+        self._abandoned_replies = 0
         self._consumers: dict[str, DeliveryCallback] = {}
         self._incoming: _Incoming | None = None
         self._published = 0
@@ -248,8 +251,7 @@ class AMQPConnection(asyncio.Protocol):
         head = amqpwire.FRAME_HEAD.unpack_from
         try:
             while size - pos >= 8:
-                if self._held and self._incoming is None and (
-                        self._reply is None or self._reply.done()):
+                if self._held and self._incoming is None and not self._awaiting_broker():
                     break
                 kind, channel, length = head(buffer, pos)
                 end = pos + 7 + length
@@ -262,15 +264,24 @@ class AMQPConnection(asyncio.Protocol):
                 self._frame(kind, channel, payload)
                 if self._transport is None:
                     return
-        except (WireError, ValueError) as exc:
-            # pamqp raises ValueError on bytes it cannot read; either way the stream is lost
+        except (ValueError, struct.error, exceptions.PAMQPException) as exc:
+            # WireError is a ValueError; pamqp raises UnmarshalingException on a method it does
+            # not know; struct.error on a method frame too short for its ids. The stream is lost
             self._abort(f"unreadable frame from the broker: {exc}")
             return
         del buffer[:pos]
-        if self._held and not self._reading_paused and len(buffer) > _PAUSE_READING_AT \
+        # Pause only where holding stopped the parse (a message boundary, nothing awaited): a
+        # paused socket would never bring the rest of a frame, a reply or a confirm.
+        if self._held and self._incoming is None and not self._awaiting_broker() \
+                and not self._reading_paused and len(buffer) > _PAUSE_READING_AT \
                 and self._transport is not None:
             self._transport.pause_reading()
             self._reading_paused = True
+
+    def _awaiting_broker(self) -> bool:
+        """A reply or a publisher confirm is due: it may be behind held deliveries."""
+        return (self._reply is not None and not self._reply.done()) \
+            or self._abandoned_replies > 0 or bool(self._confirms)
 
     # --- holding deliveries back --------------------------------------------------------
 
@@ -368,6 +379,12 @@ class AMQPConnection(asyncio.Protocol):
             self._write(frame.marshal(commands.Channel.FlowOk(active=method.active), channel))
         elif isinstance(method, commands.Basic.Return):
             pass  # nothing is published as mandatory
+        else:
+            self._replied(method)
+
+    def _replied(self, method: Any) -> None:
+        if self._abandoned_replies:
+            self._abandoned_replies -= 1  # the reply to a request whose caller gave up
         elif self._reply is not None and not self._reply.done():
             self._reply.set_result(method)
         else:
@@ -417,6 +434,7 @@ class AMQPConnection(asyncio.Protocol):
         self._consumers.clear()
         self._incoming = None
         self._buffer.clear()
+        self._abandoned_replies = 0
         error = ConnectionClosed(reason)
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
@@ -460,13 +478,17 @@ class AMQPConnection(asyncio.Protocol):
         assert self._loop is not None
         async with self._rpc_lock:
             self._reply = future = self._loop.create_future()
+            sent = False
             try:
                 self._write(raw if raw is not None else frame.marshal(method, channel))
+                sent = True
                 if self._held:  # the reply may be queued behind held deliveries
                     self._parse_soon()
                 answer = await future
             finally:
                 self._reply = None
+                if sent and future.cancelled() and self.is_open:
+                    self._abandoned_replies += 1  # its reply will still come: skip it
         if not isinstance(answer, reply):
             raise ConnectionClosed(f"the broker answered {answer.name} to "
                                    f"{getattr(method, 'name', 'the protocol header')}")
@@ -488,6 +510,8 @@ class AMQPConnection(asyncio.Protocol):
         self._write(frame.marshal(commands.Basic.Publish(exchange=exchange,
                                                          routing_key=routing_key), CHANNEL)
                     + amqpwire.content_frames(CHANNEL, body, properties, self.frame_max))
+        if self._held:  # the confirm may be queued behind held deliveries
+            self._parse_soon()
         await confirm
 
     async def qos(self, prefetch_count: int, global_: bool = True) -> None:
