@@ -23,7 +23,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aio_celery import protocol
@@ -47,9 +47,12 @@ _HOLD_AT = 64
 _RELEASE_AT = 16
 
 
-def wait_queue_name(queue: str) -> str:
-    """The holding queue for far-away etas of ``queue``."""
-    return f"{queue}.aio-celery-eta"
+def wait_queue_name(queue: str, horizon: float) -> str:
+    """The holding queue for far-away etas of ``queue``. Its TTL is the horizon and is part
+    of the name: a queue cannot be declared again with another TTL, so a worker started with
+    another ``--eta-horizon`` gets a queue of its own (the old one still hands its messages
+    back) instead of a channel error at every park."""
+    return f"{queue}.aio-celery-eta-{horizon:g}s"
 
 
 @dataclasses.dataclass(slots=True)
@@ -162,15 +165,20 @@ class Session:
                          "priority": message.priority, "redelivered": deliver.redelivered,
                          "queue": queue}
         job = _Job(queue, message, tag, delivery_info)
-        if message.eta is None:
+        delay = 0.0 if message.eta is None else \
+            (message.eta - self.runner.app.now()).total_seconds()
+        if delay <= 0:
             self._ready.append(job)
             self._start_ready()
             if len(self._ready) >= _HOLD_AT:
                 self.channel.hold()
-        else:
-            hold = asyncio.create_task(self._hold_until_due(job, raw),
-                                       name=f"eta {message.task}[{message.id}]")
-            self._waiting.add(hold)
+        elif delay > self.options.eta_horizon:
+            self._wait(self._park(job, raw, delay), f"park {message.task}[{message.id}]")
+        else:  # the wire bytes are not kept while it waits: only parking needs them
+            self._wait(self._hold_until_due(job, delay), f"eta {message.task}[{message.id}]")
+
+    def _wait(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._waiting.add(asyncio.create_task(coro, name=name))
 
     def _start_ready(self) -> None:
         """Start ready jobs while there are free slots (none once a stop was requested)."""
@@ -221,55 +229,47 @@ class Session:
         self._on_task_done()  # may request a stop (max tasks): before the next one starts
         self._start_ready()
 
-    async def _hold_until_due(self, job: _Job, raw: Delivery) -> None:
-        """An eta task: wait (or park it) without a slot, then queue it as ready."""
-        try:
-            due = await self._wait_for_eta(job.queue, raw, job.message)
-        except asyncio.CancelledError:
-            self._outcome.returned += 1
-            self._give_back(job.tag)
-            return
-        except Exception:
-            logger.exception("Internal error while holding task %s[%s] until its eta: "
-                             "message requeued", job.message.task, job.message.id)
-            self._give_back(job.tag)
-            return
-        finally:
-            self._waiting.discard(asyncio.current_task())
-        if due:
-            self._ready.append(job)
-            self._start_ready()
-        else:
-            self._settle(job.tag, Settle.ACK)  # parked: the copy in the holding queue counts
-
-    async def _wait_for_eta(self, queue: str, raw: Delivery,
-                            message: protocol.TaskMessage) -> bool:
-        """Wait for the eta without a slot; False when the message was parked instead."""
-        assert message.eta is not None
-        delay = (message.eta - self.runner.app.now()).total_seconds()
-        if delay <= 0:
-            return True
-        if delay > self.options.eta_horizon:
-            await self._park(queue, raw, message, delay)
-            return False
+    async def _hold_until_due(self, job: _Job, delay: float) -> None:
+        """An eta within the horizon: wait without a slot (the prefetch window widened by
+        one meanwhile), then join the ready queue."""
         self._held += 1
         self._update_prefetch()
         try:
             await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._outcome.returned += 1
+            self._give_back(job.tag)
+            return
         finally:
             self._held -= 1
             self._update_prefetch()
-        return True
+            self._waiting.discard(asyncio.current_task())
+        self._ready.append(job)
+        self._start_ready()
 
-    async def _park(self, queue: str, raw: Delivery, message: protocol.TaskMessage,
-                    delay: float) -> None:
+    async def _park(self, job: _Job, raw: Delivery, delay: float) -> None:
+        """An eta beyond the horizon: republish it to the holding queue, then ack it."""
         assert raw.properties is not None  # it was decoded
-        name = wait_queue_name(queue)
-        if name not in self._wait_queues:
-            await self.channel.declare_wait_queue(name, queue,
-                                                  int(self.options.eta_horizon * 1000))
-            self._wait_queues.add(name)
-        await self.channel.publish_raw(raw.body, raw.properties.encoded, name)
+        queue, message = job.queue, job.message
+        name = wait_queue_name(queue, self.options.eta_horizon)
+        try:
+            if name not in self._wait_queues:
+                await self.channel.declare_wait_queue(name, queue,
+                                                      int(self.options.eta_horizon * 1000))
+                self._wait_queues.add(name)
+            await self.channel.publish_raw(raw.body, raw.properties.encoded, name)
+        except asyncio.CancelledError:
+            self._outcome.returned += 1
+            self._give_back(job.tag)
+            return
+        except Exception as exc:
+            logger.warning("Task %s[%s] could not be parked in %s (%s): it goes back to the "
+                           "queue", message.task, message.id, name, describe_error(exc))
+            self._give_back(job.tag)
+            return
+        finally:
+            self._waiting.discard(asyncio.current_task())
+        self._settle(job.tag, Settle.ACK)  # the copy in the holding queue counts now
         logger.info("Task %s[%s] is due in %.0fs, beyond the %.0fs eta horizon: parked in %s "
                     "(the broker hands it back every %.0fs until it is due)", message.task,
                     message.id, delay, self.options.eta_horizon, name,

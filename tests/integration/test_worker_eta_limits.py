@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,22 +15,30 @@ from helpers import eventually, publish_raw, ready_count, resolves_to
 
 from aio_celery import Celery, protocol, states
 from aio_celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
+from aio_celery.worker import WorkerOptions
 from aio_celery.worker.delivery import wait_queue_name
 
 # --- helpers ------------------------------------------------------------------------------
 
 
 @pytest.fixture
-async def holding_queue(amqp: AbstractConnection, unique_name: str) -> AsyncIterator[str]:
-    """The eta holding queue of the test's queue; not in conftest's clean-up list, so it is
-    deleted here."""
-    name = wait_queue_name(unique_name)
+async def holding_queue(amqp: AbstractConnection,
+                        unique_name: str) -> AsyncIterator[Callable[[float], str]]:
+    """The eta holding queue of the test's queue for a horizon; not in conftest's clean-up
+    list, so those named are deleted here."""
+    names: list[str] = []
+
+    def name_for(horizon: float) -> str:
+        names.append(wait_queue_name(unique_name, horizon))
+        return names[-1]
+
     try:
-        yield name
+        yield name_for
     finally:
         channel = await amqp.channel()
         try:
-            await channel.queue_delete(name)
+            for name in names:
+                await channel.queue_delete(name)
         finally:
             await channel.close()
 
@@ -78,8 +86,9 @@ async def test_eta_in_the_past_runs_at_once(app: Celery, start_worker) -> None:
 
 async def test_eta_beyond_horizon_is_parked_and_runs_after_its_eta(
         app: Celery, start_worker, amqp: AbstractConnection, unique_name: str,
-        holding_queue: str, caplog: pytest.LogCaptureFixture) -> None:
+        holding_queue: Callable[[float], str], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="aio_celery.worker")
+    parking = holding_queue(1.0)
     ran_at: list[datetime] = []
 
     @app.task
@@ -91,7 +100,7 @@ async def test_eta_beyond_horizon_is_parked_and_runs_after_its_eta(
     eta = datetime.now(UTC) + timedelta(seconds=2.5)
     handle = await start_worker(concurrency=1, eta_horizon=1.0)
     try:
-        await eventually(lambda: resolves_to(ready_count(amqp, holding_queue), 1),
+        await eventually(lambda: resolves_to(ready_count(amqp, parking), 1),
                          what="the message parked in the holding queue")
         assert ran_at == []
         assert await r.get(timeout=5) == "on time"
@@ -99,17 +108,26 @@ async def test_eta_beyond_horizon_is_parked_and_runs_after_its_eta(
         assert ran_at[0] <= eta + timedelta(seconds=1.5)
         parked = [rec for rec in caplog.records if "parked in" in rec.getMessage()]
         assert len(parked) >= 2, "expected to be parked, handed back, and parked again"
-        assert all(holding_queue in rec.getMessage() for rec in parked)
-        assert await ready_count(amqp, holding_queue) == 0
+        assert all(parking in rec.getMessage() for rec in parked)
+        assert await ready_count(amqp, parking) == 0
         assert await ready_count(amqp, unique_name) == 0
     finally:
         assert await handle.stop() == 0
     assert len(ran_at) == 1
 
 
+def test_each_eta_horizon_has_a_holding_queue_of_its_own() -> None:
+    """The TTL is fixed when a queue is first declared: another --eta-horizon must not try
+    to declare the same queue with another TTL (RabbitMQ would close the channel)."""
+    assert wait_queue_name("q", 600.0) == "q.aio-celery-eta-600s"
+    assert wait_queue_name("q", 1.5) == "q.aio-celery-eta-1.5s"
+    assert wait_queue_name("q", 600.0) != wait_queue_name("q", 3600.0)
+
+
 async def test_countdown_of_hours_is_parked_while_other_work_flows(
         app: Celery, start_worker, amqp: AbstractConnection, unique_name: str,
-        holding_queue: str) -> None:
+        holding_queue: Callable[[float], str]) -> None:
+    parking = holding_queue(WorkerOptions().eta_horizon)
     ran: list[str] = []
 
     @app.task
@@ -127,10 +145,10 @@ async def test_countdown_of_hours_is_parked_while_other_work_flows(
     assert ran == ["now-0", "now-1", "now-2"]
     assert (await r_far.refresh()).state == states.PENDING
     assert await ready_count(amqp, unique_name) == 0
-    assert await ready_count(amqp, holding_queue) == 1
+    assert await ready_count(amqp, parking) == 1
     channel = await amqp.channel()
     try:
-        queue = await channel.get_queue(holding_queue, ensure=False)
+        queue = await channel.get_queue(parking, ensure=False)
         message = await queue.get(no_ack=True, fail=True, timeout=5)
         assert message is not None
         assert message.headers["id"] == r_far.id
