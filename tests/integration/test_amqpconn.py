@@ -1,0 +1,904 @@
+"""The worker's lean AMQP connection (:mod:`aio_celery.amqpconn`) against the real RabbitMQ.
+
+Pinned here:
+
+* ``Endpoint.from_url``: vhost spellings, quoted credentials, ``amqps`` (port 5671, TLS and
+  aio-pika's TLS query options), ``?heartbeat=``, other schemes refused, no password in reprs;
+* connect failures are quick and say why (ACCESS_REFUSED, NOT_ALLOWED for the vhost, a
+  refused TCP connection), with ``closed()``/``is_open`` consistent afterwards;
+* deliveries carry exactly what was published (every property, headers of every type,
+  bodies of 0 bytes up to 1 MiB spanning many frames), acks (``multiple`` too) and rejects
+  settle them, ``qos`` limits them, ``cancel`` stops them, and ``publish`` of a received
+  message is confirmed and arrives byte-identical;
+* a request given up (cancelled) after it was sent leaves its reply to be skipped: the next
+  request gets its own, and the connection goes on;
+* the broker ending things (a channel error, a missing queue, a deleted queue) ends the
+  connection at once, with the reason from ``closed()`` and pending requests failing;
+* ``hold()``/``release()``: deliveries stop at a message boundary (a message being read is
+  finished first), reading pauses past 64 KiB, a request still gets its reply (bodies past
+  64 KiB too) and a publish its confirm, everything arrives after ``release()``;
+* heartbeats (one per half interval) keep an idle connection alive, and RabbitMQ does drop
+  one that sends none;
+* ``close()`` is polite and idempotent;
+* the frame parser, without a broker: any split of the byte stream gives the same
+  deliveries, a bad frame end or an unreadable method frame ends the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from helpers import ready_count
+from pamqp import body as pamqp_body
+from pamqp import commands, frame
+from pamqp import header as pamqp_header
+
+from aio_celery import amqpwire
+from aio_celery.amqpconn import (
+    _PAUSE_READING_AT,
+    AMQPConnection,
+    ConnectionClosed,
+    Delivery,
+    Endpoint,
+)
+from aio_celery.amqpwire import Deliver, Properties
+
+TIMEOUT = 5.0  # an upper bound for anything awaited; every step takes far less
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+class Collector:
+    """A delivery callback that keeps what it is given and lets a test wait for a count."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self._arrived = asyncio.Event()
+
+    def __call__(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+        self._arrived.set()
+
+    def __len__(self) -> int:
+        return len(self.deliveries)
+
+    async def until(self, count: int, timeout: float = TIMEOUT) -> list[Delivery]:
+        """Wait until ``count`` deliveries have arrived (at least); return them all."""
+        deadline = time.monotonic() + timeout
+        while len(self.deliveries) < count:
+            self._arrived.clear()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"only {len(self.deliveries)} of {count} deliveries arrived"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return self.deliveries
+
+
+async def nothing_more(collector: Collector, count: int, duration: float = 0.3) -> None:
+    """No delivery beyond ``count`` arrives for ``duration`` seconds."""
+    await asyncio.sleep(duration)
+    assert len(collector) == count, [d.body[:20] for d in collector.deliveries[count:]]
+
+
+def with_credentials(url: str, *, password: str | None = None, vhost: str | None = None) -> str:
+    """``url`` with another password and/or vhost."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{quote(parts.username or 'guest', safe='')}:{quote(password, safe='')}" \
+                 f"@{parts.hostname}:{parts.port or 5672}"
+    path = parts.path if vhost is None else "/" + quote(vhost, safe="")
+    return urlunsplit((parts.scheme, netloc, path, parts.query, ""))
+
+
+async def connected(url: str, **options: Any) -> AMQPConnection:
+    connection = AMQPConnection(url, connection_name="aio-celery test_amqpconn", **options)
+    await asyncio.wait_for(connection.connect(), TIMEOUT)
+    return connection
+
+
+@pytest.fixture
+async def conn(amqp_url: str) -> AsyncIterator[AMQPConnection]:
+    connection = await connected(amqp_url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def publish(channel: AbstractChannel, queue: str, *bodies: bytes, **properties: Any) -> None:
+    """Publish (confirmed) to ``queue`` through the default exchange."""
+    for body in bodies:
+        await channel.default_exchange.publish(aio_pika.Message(body, **properties),
+                                               routing_key=queue)
+
+
+# --- Endpoint.from_url (no broker) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("amqp://h", ("h", 5672, "guest", "guest", "/", False, None)),
+    ("amqp://h/", ("h", 5672, "guest", "guest", "/", False, None)),
+    ("amqp://h//", ("h", 5672, "guest", "guest", "/", False, None)),
+    ("amqp://h/%2F", ("h", 5672, "guest", "guest", "/", False, None)),
+    ("amqp://h/myvhost", ("h", 5672, "guest", "guest", "myvhost", False, None)),
+    ("amqp://h/a%2Fb", ("h", 5672, "guest", "guest", "a/b", False, None)),
+    ("amqp://u%40x:p%3Aw%2F%40@h:5673/v", ("h", 5673, "u@x", "p:w/@", "v", False, None)),
+    ("amqps://h", ("h", 5671, "guest", "guest", "/", True, None)),
+    ("amqps://user:pw@h:1234/", ("h", 1234, "user", "pw", "/", True, None)),
+    ("amqp://h/?heartbeat=5", ("h", 5672, "guest", "guest", "/", False, 5)),
+    ("amqp://h?heartbeat=0", ("h", 5672, "guest", "guest", "/", False, 0)),
+    ("pyamqp://guest:guest@127.0.0.1:5672//", ("127.0.0.1", 5672, "guest", "guest", "/",
+                                               False, None)),
+])
+def test_endpoint_from_url(url: str, expected: tuple[Any, ...]) -> None:
+    endpoint = Endpoint.from_url(url)
+    assert (endpoint.host, endpoint.port, endpoint.username, endpoint.password, endpoint.vhost,
+            endpoint.tls, endpoint.heartbeat) == expected
+
+
+@pytest.mark.parametrize("url", ["redis://h", "http://h/", "h:5672", ""])
+def test_endpoint_refuses_other_schemes(url: str) -> None:
+    with pytest.raises(ValueError, match="not an AMQP URL"):
+        Endpoint.from_url(url)
+
+
+def test_endpoint_tls_options_and_repr() -> None:
+    endpoint = Endpoint.from_url("amqps://u:s3cret@h/?cafile=/ca.pem&certfile=/c.pem"
+                                 "&keyfile=/k.pem&no_verify_ssl=1&heartbeat=9&other=x")
+    assert endpoint.tls_options == (("cafile", "/ca.pem"), ("certfile", "/c.pem"),
+                                    ("keyfile", "/k.pem"), ("no_verify_ssl", "1"))
+    assert endpoint.heartbeat == 9
+    assert "s3cret" not in repr(endpoint) and endpoint.password == "s3cret"
+    assert "s3cret" not in repr(AMQPConnection("amqp://u:s3cret@h/").endpoint)
+
+    assert Endpoint.from_url("amqp://h/?no_verify_ssl=1").ssl_context() is None
+    verified = Endpoint.from_url("amqps://h/").ssl_context()
+    assert verified is not None
+    assert verified.verify_mode == ssl.CERT_REQUIRED and verified.check_hostname
+    unverified = Endpoint.from_url("amqps://h/?no_verify_ssl=1").ssl_context()
+    assert unverified is not None
+    assert unverified.verify_mode == ssl.CERT_NONE and not unverified.check_hostname
+    still_verified = Endpoint.from_url("amqps://h/?no_verify_ssl=0").ssl_context()
+    assert still_verified is not None and still_verified.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_heartbeat_from_url_overrides_the_argument() -> None:
+    assert AMQPConnection("amqp://h/?heartbeat=5", heartbeat=60).heartbeat == 5
+    assert AMQPConnection("amqp://h/", heartbeat=7).heartbeat == 7
+    assert AMQPConnection("amqp://h/").heartbeat == 60
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+
+async def test_closed_before_connect_is_an_error() -> None:
+    connection = AMQPConnection("amqp://127.0.0.1/")
+    assert not connection.is_open
+    with pytest.raises(RuntimeError, match="not open"):
+        await connection.closed()
+
+
+async def test_wrong_password_is_refused_quickly(amqp_url: str) -> None:
+    connection = AMQPConnection(with_credentials(amqp_url, password="wrong-" + uuid.uuid4().hex))
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosed, match="ACCESS_REFUSED") as refused:
+        await asyncio.wait_for(connection.connect(), TIMEOUT)
+    assert time.monotonic() - started < 2.0
+    assert "403" in str(refused.value)
+    assert not connection.is_open
+    assert await asyncio.wait_for(connection.closed(), 1) == str(refused.value)
+
+
+async def test_unknown_vhost_is_refused_quickly(amqp_url: str) -> None:
+    vhost = f"no-such-vhost-{uuid.uuid4().hex[:8]}"
+    connection = AMQPConnection(with_credentials(amqp_url, vhost=vhost))
+    assert connection.endpoint.vhost == vhost
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosed, match="NOT_ALLOWED") as refused:
+        await asyncio.wait_for(connection.connect(), TIMEOUT)
+    assert time.monotonic() - started < 2.0
+    assert vhost in str(refused.value)
+    assert not connection.is_open
+    assert await asyncio.wait_for(connection.closed(), 1) == str(refused.value)
+
+
+async def test_closed_port_raises_oserror() -> None:
+    connection = AMQPConnection("amqp://guest:guest@127.0.0.1:1//", connect_timeout=2.0)
+    started = time.monotonic()
+    with pytest.raises(OSError) as refused:  # which OSError depends on the platform
+        await connection.connect()
+    assert not isinstance(refused.value, ConnectionClosed)  # the socket, not the broker
+    assert time.monotonic() - started < 2.0
+    assert not connection.is_open
+    assert await asyncio.wait_for(connection.closed(), 1) == "connection attempt failed"
+    with pytest.raises(ConnectionClosed, match="connection attempt failed"):
+        connection.ack(1)
+
+
+async def test_connect_and_close_politely(amqp_url: str) -> None:
+    connection = await connected(amqp_url)
+    assert connection.is_open
+    assert 0 < connection.frame_max <= 131072
+    ended = asyncio.ensure_future(connection.closed())
+    await asyncio.sleep(0)
+    assert not ended.done()
+    await asyncio.wait_for(connection.close(), TIMEOUT)
+    assert await asyncio.wait_for(ended, 1) == "closed"
+    assert not connection.is_open
+    await asyncio.wait_for(connection.close(), 1)  # a second close is harmless
+    assert await connection.closed() == "closed"
+    with pytest.raises(ConnectionClosed, match="closed"):
+        connection.ack(1)
+    with pytest.raises(ConnectionClosed, match="closed"):
+        connection.reject(1, requeue=True)
+    with pytest.raises(ConnectionClosed, match="closed"):
+        await asyncio.wait_for(connection.qos(1), 1)
+
+
+# --- deliveries -------------------------------------------------------------------------------
+
+HEADERS: dict[str, Any] = {
+    "str": "plain",
+    "unicode": "héllo wörld ✓ 日本語 🐍",
+    "empty": "",
+    "int_small": 7,
+    "int_negative": -3,
+    "int_16": 30000,
+    "int_32": 100000,
+    "int_64": 2**40,
+    "true": True,
+    "false": False,
+    "none": None,
+    "float": 3.25,
+    "decimal": Decimal("1.25"),
+    "bytes": bytearray(b"\x00\xff"),
+    "nested": {"a": 1, "b": {"c": "d", "e": None}, "l": [1, "x"]},
+    "list": [1, "two", None, True, 2.5, {"k": "v"}, []],
+    "when": datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC),
+}
+ONE_MIB = bytes(range(256)) * 4096
+
+
+async def test_deliveries_carry_everything_published(
+        conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
+        unique_name: str, amqp_url: str) -> None:
+    await channel.declare_queue(unique_name, arguments={"x-max-priority": 10})
+    bodies = [b"", b"small body", ONE_MIB, "ünïcode".encode()]
+    sent = []
+    for index, body in enumerate(bodies):
+        message = aio_pika.Message(
+            body, headers={**HEADERS, "index": index}, content_type="application/json",
+            content_encoding="utf-8", correlation_id=f"corr-{index}", reply_to="replies",
+            priority=7, expiration=60, message_id=f"msg-{index}", type="task.kind",
+            app_id="test-app", user_id=urlsplit(amqp_url).username or "guest",
+            timestamp=datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        sent.append(message)
+        await channel.default_exchange.publish(message, routing_key=unique_name)
+
+    collector = Collector()
+    tag = await asyncio.wait_for(conn.consume(unique_name, collector), TIMEOUT)
+    deliveries = await collector.until(len(bodies))
+    await nothing_more(collector, len(bodies), 0.1)
+
+    for index, (delivery, message) in enumerate(zip(deliveries, sent, strict=True)):
+        assert delivery.deliver == Deliver(consumer_tag=tag, delivery_tag=index + 1,
+                                           redelivered=False, exchange="",
+                                           routing_key=unique_name)
+        assert delivery.problem is None
+        assert delivery.body == bodies[index]
+        assert type(delivery.body) is bytes
+        props = delivery.properties
+        assert props is not None
+        # the broker passes the properties through as they were written
+        assert props.encoded == message.properties.marshal()
+        assert props.headers == {**HEADERS, "index": index}
+        assert props == Properties(
+            encoded=props.encoded, content_type="application/json", content_encoding="utf-8",
+            headers=props.headers, delivery_mode=2, priority=7, correlation_id=f"corr-{index}",
+            reply_to="replies", expiration="60000", message_id=f"msg-{index}",
+            timestamp=datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC), type="task.kind",
+            user_id=urlsplit(amqp_url).username or "guest", app_id="test-app")
+
+    # A prefix in one frame, then close: only the last one goes back to the queue.
+    conn.ack(len(bodies) - 1, multiple=True)
+    await asyncio.wait_for(conn.close(), TIMEOUT)
+    assert await ready_count(amqp, unique_name) == 1
+
+    again = await connected(amqp_url)
+    try:
+        collector = Collector()
+        await asyncio.wait_for(again.consume(unique_name, collector), TIMEOUT)
+        [last] = await collector.until(1)
+        assert last.body == bodies[-1]
+        assert last.deliver.redelivered is True
+        assert last.deliver.delivery_tag == 1  # tags are per channel
+        again.ack(last.deliver.delivery_tag)
+    finally:
+        await asyncio.wait_for(again.close(), TIMEOUT)
+    assert await ready_count(amqp, unique_name) == 0
+
+
+async def test_publish_is_confirmed_and_byte_identical(
+        conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
+        unique_name: str) -> None:
+    source, target = unique_name, unique_name + "-b"
+    await channel.declare_queue(source)
+    await channel.declare_queue(target)
+    bodies = [b"x" * 300_000, b"small", b""]  # 300 kB: three body frames each way
+    for index, body in enumerate(bodies):
+        await publish(channel, source, body, headers={**HEADERS, "index": index},
+                      content_type="application/json", correlation_id=f"c{index}")
+
+    received = Collector()
+    await asyncio.wait_for(conn.consume(source, received), TIMEOUT)
+    originals = await received.until(len(bodies))
+    for original in originals:
+        assert original.properties is not None
+        await asyncio.wait_for(
+            conn.publish(original.body, original.properties.encoded, target), TIMEOUT)
+        conn.ack(original.deliver.delivery_tag)
+    assert conn._confirms == {}
+    # encoded properties as they are, none at all included
+    await asyncio.wait_for(conn.publish(b"bare", b"\x00\x00", target), TIMEOUT)
+
+    copies = Collector()
+    await asyncio.wait_for(conn.consume(target, copies), TIMEOUT)
+    republished = await copies.until(len(bodies) + 1)
+    for original, copy in zip(originals, republished, strict=False):
+        assert copy.properties is not None and original.properties is not None
+        assert copy.properties.encoded == original.properties.encoded
+        assert copy.properties == original.properties
+        assert copy.body == original.body
+        assert copy.deliver.routing_key == target
+    bare = republished[-1]
+    assert bare.body == b"bare"
+    assert bare.properties == Properties(encoded=b"\x00\x00")
+    conn.ack(republished[-1].deliver.delivery_tag, multiple=True)
+
+    # Many at once: the broker confirms them in batches (multiple=True), each one counts.
+    many = unique_name + "-c"
+    await channel.declare_queue(many)
+    await asyncio.wait_for(asyncio.gather(
+        *(conn.publish(b"%d" % i, b"\x00\x00", many) for i in range(300))), TIMEOUT)
+    assert conn._confirms == {}
+    assert await ready_count(amqp, many) == 300
+
+
+async def test_reject_requeues_or_drops(
+        conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
+        unique_name: str) -> None:
+    await channel.declare_queue(unique_name)
+    await publish(channel, unique_name, b"again", b"gone")
+    collector = Collector()
+    await asyncio.wait_for(conn.consume(unique_name, collector), TIMEOUT)
+    first, second = await collector.until(2)
+    assert (first.body, first.deliver.redelivered) == (b"again", False)
+    conn.reject(first.deliver.delivery_tag, requeue=True)
+    conn.reject(second.deliver.delivery_tag, requeue=False)
+
+    redelivered = (await collector.until(3))[2]
+    assert redelivered.body == b"again"
+    assert redelivered.deliver.redelivered is True
+    assert redelivered.deliver.delivery_tag == 3
+    await nothing_more(collector, 3)  # "gone" is gone
+    conn.ack(redelivered.deliver.delivery_tag)
+    await asyncio.wait_for(conn.close(), TIMEOUT)
+    assert await ready_count(amqp, unique_name) == 0
+
+
+async def test_qos_limits_and_cancel_stops_deliveries(
+        conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
+        unique_name: str) -> None:
+    await channel.declare_queue(unique_name)
+    await publish(channel, unique_name, *(b"m%d" % i for i in range(5)))
+    await asyncio.wait_for(conn.qos(2), TIMEOUT)
+    collector = Collector()
+    tag = await asyncio.wait_for(conn.consume(unique_name, collector), TIMEOUT)
+    await collector.until(2)
+    await nothing_more(collector, 2, 0.2)
+    conn.ack(2, multiple=True)
+    await collector.until(4)
+    assert [d.body for d in collector.deliveries] == [b"m0", b"m1", b"m2", b"m3"]
+
+    await asyncio.wait_for(conn.cancel(tag), TIMEOUT)
+    assert tag not in conn._consumers
+    conn.ack(4, multiple=True)
+    await nothing_more(collector, 4, 0.2)  # the fifth stays in the queue
+    assert conn.is_open
+    await asyncio.wait_for(conn.close(), TIMEOUT)
+    assert await ready_count(amqp, unique_name) == 1
+
+
+async def test_a_cancelled_request_does_not_take_the_next_reply(
+        conn: AMQPConnection, unique_name: str) -> None:
+    await asyncio.wait_for(conn.queue_declare(unique_name, durable=False), TIMEOUT)
+    # A request given up after it was sent (a timeout, a cancelled task): its reply still comes.
+    abandoned = asyncio.ensure_future(conn.queue_declare(unique_name, passive=True))
+    queued = asyncio.ensure_future(conn.qos(3))  # waits its turn: never sent
+    await asyncio.sleep(0)
+    assert conn._reply is not None and not conn._reply.done()  # queue.declare is on its way
+    abandoned.cancel()
+    queued.cancel()
+    for task in (abandoned, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    # The next request gets its own reply, not the abandoned one's...
+    assert await asyncio.wait_for(conn.qos(10), 1) is None
+    # ... and the connection goes on: no reply is unexpected, none is skipped twice.
+    declared = await asyncio.wait_for(conn.queue_declare(unique_name, passive=True), 1)
+    assert declared.queue == unique_name
+    assert await asyncio.wait_for(conn.qos(5), 1) is None
+    ended = asyncio.ensure_future(conn.closed())
+    await asyncio.sleep(0.1)
+    assert conn.is_open and not ended.done()
+    ended.cancel()
+
+
+# --- the broker ending things -----------------------------------------------------------------
+
+
+async def test_channel_error_ends_the_connection(conn: AMQPConnection) -> None:
+    conn.ack(9999)  # an unknown delivery tag: the broker closes the channel
+    pending = asyncio.ensure_future(conn.qos(5))
+    started = time.monotonic()
+    reason = await asyncio.wait_for(conn.closed(), 2)
+    assert time.monotonic() - started < 1.0
+    assert "PRECONDITION_FAILED" in reason and "406" in reason
+    assert "9999" in reason
+    assert not conn.is_open
+    with pytest.raises(ConnectionClosed, match="PRECONDITION_FAILED"):
+        await asyncio.wait_for(pending, 1)
+    with pytest.raises(ConnectionClosed, match="PRECONDITION_FAILED"):
+        conn.ack(1)
+
+
+async def test_missing_queue_fails_the_request(conn: AMQPConnection, unique_name: str) -> None:
+    with pytest.raises(ConnectionClosed, match="NOT_FOUND") as missing:
+        await asyncio.wait_for(conn.queue_declare(unique_name + "-c", passive=True), 2)
+    assert unique_name + "-c" in str(missing.value)
+    reason = await asyncio.wait_for(conn.closed(), 1)
+    assert "404" in reason and "channel" in reason
+    assert not conn.is_open
+
+
+async def test_publish_to_a_missing_exchange_fails(conn: AMQPConnection,
+                                                   unique_name: str) -> None:
+    with pytest.raises(ConnectionClosed, match="NOT_FOUND"):
+        await asyncio.wait_for(conn.publish(b"x", b"\x00\x00", "rk", exchange=unique_name), 2)
+    assert conn._confirms == {}
+    assert not conn.is_open
+
+
+async def test_queue_deleted_while_consuming(
+        conn: AMQPConnection, channel: AbstractChannel, unique_name: str) -> None:
+    await asyncio.wait_for(conn.queue_declare(unique_name, durable=False), TIMEOUT)
+    tag = await asyncio.wait_for(conn.consume(unique_name, Collector()), TIMEOUT)
+    assert tag in conn._consumers
+    await channel.queue_delete(unique_name)
+    reason = await asyncio.wait_for(conn.closed(), 2)
+    assert "cancelled consumer" in reason and tag in reason
+    assert not conn.is_open
+    assert conn._consumers == {}
+
+
+# --- holding deliveries back ------------------------------------------------------------------
+
+
+async def test_hold_and_release(conn: AMQPConnection, amqp: AbstractConnection,
+                                channel: AbstractChannel, unique_name: str) -> None:
+    count, size, hold_at = 500, 4096, 10  # 2 MB in all: far past the 64 KiB pause threshold
+    await channel.declare_queue(unique_name)
+    for i in range(count):
+        await channel.default_exchange.publish(
+            aio_pika.Message(i.to_bytes(4, "big") * (size // 4)), routing_key=unique_name)
+    assert await ready_count(amqp, unique_name) == count
+
+    received: list[Delivery] = []
+
+    def callback(delivery: Delivery) -> None:
+        received.append(delivery)
+        if len(received) == hold_at:
+            conn.hold()
+
+    def check(deliveries: list[Delivery]) -> None:
+        for index, delivery in enumerate(deliveries):  # complete, in order, none twice
+            assert delivery.deliver.delivery_tag == index + 1
+            assert delivery.body == index.to_bytes(4, "big") * (size // 4)
+
+    await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while not conn._reading_paused:  # the bytes keep coming until 64 KiB wait
+        assert time.monotonic() < deadline, "reading never paused"
+        await asyncio.sleep(0.01)
+    assert len(conn._buffer) > _PAUSE_READING_AT
+    assert conn._incoming is None and conn._buffer[0] == 1  # a basic.deliver is next
+    await asyncio.sleep(0.2)
+    assert len(received) == hold_at
+    check(received)
+
+    # A request still gets its reply (handing over what was queued before it)...
+    declared = await asyncio.wait_for(conn.queue_declare(unique_name, passive=True), 2)
+    assert declared.message_count == 0  # all delivered (not all handed over)
+    after_request = len(received)
+    check(received)
+    assert conn.is_open
+    # ... and then deliveries are held again.
+    await asyncio.sleep(0.2)
+    assert len(received) == after_request
+
+    conn.release()
+    deadline = time.monotonic() + TIMEOUT
+    while len(received) < count:
+        assert time.monotonic() < deadline, f"only {len(received)} of {count} arrived"
+        await asyncio.sleep(0.01)
+    assert not conn._reading_paused
+    check(received)
+    assert len(received) == count
+    conn.ack(count, multiple=True)
+    await asyncio.wait_for(conn.close(), TIMEOUT)
+    assert await ready_count(amqp, unique_name) == 0
+
+
+async def test_request_while_held_with_large_messages(
+        conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
+        unique_name: str) -> None:
+    # Bodies past the 64 KiB pause threshold (two frames each): reading must not pause in the
+    # middle of a frame while a reply waits behind it, or the request waits forever.
+    count, size = 20, 200_000
+    await channel.declare_queue(unique_name)
+    await publish(channel, unique_name, *(bytes([i]) * size for i in range(count)))
+    received: list[Delivery] = []
+
+    def callback(delivery: Delivery) -> None:
+        received.append(delivery)
+        conn.hold()
+
+    def check(deliveries: list[Delivery]) -> None:
+        for index, delivery in enumerate(deliveries):  # complete, in order, none twice
+            assert delivery.deliver.delivery_tag == index + 1
+            assert delivery.body == bytes([index]) * size
+
+    await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while not conn._reading_paused:
+        assert time.monotonic() < deadline, "reading never paused"
+        await asyncio.sleep(0.01)
+    assert len(received) == 1
+
+    declared = await asyncio.wait_for(conn.queue_declare(unique_name, passive=True), 2)
+    assert declared.queue == unique_name
+    assert conn.is_open
+    check(received)
+    after_request = len(received)
+    await asyncio.sleep(0.1)  # held again
+    assert len(received) == after_request
+
+    conn.release()
+    deadline = time.monotonic() + TIMEOUT
+    while len(received) < count:
+        assert time.monotonic() < deadline, f"only {len(received)} of {count} arrived"
+        await asyncio.sleep(0.01)
+    check(received)
+    assert len(received) == count
+    conn.ack(count, multiple=True)
+    await asyncio.wait_for(conn.close(), TIMEOUT)
+    assert await ready_count(amqp, unique_name) == 0
+
+
+async def test_publish_while_held_is_confirmed(
+        conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
+        unique_name: str) -> None:
+    source, target = unique_name, unique_name + "-b"
+    await channel.declare_queue(source)
+    await channel.declare_queue(target)
+    count, size, hold_at = 20, 10_000, 5  # 200 kB: reading pauses while held
+    bodies = [bytes([i]) * size for i in range(count)]
+    await publish(channel, source, *bodies)
+    received: list[Delivery] = []
+
+    def callback(delivery: Delivery) -> None:
+        received.append(delivery)
+        if len(received) == hold_at:
+            conn.hold()
+
+    await asyncio.wait_for(conn.consume(source, callback), TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while not conn._reading_paused:
+        assert time.monotonic() < deadline, "reading never paused"
+        await asyncio.sleep(0.01)
+    assert len(received) == hold_at
+
+    # The confirm comes behind the held deliveries, on a paused socket: it is read without
+    # waiting for release().
+    await asyncio.wait_for(conn.publish(b"while held", b"\x00\x00", target), 1)
+    assert conn._confirms == {}
+    assert conn.is_open
+    assert await ready_count(amqp, target) == 1
+
+    conn.release()
+    deadline = time.monotonic() + TIMEOUT
+    while len(received) < count:
+        assert time.monotonic() < deadline, f"only {len(received)} of {count} arrived"
+        await asyncio.sleep(0.01)
+    assert [d.body for d in received] == bodies
+    assert [d.deliver.delivery_tag for d in received] == list(range(1, count + 1))
+    conn.ack(count, multiple=True)
+    await asyncio.wait_for(conn.close(), TIMEOUT)
+    assert await ready_count(amqp, source) == 0
+
+
+# --- heartbeats -------------------------------------------------------------------------------
+
+
+async def test_heartbeats_keep_an_idle_connection(amqp_url: str, unique_name: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    url = amqp_url + ("&" if "?" in amqp_url else "?") + "heartbeat=1"
+    alive = await connected(url)
+    silent = await connected(amqp_url, heartbeat=1)
+    try:
+        assert alive.heartbeat == 1 and silent.heartbeat == 1
+        loop = asyncio.get_running_loop()
+        beats: list[float] = []
+        write = alive._write
+
+        def recording(data: bytes) -> None:
+            if data == amqpwire.HEARTBEAT:
+                beats.append(loop.time())
+            write(data)
+
+        monkeypatch.setattr(alive, "_write", recording)
+        # The control: a connection that sends no heartbeats is dropped by the broker.
+        assert silent._heartbeat_timer is not None
+        silent._heartbeat_timer.cancel()
+        started = loop.time()
+        await asyncio.sleep(3.5)
+        assert alive.is_open
+        # one every half interval (the broker drops a client silent for ~3 intervals)
+        assert len(beats) >= 5
+        assert max(b - a for a, b in zip([started, *beats], beats, strict=False)) < 0.8
+        assert loop.time() - alive._last_received < 1.5  # the broker's heartbeats arrive
+        declared = await asyncio.wait_for(alive.queue_declare(unique_name, durable=False), 1)
+        assert declared.queue == unique_name
+        assert await asyncio.wait_for(alive.qos(3), 1) is None
+        reason = await asyncio.wait_for(silent.closed(), 1)
+        assert reason != "closed"
+        assert not silent.is_open
+    finally:
+        await alive.close()
+        await silent.close()
+
+
+# --- the parser, without a broker -------------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    """Just enough of a transport for :class:`AMQPConnection` to write to and pause."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closing = False
+        self.paused = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def close(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def wired(callback: Any, tag: str = "ctag") -> tuple[AMQPConnection, FakeTransport]:
+    """A connection as :meth:`AMQPConnection.connect` leaves it, on a fake transport."""
+    connection = AMQPConnection("amqp://unused/")
+    loop = asyncio.get_running_loop()
+    connection._loop = loop
+    connection._ended = loop.create_future()
+    transport = FakeTransport()
+    connection.connection_made(transport)
+    connection._consumers[tag] = callback
+    return connection, transport
+
+
+def message_frames(delivery_tag: int, body: bytes, properties: commands.Basic.Properties, *,
+                   redelivered: bool = False, exchange: str = "", routing_key: str = "q",
+                   body_frame: int = 131064, consumer_tag: str = "ctag") -> bytes:
+    frames = [
+        frame.marshal(commands.Basic.Deliver(consumer_tag=consumer_tag,
+                                             delivery_tag=delivery_tag,
+                                             redelivered=redelivered, exchange=exchange,
+                                             routing_key=routing_key), 1),
+        frame.marshal(pamqp_header.ContentHeader(0, len(body), properties), 1),
+    ]
+    frames += [frame.marshal(pamqp_body.ContentBody(body[i:i + body_frame]), 1)
+               for i in range(0, len(body), body_frame)]
+    return b"".join(frames)
+
+
+def bad_headers_message(delivery_tag: int) -> bytes:
+    """A delivery whose headers table holds a value of an unknown type ('Z')."""
+    table = b"\x01kZ"
+    properties = (1 << 13).to_bytes(2, "big") + len(table).to_bytes(4, "big") + table
+    payload = (60).to_bytes(2, "big") + b"\x00\x00" + (3).to_bytes(8, "big") + properties
+    content_header = b"\x02\x00\x01" + len(payload).to_bytes(4, "big") + payload + b"\xce"
+    return (frame.marshal(commands.Basic.Deliver(consumer_tag="ctag", delivery_tag=delivery_tag,
+                                                 routing_key="q"), 1)
+            + content_header + frame.marshal(pamqp_body.ContentBody(b"bad"), 1))
+
+
+HEARTBEAT = amqpwire.HEARTBEAT
+
+
+async def test_parser_gives_the_same_deliveries_for_any_split() -> None:
+    stream = b"".join([
+        message_frames(1, b"hello", commands.Basic.Properties(
+            content_type="application/json", headers={"a": 1, "s": "x", "n": None},
+            correlation_id="c1", delivery_mode=2)),
+        HEARTBEAT,
+        message_frames(2, b"", commands.Basic.Properties(), redelivered=True, exchange="ex",
+                       routing_key="rk"),
+        message_frames(3, bytes(range(256)) + b"tail", commands.Basic.Properties(priority=3),
+                       body_frame=100),
+        bad_headers_message(4),
+        HEARTBEAT,
+    ])
+    expected_deliver = [
+        Deliver("ctag", 1, False, "", "q"), Deliver("ctag", 2, True, "ex", "rk"),
+        Deliver("ctag", 3, False, "", "q"), Deliver("ctag", 4, False, "", "q")]
+
+    whole = Collector()
+    connection, transport = wired(whole)
+    connection.data_received(stream)
+    reference = whole.deliveries
+    assert [d.deliver for d in reference] == expected_deliver
+    assert [d.body for d in reference] == [b"hello", b"", bytes(range(256)) + b"tail", b"bad"]
+    first = reference[0].properties
+    assert first is not None
+    assert (first.content_type, first.headers, first.correlation_id, first.delivery_mode) == \
+        ("application/json", {"a": 1, "s": "x", "n": None}, "c1", 2)
+    assert reference[1].properties == Properties()
+    assert reference[2].properties is not None and reference[2].properties.priority == 3
+    # unreadable properties: the message is still handed over, with the reason
+    assert reference[3].properties is None
+    assert reference[3].problem is not None and "unknown field type" in reference[3].problem
+    assert connection.is_open and transport.written == [] and not connection._buffer
+
+    for cut in range(len(stream) + 1):
+        collector = Collector()
+        connection, _ = wired(collector)
+        connection.data_received(stream[:cut])
+        connection.data_received(stream[cut:])
+        assert collector.deliveries == reference, f"split at byte {cut}"
+        assert connection.is_open and not connection._buffer and connection._incoming is None
+
+    collector = Collector()
+    connection, _ = wired(collector)
+    for byte in range(len(stream)):
+        connection.data_received(stream[byte:byte + 1])
+    assert collector.deliveries == reference
+
+
+async def test_parser_ends_on_a_bad_frame_end() -> None:
+    collector = Collector()
+    connection, transport = wired(collector)
+    good = message_frames(1, b"fine", commands.Basic.Properties())
+    connection.data_received(good + b"\x08\x00\x00\x00\x00\x00\x00\x00" + good)
+    reason = await asyncio.wait_for(connection.closed(), 1)
+    assert "does not end with 0xCE" in reason
+    assert [d.body for d in collector.deliveries] == [b"fine"]  # what came before counts
+    assert transport.closing and not connection.is_open
+    with pytest.raises(ConnectionClosed, match="0xCE"):
+        connection.ack(1)
+
+    collector = Collector()
+    connection, transport = wired(collector)
+    connection.data_received(good[:-1] + b"\x00")  # the body frame's end is wrong
+    assert "does not end with 0xCE" in await asyncio.wait_for(connection.closed(), 1)
+    assert collector.deliveries == [] and transport.closing
+
+
+@pytest.mark.parametrize("payload", [
+    pytest.param(b"\x00\x63\x00\x63", id="unknown-method"),  # 99.99: pamqp knows no such method
+    pytest.param(b"\x00\x3c", id="too-short"),  # a class id and no method id
+])
+async def test_parser_ends_on_an_unreadable_method(payload: bytes) -> None:
+    collector = Collector()
+    connection, transport = wired(collector)
+    reply = connection._reply = asyncio.get_running_loop().create_future()
+    good = message_frames(1, b"fine", commands.Basic.Properties())
+    bad = amqpwire.FRAME_HEAD.pack(amqpwire.FRAME_METHOD, 1, len(payload)) + payload + b"\xce"
+    connection.data_received(good + bad + good)  # ends the connection, raises nothing
+    reason = await asyncio.wait_for(connection.closed(), 1)
+    assert reason.startswith("unreadable frame from the broker")
+    assert [d.body for d in collector.deliveries] == [b"fine"]  # what came before counts
+    assert transport.closing and not connection.is_open and not connection._buffer
+    with pytest.raises(ConnectionClosed, match="unreadable frame"):
+        reply.result()  # a request waiting for its reply fails
+    with pytest.raises(ConnectionClosed, match="unreadable frame"):
+        connection.ack(1)
+
+
+async def test_parser_holds_at_a_message_boundary() -> None:
+    count = 100
+    stream = b"".join(message_frames(tag, tag.to_bytes(2, "big") * 500,
+                                     commands.Basic.Properties()) for tag in range(1, count + 1))
+    assert len(stream) > _PAUSE_READING_AT
+    received: list[Delivery] = []
+
+    def callback(delivery: Delivery) -> None:
+        received.append(delivery)
+        connection.hold()
+
+    connection, transport = wired(callback)
+    connection.data_received(stream)
+    assert len(received) == 1
+    assert connection._incoming is None and connection._buffer[0] == 1
+    assert transport.paused and connection._reading_paused
+    connection.data_received(b"")  # more bytes while held hand nothing over
+    assert len(received) == 1
+
+    connection._consumers["ctag"] = received.append  # no more holding
+    connection.release()
+    assert not transport.paused and not connection._reading_paused
+    assert len(received) == 1  # handed over from the event loop, not re-entrantly
+    await asyncio.sleep(0)
+    assert [d.deliver.delivery_tag for d in received] == list(range(1, count + 1))
+    assert all(d.body == d.deliver.delivery_tag.to_bytes(2, "big") * 500 for d in received)
+    assert not connection._buffer
+
+
+async def test_parser_finishes_a_message_before_holding() -> None:
+    stream = b"".join(message_frames(tag, bytes([tag]) * 1000, commands.Basic.Properties(),
+                                     body_frame=300) for tag in (1, 2, 3))
+    collector = Collector()
+    connection, _ = wired(collector)
+    connection.data_received(stream[:500])  # deliver, header and part of the body
+    assert collector.deliveries == [] and connection._incoming is not None
+    connection.hold()
+    connection.data_received(stream[500:])
+    assert [d.body for d in collector.deliveries] == [b"\x01" * 1000]  # whole, then held
+    assert connection._incoming is None and connection._buffer[0] == 1
+    connection.release()
+    await asyncio.sleep(0)
+    assert [d.body for d in collector.deliveries] == [bytes([t]) * 1000 for t in (1, 2, 3)]
+
+
+async def test_parser_lets_a_reply_through_while_held() -> None:
+    def message(tag: int) -> bytes:
+        return message_frames(tag, b"m%d" % tag, commands.Basic.Properties())
+
+    collector = Collector()
+    connection, _ = wired(collector)
+    connection.hold()
+    connection.data_received(message(1))
+    assert collector.deliveries == []  # held, and no reply awaited
+    reply = connection._reply = asyncio.get_running_loop().create_future()
+    connection.data_received(message(2) + frame.marshal(commands.Basic.QosOk(), 1) + message(3))
+    assert isinstance(reply.result(), commands.Basic.QosOk)
+    # what came before the reply was handed over; after it, holding resumes
+    assert [d.body for d in collector.deliveries] == [b"m1", b"m2"]
+    assert connection._incoming is None and connection._buffer[0] == 1
