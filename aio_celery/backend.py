@@ -147,9 +147,10 @@ return 0
 STORE_RESULTS_LUA = """
 local expires = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-    local current = redis.call('GET', key)
+    -- pcall: a key of another type is overwritten (as SET does), not an error for the batch
+    local current = redis.pcall('GET', key)
     local succeeded = false
-    if current then
+    if type(current) == 'string' then
         local ok, meta = pcall(cjson.decode, current)
         succeeded = ok and type(meta) == 'table' and meta['status'] == 'SUCCESS'
     end

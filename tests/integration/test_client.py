@@ -632,6 +632,25 @@ async def test_a_document_that_is_not_json_is_overwritten(
     assert await app.AsyncResult(task_id).get(timeout=5) == 5
 
 
+async def test_a_key_of_another_type_is_overwritten_without_failing_the_batch(
+        app: Celery, redis_client: redis.asyncio.Redis) -> None:
+    """Results stored in the same loop turn share one script run: a result key holding a hash
+    (say) is overwritten, as a SET would, instead of failing the whole batch (WRONGTYPE from
+    its GET) after some of the others were written and before the rest."""
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    odd = ids[2]
+    await redis_client.hset(resultmeta.result_key(odd), "status", "SUCCESS")
+    await asyncio.wait_for(
+        asyncio.gather(*(app.backend.store(meta(task_id, states.SUCCESS, n, app))
+                         for n, task_id in enumerate(ids))), 3)
+    assert await redis_client.type(resultmeta.result_key(odd)) == b"string"
+    for n, task_id in enumerate(ids):
+        stored = await app.backend.get_meta(task_id)
+        assert stored is not None
+        assert (stored["status"], stored["result"]) == (states.SUCCESS, n)
+    assert await app.AsyncResult(odd).get(timeout=2) == 2
+
+
 async def test_forget(app: Celery, redis_client: redis.asyncio.Redis) -> None:
     task_id = str(uuid.uuid4())
     key = resultmeta.result_key(task_id)
