@@ -12,8 +12,12 @@ without requeue); only the decoded message is kept, not the wire bytes. Then:
   free the next one starts in an asyncio task of its own, runs, its result is stored, then
   the delivery is acknowledged: finished prefixes with one ``multiple`` ack per loop turn.
 
-Acks and rejects are written to the socket as they are decided, so they reach the broker in
-that order: a ``multiple`` ack never overtakes a single ack of a tag it covers.
+Rejects are written at once; acks are gathered and written once per loop turn. A rejected
+tag leaves the tracker with its reject already on the wire, so no later ``multiple`` ack can
+cover it, and each tag is settled once (RabbitMQ closes the channel on an unknown tag).
+
+Every task the session starts has a done callback that frees its slot and, if it was
+cancelled before it ever ran (a cold stop in the same loop turn), gives its message back.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
 
-_CHANNEL_GONE = (ConnectionError, RuntimeError)
+_CHANNEL_GONE = (ConnectionError,)
 
 
 #: Decoded messages cost about twice their wire size in memory: with this many waiting for a
@@ -47,12 +51,17 @@ _HOLD_AT = 64
 _RELEASE_AT = 16
 
 
+def horizon_ms(horizon: float) -> int:
+    """The holding queue's message TTL for an eta horizon in seconds."""
+    return int(horizon * 1000)
+
+
 def wait_queue_name(queue: str, horizon: float) -> str:
-    """The holding queue for far-away etas of ``queue``. Its TTL is the horizon and is part
-    of the name: a queue cannot be declared again with another TTL, so a worker started with
-    another ``--eta-horizon`` gets a queue of its own (the old one still hands its messages
-    back) instead of a channel error at every park."""
-    return f"{queue}.aio-celery-eta-{horizon:g}s"
+    """The holding queue for far-away etas of ``queue``. Its TTL is part of the name: a
+    queue cannot be declared again with another TTL, so a worker started with another
+    ``--eta-horizon`` gets a queue of its own (the old one still hands its messages back)
+    instead of a channel error at every park."""
+    return f"{queue}.aio-celery-eta-{horizon_ms(horizon)}ms"
 
 
 @dataclasses.dataclass(slots=True)
@@ -63,6 +72,7 @@ class _Job:
     message: protocol.TaskMessage
     tag: int
     delivery_info: dict[str, Any]
+    acked: bool = False  # acked as it started (acks_late=False)
 
 
 @dataclasses.dataclass
@@ -85,16 +95,19 @@ class Session:
         self._free_slots = options.concurrency
         self._tracker = AckTracker()
         self._ready: collections.deque[_Job] = collections.deque()
-        self._waiting: set[asyncio.Task[None]] = set()  # etas not due yet
-        self._running: set[asyncio.Task[None]] = set()
+        self._waiting: dict[asyncio.Task[None], _Job] = {}  # etas not due yet, or parking
+        self._running: dict[asyncio.Task[None], _Job] = {}
         self._flush_scheduled = False
         self._stopping = False
         self._draining = False
         self._held = 0
         self._prefetch_applied = self.prefetch_count
         self._prefetch_task: asyncio.Task[None] | None = None
-        self._wait_queues: set[str] = set()
         self._outcome = StopOutcome()
+        #: given back while the consumers are still attached, the broker would hand these
+        #: straight back: kept until stop() has cancelled the consumers
+        self._returning: list[int] = []
+        self._consumers_cancelled = False
 
     # --- start and state -----------------------------------------------------------------
 
@@ -143,7 +156,8 @@ class Session:
         tag = deliver.delivery_tag
         self._tracker.delivered(tag)
         if self._stopping:
-            self._give_back(tag)
+            self._outcome.returned += 1
+            self._give_back_when_stopped(tag)
             return
         props = raw.properties
         try:
@@ -173,12 +187,20 @@ class Session:
             if len(self._ready) >= _HOLD_AT:
                 self.channel.hold()
         elif delay > self.options.eta_horizon:
-            self._wait(self._park(job, raw, delay), f"park {message.task}[{message.id}]")
+            self._wait(job, self._park(job, raw, delay), "park")
         else:  # the wire bytes are not kept while it waits: only parking needs them
-            self._wait(self._hold_until_due(job, delay), f"eta {message.task}[{message.id}]")
+            self._wait(job, self._hold_until_due(job, delay), "eta")
 
-    def _wait(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        self._waiting.add(asyncio.create_task(coro, name=name))
+    def _wait(self, job: _Job, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(coro, name=f"{what} {job.message.task}[{job.message.id}]")
+        self._waiting[task] = job
+        task.add_done_callback(self._wait_done)
+
+    def _wait_done(self, task: asyncio.Task[None]) -> None:
+        job = self._waiting.pop(task)
+        if task.cancelled():  # a stop or a lost connection: the message goes back
+            self._outcome.returned += 1
+            self._give_back_when_stopped(job.tag)
 
     def _start_ready(self) -> None:
         """Start ready jobs while there are free slots (none once a stop was requested)."""
@@ -188,7 +210,8 @@ class Session:
             self._free_slots -= 1
             task = asyncio.create_task(self._run(job),
                                        name=f"{job.message.task}[{job.message.id}]")
-            self._running.add(task)
+            self._running[task] = job
+            task.add_done_callback(self._run_done)
         if len(ready) <= _RELEASE_AT:
             self.channel.release()
 
@@ -200,11 +223,10 @@ class Session:
 
     async def _run(self, job: _Job) -> None:
         message = job.message
-        acked = False
         try:
             if self.runner.acks_early(message):
                 self._settle(job.tag, Settle.ACK)
-                acked = True
+                job.acked = True
             settle = await self.runner.run(message, job.delivery_info)
         except Exception:
             # A bug of ours (task errors are handled by the runner). Requeue once; a
@@ -213,21 +235,19 @@ class Session:
             logger.exception("Internal error while handling task %s[%s]: message %s",
                              message.task, message.id,
                              "rejected" if settle is Settle.REJECT else "requeued once")
-        except asyncio.CancelledError:
-            # Shutdown or connection loss: the message goes back to the queue.
-            self._outcome.cancelled += 1
-            if not acked:
-                self._give_back(job.tag)
-            self._start_ready()  # nothing starts if we are stopping
-            return
-        finally:
-            self._running.discard(asyncio.current_task())
-            self._free_slots += 1
-        if not acked:
+        if not job.acked:
             self._settle(job.tag, settle)
         self.stats.finished += 1
         self._on_task_done()  # may request a stop (max tasks): before the next one starts
-        self._start_ready()
+
+    def _run_done(self, task: asyncio.Task[None]) -> None:
+        job = self._running.pop(task)
+        self._free_slots += 1
+        if task.cancelled():  # a stop or a lost connection: the message goes back
+            self._outcome.cancelled += 1
+            if not job.acked:
+                self._give_back_when_stopped(job.tag)
+        self._start_ready()  # nothing starts once a stop was requested
 
     async def _hold_until_due(self, job: _Job, delay: float) -> None:
         """An eta within the horizon: wait without a slot (the prefetch window widened by
@@ -236,14 +256,9 @@ class Session:
         self._update_prefetch()
         try:
             await asyncio.sleep(delay)
-        except asyncio.CancelledError:
-            self._outcome.returned += 1
-            self._give_back(job.tag)
-            return
         finally:
             self._held -= 1
             self._update_prefetch()
-            self._waiting.discard(asyncio.current_task())
         self._ready.append(job)
         self._start_ready()
 
@@ -252,28 +267,31 @@ class Session:
         assert raw.properties is not None  # it was decoded
         queue, message = job.queue, job.message
         name = wait_queue_name(queue, self.options.eta_horizon)
+        # Declared every time (parking is rare): a holding queue deleted meanwhile would
+        # otherwise swallow the copy, unroutable, while the original is acked.
+        publish = asyncio.ensure_future(self._publish_parked(raw, queue, name))
         try:
-            if name not in self._wait_queues:
-                await self.channel.declare_wait_queue(name, queue,
-                                                      int(self.options.eta_horizon * 1000))
-                self._wait_queues.add(name)
-            await self.channel.publish_raw(raw.body, raw.properties.encoded, name)
+            await publish
         except asyncio.CancelledError:
-            self._outcome.returned += 1
-            self._give_back(job.tag)
-            return
+            if not publish.cancelled() and publish.exception() is None:
+                self._settle(job.tag, Settle.ACK)  # confirmed just before the cancel
+                return
+            raise
         except Exception as exc:
             logger.warning("Task %s[%s] could not be parked in %s (%s): it goes back to the "
                            "queue", message.task, message.id, name, describe_error(exc))
             self._give_back(job.tag)
             return
-        finally:
-            self._waiting.discard(asyncio.current_task())
         self._settle(job.tag, Settle.ACK)  # the copy in the holding queue counts now
         logger.info("Task %s[%s] is due in %.0fs, beyond the %.0fs eta horizon: parked in %s "
                     "(the broker hands it back every %.0fs until it is due)", message.task,
                     message.id, delay, self.options.eta_horizon, name,
                     self.options.eta_horizon)
+
+    async def _publish_parked(self, raw: Delivery, queue: str, name: str) -> None:
+        assert raw.properties is not None
+        await self.channel.declare_wait_queue(name, queue, horizon_ms(self.options.eta_horizon))
+        await self.channel.publish_raw(raw.body, raw.properties.encoded, name)
 
     def _update_prefetch(self) -> None:
         if self._prefetch_task is None or self._prefetch_task.done():
@@ -302,6 +320,14 @@ class Session:
     def _give_back(self, tag: int) -> None:
         self._settle(tag, Settle.REQUEUE)
 
+    def _give_back_when_stopped(self, tag: int) -> None:
+        """Give back now, or once stop() has cancelled the consumers if they may still be
+        attached: given back before, the broker would hand the message straight back."""
+        if self._stopping and not self._consumers_cancelled:
+            self._returning.append(tag)
+        else:
+            self._give_back(tag)
+
     def _flush(self) -> None:
         """Ack what finished since the last flush: the finished prefix in one frame."""
         self._flush_scheduled = False
@@ -329,10 +355,10 @@ class Session:
         self._draining = True
 
     def go_cold(self) -> None:
-        """Cancel everything now (from a signal handler: no awaiting here)."""
+        """Cancel everything now (from a signal handler: no awaiting here). Messages are
+        given back by :meth:`stop`, once the consumers are cancelled: given back now, the
+        broker would hand them straight back."""
         self._stopping = True
-        self.channel.release()  # held deliveries are handed over, to be given back
-        self._return_ready()
         for task in (*self._waiting, *self._running):
             task.cancel()
 
@@ -340,9 +366,13 @@ class Session:
         """Stop consuming, give back what has not started, let running tasks finish for up to
         ``timeout`` seconds (none when cold), cancel the rest, settle all, close."""
         self._stopping = True
-        self.channel.release()  # held deliveries are handed over, to be given back
         with contextlib.suppress(*_CHANNEL_GONE):
             await self.channel.cancel_consumers()
+        self._consumers_cancelled = True
+        for tag in self._returning:
+            self._give_back(tag)
+        self._returning.clear()
+        self.channel.release()  # held deliveries are handed over, and given back at once
         self._return_ready()
         for task in list(self._waiting):
             task.cancel()
@@ -355,7 +385,7 @@ class Session:
                            "the queue", len(self._running))
         for task in list(self._running):
             task.cancel()
-        pending = self._waiting | self._running
+        pending = {*self._waiting, *self._running}
         if pending:
             await asyncio.wait(pending)
         self._return_ready()  # an eta that fell due while we waited
@@ -367,7 +397,7 @@ class Session:
         """The connection is gone: cancel every task (RabbitMQ requeues their messages)."""
         self._stopping = True
         self._ready.clear()
-        pending = self._waiting | self._running
+        pending = {*self._waiting, *self._running}
         for task in pending:
             task.cancel()
         if pending:

@@ -125,6 +125,10 @@ class TaskRunner:
             outcome = exc
             if not isinstance(exc, Retry) and isinstance(exc, task.autoretry_for):
                 outcome = await self._autoretry(task, request, exc)
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise  # a stop or a lost connection: the session gives the message back
+            outcome = exc  # the task's own (it awaited something cancelled): a failure
         runtime = time.monotonic() - started
         if outcome is None:
             settle = await self._on_success(task, request, message, value, ignore, runtime)
@@ -337,6 +341,11 @@ class TaskRunner:
                                message.task, message.id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _format_tb(exc: BaseException) -> str:

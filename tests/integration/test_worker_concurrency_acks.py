@@ -150,6 +150,54 @@ async def test_failing_task_stores_failure_and_is_acked(
     assert calls == 1
 
 
+async def test_a_tasks_own_cancelled_error_is_a_failure_and_the_backlog_goes_on(
+        app: Celery, start_worker, amqp: AbstractConnection, unique_name: str) -> None:
+    """A CancelledError the task raises itself (it awaited a future someone else cancelled)
+    is a failure like any other, not a stop: FAILURE stored, message acked. With one slot and
+    a backlog past the 64 ready jobs at which the session holds deliveries, it used to be
+    taken for a stop: the message requeued and the slot never handed on (a stalled worker)."""
+    backlog = 150
+    delivered = asyncio.Event()
+    runs = 0
+    done: list[int] = []
+
+    @app.task
+    async def victim() -> None:
+        nonlocal runs
+        runs += 1
+        await delivered.wait()
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future  # raises CancelledError, while nobody cancels this task
+
+    @app.task
+    async def work(i: int) -> int:
+        done.append(i)
+        return i
+
+    r = await victim.delay()
+    await asyncio.gather(*(work.delay(i) for i in range(backlog)))
+    handle = await start_worker(concurrency=1, prefetch_multiplier=2 * backlog)
+    await eventually(lambda: resolves_to(ready_count(amqp, unique_name), 0), timeout=3,
+                     what="the whole backlog delivered")
+    session = handle.worker._session
+    await eventually(lambda: len(session._ready) >= 64, timeout=3,
+                     what="64 jobs ready: deliveries held from here on")
+    delivered.set()
+    await eventually(lambda: len(done) == backlog, timeout=3, what="the whole backlog run")
+    stored = await app.backend.get_meta(r.id)
+    assert stored is not None
+    assert stored["status"] == states.FAILURE
+    assert stored["result"]["exc_type"] == "CancelledError"
+    assert (await r.refresh()).state == states.FAILURE
+    assert isinstance(r.result, asyncio.CancelledError)
+    assert await handle.stop(timeout=3) == 0
+    # Acked, not requeued: nothing is back in the queue and it ran once.
+    assert await ready_count(amqp, unique_name) == 0
+    assert runs == 1
+    assert sorted(done) == list(range(backlog))
+
+
 async def test_success_state_and_result_document(app: Celery, start_worker) -> None:
     @app.task
     async def add(a: int, b: int) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,7 @@ from aio_pika.abc import AbstractConnection
 from helpers import eventually, ready_count, resolves_to
 
 from aio_celery import Celery, exitcodes, signals, states
+from aio_celery.broker import ConsumerChannel
 from aio_celery.worker import execution
 
 # --- helpers ------------------------------------------------------------------------------
@@ -121,6 +123,93 @@ async def test_second_stop_request_turns_warm_into_cold(
     assert await asyncio.wait_for(handle.task, 2) == exitcodes.OK
     assert sorted(tracker.cancelled) == [0, 1]
     assert await ready_count(amqp, unique_name) == 2
+
+
+@pytest.mark.parametrize("trigger", ["by the task", "as it ends"])
+async def test_cold_stop_as_the_next_task_starts_leaves_nothing_unsettled(
+        app: Celery, start_worker, amqp: AbstractConnection, unique_name: str,
+        trigger: str) -> None:
+    """A cold stop requested in the loop turn in which the next task is started (as a signal
+    may arrive just as a task finishes) may cancel that task before it ever ran: its message
+    is given back by the worker like any other and counted, not left unsettled (the broker
+    only requeued it at close). "by the task": the task's last step schedules the stop;
+    "as it ends": a done callback of the task's asyncio task, run just after the session's
+    own, which starts the next task."""
+    count = 10
+    gate = asyncio.Event()
+    ran: collections.Counter[int] = collections.Counter()
+    done: collections.Counter[int] = collections.Counter()
+
+    @app.task(ignore_result=True)  # nothing to await between the task's end and the next
+    async def step(i: int) -> int:
+        ran[i] += 1
+        if i == 0 and not gate.is_set():
+            await gate.wait()
+            if trigger == "by the task":
+                asyncio.get_running_loop().call_soon(handle.worker.request_stop, True)
+        done[i] += 1
+        return i
+
+    for i in range(count):
+        await step.delay(i)
+    handle = await start_worker(concurrency=1, prefetch_multiplier=2 * count)
+    await eventually(lambda: resolves_to(ready_count(amqp, unique_name), 0), timeout=3,
+                     what="every message delivered")
+    await eventually(lambda: ran[0] == 1, timeout=3, what="the first task running")
+    session = handle.worker._session
+    if trigger == "as it ends":
+        (first,) = session.running_tasks()
+        first.add_done_callback(lambda _: handle.worker.request_stop(cold=True))
+    gate.set()
+    assert await handle.wait(timeout=3) == exitcodes.OK
+    finished = handle.worker.stats.finished
+    assert finished == sum(done.values()) >= 1
+    assert not session.busy, "deliveries left unsettled or tasks left running"
+    outcome = session._outcome
+    assert outcome.returned + outcome.cancelled == count - finished
+    await eventually(lambda: resolves_to(ready_count(amqp, unique_name), count - finished),
+                     timeout=2, what="the unfinished messages back in the queue")
+    # A fresh worker runs the rest: nothing was lost, nothing is done twice.
+    again = await start_worker(concurrency=2, burst=True)
+    assert await again.wait(timeout=3) == exitcodes.OK
+    assert done == collections.Counter(range(count))
+    assert await ready_count(amqp, unique_name) == 0
+
+
+async def test_cold_stop_does_not_bounce_the_prefetched_messages(
+        app: Celery, start_worker, amqp: AbstractConnection, unique_name: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are given back once the consumers are cancelled: given back before, RabbitMQ
+    hands them straight back to the same consumer, which gives them back again, and so on
+    until the cancel is through (several rejects per message)."""
+    concurrency, multiplier = 4, 50
+    prefetch = concurrency * multiplier  # 200, of 400 messages
+    rejects: collections.Counter[bool] = collections.Counter()
+    reject = ConsumerChannel.reject
+
+    def counting(self: ConsumerChannel, tag: int, requeue: bool) -> None:
+        rejects[requeue] += 1
+        reject(self, tag, requeue)
+
+    monkeypatch.setattr(ConsumerChannel, "reject", counting)
+    tracker = Tracker()
+    long = long_task(app, tracker, 30.0)
+    await asyncio.gather(*(long.delay(i) for i in range(2 * prefetch)))
+    handle = await start_worker(concurrency=concurrency, prefetch_multiplier=multiplier)
+    await eventually(lambda: len(tracker.started) == concurrency, timeout=3,
+                     what="the first tasks running")
+    await eventually(lambda: resolves_to(ready_count(amqp, unique_name), prefetch), timeout=3,
+                     what="the prefetch window delivered")
+    assert await handle.stop(cold=True, timeout=3) == exitcodes.OK
+    assert rejects[False] == 0
+    # About one each (a cancelled task's message given back before the consumer cancel is
+    # through may still bring one more delivery per slot, given back as it arrives).
+    assert rejects[True] == prefetch, \
+        f"{rejects[True]} requeue rejects for {prefetch} prefetched messages"
+    assert sorted(tracker.cancelled) == sorted(tracker.started)
+    assert len(tracker.started) == concurrency  # nothing else ran
+    await eventually(lambda: resolves_to(ready_count(amqp, unique_name), 2 * prefetch),
+                     timeout=2, what="every message back in the queue")
 
 
 # --- max tasks per child --------------------------------------------------------------------
