@@ -10,6 +10,11 @@ encoded and decoded by pamqp.
 One channel, in confirm mode, so that a republished message is known to be queued before
 the original is acked. Lost connections are not repaired here: :meth:`AMQPConnection.closed`
 says why it ended, and the owner opens a new connection.
+
+Back-pressure: :meth:`AMQPConnection.hold` stops handing over deliveries at a message
+boundary; what arrives meanwhile stays in the buffer as wire bytes, and past 64 KiB in the
+socket (reading paused). Replies, confirms and control frames still get through, and the
+heartbeat timer reads once per beat, so a broker's close or a dead socket is noticed.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ DeliveryCallback = Callable[[Delivery], None]
 
 @dataclass(slots=True)
 class _Incoming:
-    deliver: Deliver
+    deliver: Deliver | None  # None: the content of a basic.return, to be dropped
     properties: Properties | None = None
     problem: str | None = None
     size: int = -1  # -1 until the content header arrives
@@ -130,6 +135,24 @@ class Endpoint:
 
 
 _TLS_OPTIONS = ("cafile", "capath", "certfile", "keyfile", "no_verify_ssl")
+
+
+def _control_frame_end(buffer: bytearray, pos: int) -> int:
+    """Where the first complete frame from ``pos`` on that is a method other than
+    ``basic.deliver`` ends (a close from the broker, a consumer cancel, a reply), or ``pos``
+    if there is none: held deliveries must not hide those."""
+    start, size = pos, len(buffer)
+    head = amqpwire.FRAME_HEAD.unpack_from
+    while size - pos >= 8:
+        kind, _, length = head(buffer, pos)
+        end = pos + 7 + length
+        if end >= size:
+            break
+        if kind == amqpwire.FRAME_METHOD and length >= 4 and \
+                amqpwire.METHOD_ID.unpack_from(buffer, pos + 7) != amqpwire.BASIC_DELIVER:
+            return int(end) + 1
+        pos = end + 1
+    return start
 
 
 class AMQPConnection(asyncio.Protocol):
@@ -241,18 +264,23 @@ class AMQPConnection(asyncio.Protocol):
         self._parse()
 
     def _parse(self) -> None:
-        """Handle every complete frame in the buffer; while deliveries are held, stop at the
-        next message boundary (unless an RPC waits for its reply behind them)."""
+        """Handle every complete frame in the buffer. While deliveries are held, stop at the
+        next message boundary, unless a reply or confirm is due or a control frame (a close,
+        a consumer cancel) waits behind them: those are read through, deliveries and all."""
         if self._transport is None:  # ended: nothing read now can be acted upon
             return
         buffer = self._buffer
         size = len(buffer)
         pos = 0
+        control_end = 0
         head = amqpwire.FRAME_HEAD.unpack_from
         try:
             while size - pos >= 8:
-                if self._held and self._incoming is None and not self._awaiting_broker():
-                    break
+                if self._held and pos >= control_end and self._incoming is None \
+                        and not self._awaiting_broker():
+                    control_end = _control_frame_end(buffer, pos)
+                    if pos >= control_end:
+                        break
                 kind, channel, length = head(buffer, pos)
                 end = pos + 7 + length
                 if end >= size:
@@ -269,11 +297,18 @@ class AMQPConnection(asyncio.Protocol):
             # not know; struct.error on a method frame too short for its ids. The stream is lost
             self._abort(f"unreadable frame from the broker: {exc}")
             return
+        except ConnectionError as exc:  # an answer could not be written: the socket is gone
+            self._abort(str(exc))
+            return
         del buffer[:pos]
-        # Pause only where holding stopped the parse (a message boundary, nothing awaited): a
-        # paused socket would never bring the rest of a frame, a reply or a confirm.
+        self._pause_if_held()
+
+    def _pause_if_held(self) -> None:
+        """Stop reading the socket once enough held bytes are buffered. Only where holding
+        stopped the parse (a message boundary, nothing awaited): a paused socket would never
+        bring the rest of a frame, a reply or a confirm."""
         if self._held and self._incoming is None and not self._awaiting_broker() \
-                and not self._reading_paused and len(buffer) > _PAUSE_READING_AT \
+                and not self._reading_paused and len(self._buffer) > _PAUSE_READING_AT \
                 and self._transport is not None:
             self._transport.pause_reading()
             self._reading_paused = True
@@ -347,6 +382,8 @@ class AMQPConnection(asyncio.Protocol):
         chunks = incoming.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         deliver = incoming.deliver
+        if deliver is None:
+            return
         callback = self._consumers.get(deliver.consumer_tag)
         if callback is None:  # cannot happen: tags are registered before consuming starts
             logger.error("Delivery for unknown consumer %s: requeued", deliver.consumer_tag)
@@ -378,7 +415,12 @@ class AMQPConnection(asyncio.Protocol):
         elif isinstance(method, commands.Channel.Flow):
             self._write(frame.marshal(commands.Channel.FlowOk(active=method.active), channel))
         elif isinstance(method, commands.Basic.Return):
-            pass  # nothing is published as mandatory
+            # Nothing is published as mandatory; should one come back all the same, its
+            # content frames follow and are dropped.
+            logger.warning("The broker returned a published message: %s %s (exchange %r, "
+                           "routing key %r)", method.reply_code, method.reply_text,
+                           method.exchange, method.routing_key)
+            self._incoming = _Incoming(None)
         else:
             self._replied(method)
 
@@ -452,13 +494,22 @@ class AMQPConnection(asyncio.Protocol):
         self._heartbeat_timer = self._loop.call_later(self.heartbeat / 2, self._beat)
 
     def _beat(self) -> None:
-        """Send a heartbeat every half interval; give up on a broker silent for two."""
+        """Send a heartbeat every half interval; give up on a broker silent for two. While
+        held deliveries keep the socket paused, read once anyway: a closed socket, or a
+        close from the broker behind the deliveries, must not wait for the release."""
         assert self._loop is not None
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False  # _parse pauses again once more has arrived
+            self._last_received = self._loop.time()
+            self._transport.resume_reading()
         silent = self._loop.time() - self._last_received
-        if silent > 2 * self.heartbeat and not self._reading_paused:
+        if silent > 2 * self.heartbeat:
             self._abort(f"no heartbeat from the broker for {silent:.0f}s")
             return
-        self._write(amqpwire.HEARTBEAT)
+        try:
+            self._write(amqpwire.HEARTBEAT)
+        except ConnectionError:
+            return  # ending: connection_lost says why
         self._schedule_heartbeat()
 
     # --- outgoing -----------------------------------------------------------------------

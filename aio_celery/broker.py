@@ -16,7 +16,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
 
-from aio_celery.amqpconn import AMQPConnection, DeliveryCallback
+from aio_celery.amqpconn import AMQPConnection, ConnectionClosed, DeliveryCallback
 from aio_celery.amqpwire import EncodedProperties
 from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError
@@ -201,7 +201,7 @@ class ConsumerChannel:
     @property
     def connection(self) -> AMQPConnection:
         if self._connection is None:
-            raise RuntimeError("consumer channel is not open")
+            raise ConnectionClosed("consumer channel is not open")
         return self._connection
 
     @property
@@ -209,10 +209,10 @@ class ConsumerChannel:
         return self._connection is not None and self._connection.is_open
 
     async def open(self) -> None:
-        connection = AMQPConnection(self.url, heartbeat=self.heartbeat,
-                                    connection_name=self.connection_name,
-                                    connect_timeout=self.connection_timeout)
         try:
+            connection = AMQPConnection(self.url, heartbeat=self.heartbeat,
+                                        connection_name=self.connection_name,
+                                        connect_timeout=self.connection_timeout)
             await connection.connect()
         except (TimeoutError, OSError, ValueError) as exc:
             raise BrokerConnectionError(
@@ -278,7 +278,7 @@ class ConsumerChannel:
             self._connection.release()
 
     def ack(self, tag: int, multiple: bool = False) -> None:
-        """Acknowledge now (raises ConnectionError if the connection is gone)."""
+        """Acknowledge now (ConnectionClosed, a ConnectionError, if the connection is gone)."""
         self.connection.ack(tag, multiple)
 
     def reject(self, tag: int, requeue: bool) -> None:

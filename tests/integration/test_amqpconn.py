@@ -643,6 +643,74 @@ async def test_publish_while_held_is_confirmed(
     assert await ready_count(amqp, source) == 0
 
 
+async def test_broker_ending_things_behind_held_deliveries_is_seen_while_held(
+        conn: AMQPConnection, channel: AbstractChannel, unique_name: str) -> None:
+    """The parser looks past held deliveries for control frames: a consumer cancel (here:
+    the queue is deleted) behind them ends the connection without waiting for release()."""
+    count, size, hold_at = 10, 4096, 2  # 40 kB: held in the buffer, reading not paused
+    await channel.declare_queue(unique_name)
+    await publish(channel, unique_name, *(bytes([i]) * size for i in range(count)))
+    received: list[Delivery] = []
+
+    def callback(delivery: Delivery) -> None:
+        received.append(delivery)
+        if len(received) == hold_at:
+            conn.hold()
+
+    await asyncio.wait_for(conn.qos(100), TIMEOUT)
+    tag = await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while len(conn._buffer) < (count - hold_at) * size:  # the rest arrived, and is held
+        assert time.monotonic() < deadline, "the held deliveries never arrived"
+        await asyncio.sleep(0.01)
+    assert len(received) == hold_at
+    assert not conn._reading_paused
+    await channel.queue_delete(unique_name)
+    reason = await asyncio.wait_for(conn.closed(), 2)
+    assert "cancelled consumer" in reason and tag in reason
+    assert not conn.is_open
+    assert conn._held  # seen without a release
+
+
+async def test_heartbeats_read_a_paused_connection_while_held(
+        amqp_url: str, channel: AbstractChannel, unique_name: str) -> None:
+    """With reading paused by held deliveries, each heartbeat still reads once (a close from
+    the broker, or a dead socket, must not wait for release()), and the parser pauses again;
+    deliveries stay held. A queue deleted meanwhile ends the connection."""
+    count, size, hold_at = 120, 4096, 2  # ~500 kB: more than one read of the socket
+    await channel.declare_queue(unique_name)
+    await publish(channel, unique_name, *(bytes([i % 256]) * size for i in range(count)))
+    url = amqp_url + ("&" if "?" in amqp_url else "?") + "heartbeat=1"
+    conn = await connected(url)
+    try:
+        received: list[Delivery] = []
+
+        def callback(delivery: Delivery) -> None:
+            received.append(delivery)
+            if len(received) == hold_at:
+                conn.hold()
+
+        await asyncio.wait_for(conn.qos(1000), TIMEOUT)
+        await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not conn._reading_paused:
+            assert time.monotonic() < deadline, "reading never paused"
+            await asyncio.sleep(0.01)
+        paused_at = len(conn._buffer)
+        deadline = time.monotonic() + 1.5
+        while len(conn._buffer) == paused_at:
+            assert time.monotonic() < deadline, "a paused connection is never read again"
+            await asyncio.sleep(0.01)
+        assert len(received) == hold_at  # still held
+        assert conn.is_open
+        await channel.queue_delete(unique_name)
+        reason = await asyncio.wait_for(conn.closed(), 2.5)
+        assert "cancelled consumer" in reason
+        assert conn._held
+    finally:
+        await conn.close()
+
+
 # --- heartbeats -------------------------------------------------------------------------------
 
 
