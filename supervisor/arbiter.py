@@ -30,6 +30,8 @@ logger = logging.getLogger("aio_celery.supervisor")
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
            signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
+#: the signals that stop the supervisor (warm, or cold for SIGQUIT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 #: how long the loop sleeps when nothing happens (signals wake it at once)
 TICK = 0.25
 #: seconds a cold shutdown waits before SIGKILL
@@ -95,7 +97,9 @@ class Supervisor:
         spec = self.options.spec
         self._install_handlers()
         self._retitle()
-        code = children.validate_app(spec, HANDLED)
+        code = self._validate_app()
+        if code is None:
+            return exitcodes.OK
         if code != exitcodes.OK:
             logger.error("The app %s could not be loaded (see above): no child started, "
                          "exiting with code %d", spec.app_spec, code)
@@ -113,6 +117,43 @@ class Supervisor:
         logger.info("Supervisor exiting with code %d (%s)", self._exit_code,
                     exitcodes.NAMES.get(self._exit_code, "?"))
         return self._exit_code
+
+    def _validate_app(self) -> int | None:
+        """Load the app once in a short-lived child and return its exit code; None when a
+        stop was requested meanwhile (an import can take long, and a pod being deleted
+        must not wait for it)."""
+        pid = children.start_validation(self.options.spec, HANDLED)
+        later: list[int] = []  # SIGHUP, SIGTTIN, ...: acted upon once children run
+        try:
+            return self._wait_for_validation(pid, later)
+        finally:
+            for signum in later:
+                self._signals.put_nowait(signum)
+
+    def _wait_for_validation(self, pid: int, later: list[int]) -> int | None:
+        stop: int | None = None
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+                # Ctrl-C reaches the whole process group: the loading child died of the
+                # same stop signal; that is a stop, not an app that cannot be loaded.
+                return None if stop is not None and code < 0 else code
+            if stop is not None:
+                logger.info("%s while the app was loading: stopping before any child started",
+                            signal.Signals(stop).name)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return None
+            try:
+                signum = self._signals.get(timeout=TICK)  # SIGCHLD wakes it at once
+            except queue.Empty:
+                continue
+            if signum in STOP_SIGNALS:
+                stop = signum
+            elif signum != signal.SIGCHLD:
+                later.append(signum)
 
     def _step(self) -> bool:
         """One turn of the loop; False once everything has stopped."""

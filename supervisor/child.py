@@ -86,9 +86,10 @@ def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
         os._exit(code)
 
 
-def validate_app(spec: ChildSpec, handled: Iterable[signal.Signals]) -> int:
-    """Import the app once in a short-lived child (the parent itself never imports it, so
-    that a restarted child loads new code); returns that child's exit code."""
+def start_validation(spec: ChildSpec, handled: Iterable[signal.Signals]) -> int:
+    """Fork a short-lived child that imports the app once and exits 0, or 3 if it cannot
+    (the parent itself never imports it, so that a restarted child loads new code); returns
+    its pid, for the caller to reap."""
     handled = list(handled)
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     pid = os.fork()
@@ -101,8 +102,7 @@ def validate_app(spec: ChildSpec, handled: Iterable[signal.Signals]) -> int:
             sys.stderr.flush()
             os._exit(code)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return pid
 
 
 def _reset_after_fork(handled: list[signal.Signals], close_fds: Iterable[int]) -> None:

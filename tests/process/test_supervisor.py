@@ -410,6 +410,37 @@ def test_app_failing_to_import_exits_without_starting_children(
     assert not sup.status_path.exists()
 
 
+@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["sigterm-to-the-supervisor", "ctrl-c-to-the-process-group"])
+def test_a_stop_while_the_app_is_loading_stops_at_once(
+        supervise: Callable[..., Supervised], tmp_path: Path, signum: signal.Signals,
+        to_group: bool) -> None:
+    """A pod deleted while a slow app import runs must not wait for the import; Ctrl-C
+    (which reaches the importing child too) is a stop, not an app that failed to load."""
+    module = f"slow_sup_tasks_{uuid.uuid4().hex[:8]}"
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    started = tmp_path / "import-started"
+    (code_dir / f"{module}.py").write_text(
+        "import pathlib, time\n"
+        f"pathlib.Path({str(started)!r}).write_text('yes')\n"
+        "time.sleep(60)\n", encoding="utf-8")
+    sup = supervise(processes=2, app_spec=f"{module}:app", env={"PYTHONPATH": str(code_dir)})
+    wait_until(started.exists, START_DEADLINE, "the app import started", sup.diagnostics)
+    began = time.monotonic()
+    if to_group:
+        os.killpg(sup.pid, signum)
+    else:
+        sup.signal(signum)
+    assert sup.wait(10) == exitcodes.OK, sup.diagnostics()
+    assert time.monotonic() - began < 3, "the supervisor waited for the import"
+    log = sup.log
+    assert "could not be loaded" not in log, log
+    assert "Started child" not in log, log
+    with pytest.raises(ProcessLookupError):  # the importing child is gone too
+        os.killpg(sup.pid, 0)
+
+
 # --- 4. SIGHUP: rolling restart under load ------------------------------------------------------
 
 def test_sighup_replaces_children_one_by_one_without_losing_tasks(
