@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import aiormq
+from pamqp import commands
 
 from aio_celery.protocol import Envelope
 
@@ -166,7 +166,7 @@ def encode_properties(envelope: Envelope) -> bytes:
     return _SHORT.pack(flags) + b"".join(parts)
 
 
-class EncodedProperties(aiormq.spec.Basic.Properties):
+class EncodedProperties(commands.Basic.Properties):
     """Basic properties whose wire form was computed up front by :func:`encode_properties`.
 
     aiormq only reads ``message_id`` (for confirms) and calls :meth:`marshal`; skipping

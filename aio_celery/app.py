@@ -133,11 +133,14 @@ class Celery:
     # --- connections ---------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def setup(self, *, with_context: bool = False) -> AsyncIterator[Celery]:
+    async def setup(self, *, with_context: bool = False,
+                    lazy_broker: bool = False) -> AsyncIterator[Celery]:
         """Connect to the broker (and, lazily, the result backend) for the block's duration.
 
         Re-entrant: inside an outer ``setup()`` the existing connections are reused (and left
-        open), so a worker can run an app that is already connected.
+        open), so a worker can run an app that is already connected. With ``lazy_broker``
+        the publisher connects when something is first sent (the worker does this: it
+        consumes on a connection of its own, and many workers never send anything).
         """
         if self._broker is not None:
             if with_context and self._context is None:
@@ -154,12 +157,14 @@ class Celery:
             heartbeat=settings.broker_heartbeat,
             max_priority=settings.task_queue_max_priority,
             connection_name=f"aio_celery {self.main or ''} pid {os.getpid()}".strip(),
+            lazy=lazy_broker,
         )
         if settings.result_backend:
             self._backend = RedisBackend(settings.result_backend,
                                          expires=settings.result_expires_seconds())
         try:
-            await self._broker.connect()
+            if not lazy_broker:
+                await self._broker.connect()
             if with_context:
                 async with self.app_context():
                     yield self

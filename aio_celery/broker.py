@@ -3,24 +3,28 @@
 Publishing goes through aio-pika (a robust connection); the worker consumes on a lean
 connection of its own (:mod:`aio_celery.amqpconn`). Everything above this module deals in
 :class:`~aio_celery.protocol.Envelope` and :class:`~aio_celery.protocol.TaskMessage`.
+
+aio-pika is imported when the publisher first connects: a worker whose tasks never send
+anything does not load it (about 7 MiB of its memory).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-from typing import Any
-
-import aio_pika
-import aiormq
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+import sys
+from typing import TYPE_CHECKING, Any
 
 from aio_celery.amqpconn import AMQPConnection, ConnectionClosed, DeliveryCallback
 from aio_celery.amqpwire import EncodedProperties
 from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError
 from aio_celery.protocol import Envelope
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
 
 logger = logging.getLogger(__name__)
 
@@ -33,33 +37,20 @@ def queue_arguments(max_priority: int | None) -> dict[str, Any] | None:
     return {"x-max-priority": max_priority} if max_priority else None
 
 
-def amqp_properties(envelope: Envelope) -> aiormq.spec.Basic.Properties:
-    """AMQP basic properties for an envelope (message_id is the task id, saving aiormq
-    from drawing a random one)."""
-    return aiormq.spec.Basic.Properties(
-        content_type=envelope.content_type,
-        content_encoding=envelope.content_encoding,
-        headers=envelope.headers,
-        delivery_mode=envelope.delivery_mode,
-        priority=envelope.priority,
-        correlation_id=envelope.correlation_id,
-        reply_to=envelope.reply_to,
-        expiration=envelope.expiration,
-        message_id=envelope.correlation_id,
-    )
-
-
 class Broker:
     """One robust AMQP connection with a confirming publisher channel.
 
-    Inert until :meth:`connect`; queues are declared once per name (the robust channel
-    declares them again by itself after a reconnect).
+    Inert until :meth:`connect`, or, with ``lazy=True``, until the first publish connects it;
+    queues are declared once per name (the robust channel declares them again by itself
+    after a reconnect).
     """
 
     def __init__(self, url: str, *, connection_timeout: float = 4.0,
                  publish_timeout: float | None = None, heartbeat: int = 60,
-                 max_priority: int | None = None, connection_name: str = "aio_celery") -> None:
+                 max_priority: int | None = None, connection_name: str = "aio_celery",
+                 lazy: bool = False) -> None:
         self.url = url
+        self.lazy = lazy
         self.connection_timeout = connection_timeout
         self.publish_timeout = publish_timeout
         self.heartbeat = heartbeat
@@ -68,6 +59,8 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._declared: dict[str, asyncio.Future[AbstractRobustQueue]] = {}
+        self._connecting: asyncio.Future[None] | None = None
+        self._closed = False
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -77,6 +70,9 @@ class Broker:
 
     async def connect(self) -> None:
         """Open the connection and publisher channel, or raise BrokerConnectionError in time."""
+        import aio_pika
+        import aiormq
+
         try:
             self._connection = await asyncio.wait_for(
                 aio_pika.connect_robust(
@@ -95,7 +91,26 @@ class Broker:
             ) from exc
         self._channel = await self._connection.channel(publisher_confirms=True)
 
+    async def _connect_once(self) -> None:
+        """Lazy mode: the first publisher connects; the others wait for that (and after a
+        failure the next one tries again)."""
+        if self._closed:
+            raise RuntimeError("broker is closed: use `async with app.setup():`")
+        if self._connecting is None or (self._connecting.done()
+                                        and self._connecting.exception() is not None):
+            # An empty context: the connection's background tasks must not carry the
+            # first sender's (a task's request, say) for the life of the process.
+            self._connecting = asyncio.get_running_loop().create_task(
+                self.connect(), context=contextvars.Context())
+        await asyncio.shield(self._connecting)
+
     async def close(self) -> None:
+        self._closed = True
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
         connection, self._connection, self._channel = self._connection, None, None
         self._declared.clear()
         if connection is not None:
@@ -114,6 +129,8 @@ class Broker:
         of the same name. Concurrent callers for one name share a single declaration."""
         if channel is not None:
             return await self._declare(name, channel)
+        if self._channel is None and self.lazy:
+            await self._connect_once()
         future = self._declared.get(name)
         if future is None:
             future = asyncio.ensure_future(self._declare(name, self._publisher()))
@@ -126,6 +143,8 @@ class Broker:
             raise
 
     async def _declare(self, name: str, channel: AbstractRobustChannel) -> AbstractRobustQueue:
+        import aio_pika
+
         exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, durable=True)
         queue: AbstractRobustQueue = await channel.declare_queue(
             name, durable=True, arguments=queue_arguments(self.max_priority))
@@ -140,9 +159,13 @@ class Broker:
     async def publish(self, envelope: Envelope, queue: str) -> None:
         """Publish to ``queue`` through the default exchange (as Celery 5 does) and wait for
         the broker's confirm."""
+        import aiormq
+
         body, properties = envelope.body, EncodedProperties(envelope)
         task_name, task_id = envelope.headers.get("task"), envelope.correlation_id
         del envelope  # the header dict is not needed past this point
+        if self._channel is None and self.lazy:
+            await self._connect_once()
         declared = self._declared.get(queue)
         if declared is None or not declared.done():
             await self.declare_queue(queue)  # waits for a declaration already under way too
@@ -170,7 +193,8 @@ def describe_error(exc: BaseException) -> str:
     """A short, human description of a connection error (aiormq's reprs are noisy)."""
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
-    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+    aiormq = sys.modules.get("aiormq")  # not loaded: the error cannot be one of its own
+    if aiormq is not None and isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return "login refused (wrong user or password?)"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]

@@ -126,7 +126,7 @@ class Worker:
 
     async def _startup(self, stack: contextlib.AsyncExitStack) -> None:
         try:
-            await stack.enter_async_context(self.app.setup())
+            await stack.enter_async_context(self.app.setup(lazy_broker=True))
         except BrokerConnectionError as exc:
             raise StartupError(str(exc)) from exc
         try:

@@ -31,3 +31,14 @@ async def sleep(self, seconds: float, value: object = None) -> object:
     await app.backend.client.set(STARTED_PREFIX + str(self.request.id), "1", ex=3600)
     await asyncio.sleep(seconds)
     return value
+
+
+@app.task(name="proc.sends")
+async def sends() -> list[object]:
+    """Whether aio-pika was loaded before this task sent one (it should not be: the worker's
+    publisher connects on first use), whether it is after, and the id of the one it sent."""
+    import sys
+
+    before = "aio_pika" in sys.modules
+    sent = await sleep.delay(0, "sent by proc.sends")
+    return [before, "aio_pika" in sys.modules, sent.id]

@@ -145,6 +145,30 @@ def start_busy_worker(spawn: Callable[..., WorkerProcess], queue: str, redis_url
     return worker, ids
 
 
+# --- the publisher connects on first use ---------------------------------------------------------
+
+def test_the_worker_loads_aio_pika_only_when_a_task_sends(
+        spawn: Callable[..., WorkerProcess], unique_name: str, redis_url: str,
+        redis_client: redis.Redis) -> None:
+    async def send() -> str:
+        client = Celery("proc-client", set_as_current=False)
+        client.conf.update(broker_url=AMQP_URL, result_backend=redis_url,
+                           task_default_queue=unique_name)
+        async with client.setup():
+            return (await client.send_task("proc.sends")).id
+
+    task_id = asyncio.run(send())
+    worker = spawn("worker", "-P", "solo", "--burst", "-Q", unique_name, APP_SPEC,
+                   env=proc_env(unique_name, redis_url))
+    assert worker.wait(30) == exitcodes.OK, worker.diagnostics()
+    document = stored(redis_client, task_id)
+    assert document is not None and document["status"] == "SUCCESS", worker.diagnostics()
+    before, after, sent_id = document["result"]  # type: ignore[misc]
+    assert (before, after) == (False, True)
+    sent = stored(redis_client, str(sent_id))
+    assert sent is not None and sent["result"] == "sent by proc.sends", worker.diagnostics()
+
+
 # --- warm shutdown ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
