@@ -109,8 +109,9 @@ class Broker:
         connecting, self._connecting = self._connecting, None
         if connecting is not None and not connecting.done():
             connecting.cancel()
-            with contextlib.suppress(BaseException):
-                await connecting
+            await asyncio.wait([connecting])  # a connection made meanwhile is closed below
+            if not connecting.cancelled():
+                connecting.exception()  # retrieved: nobody else waits for it now
         connection, self._connection, self._channel = self._connection, None, None
         self._declared.clear()
         if connection is not None:
