@@ -331,14 +331,18 @@ class AMQPConnection(asyncio.Protocol):
             self._held = False
             self._parse_soon()
 
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            assert self._loop is not None
+            self._reading_paused = False
+            self._last_received = self._loop.time()  # silent by our choice until now
+            self._transport.resume_reading()
+
     def _parse_soon(self) -> None:
         """Resume reading and parse the buffer from the event loop (never re-entrantly from
         inside a delivery callback)."""
         assert self._loop is not None
-        if self._reading_paused and self._transport is not None:
-            self._reading_paused = False
-            self._last_received = self._loop.time()
-            self._transport.resume_reading()
+        self._resume_reading()
         if self._buffer:
             self._loop.call_soon(self._parse)
 
@@ -498,10 +502,7 @@ class AMQPConnection(asyncio.Protocol):
         held deliveries keep the socket paused, read once anyway: a closed socket, or a
         close from the broker behind the deliveries, must not wait for the release."""
         assert self._loop is not None
-        if self._reading_paused and self._transport is not None:
-            self._reading_paused = False  # _parse pauses again once more has arrived
-            self._last_received = self._loop.time()
-            self._transport.resume_reading()
+        self._resume_reading()  # _parse pauses again once more has arrived
         silent = self._loop.time() - self._last_received
         if silent > 2 * self.heartbeat:
             self._abort(f"no heartbeat from the broker for {silent:.0f}s")

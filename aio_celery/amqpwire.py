@@ -242,9 +242,13 @@ def _array(data: bytes, offset: int) -> tuple[list[Any], int]:
     return items, end
 
 
-def _nested_table(data: bytes, offset: int) -> tuple[dict[str, Any], int]:
+def _table_at(data: bytes, offset: int) -> tuple[dict[str, Any], int]:
     start, end = _sized(data, offset, "field table")
     return _table(data, start, end), end
+
+
+def _timestamp_at(data: bytes, offset: int) -> tuple[datetime, int]:
+    return _timestamp(data, offset), offset + 8
 
 
 def _byte_array(data: bytes, offset: int) -> tuple[bytearray, int]:
@@ -269,10 +273,10 @@ _READERS: dict[int, Callable[[bytes, int], tuple[Any, int]]] = {
     ord("t"): lambda data, offset: (data[offset] != 0, offset + 1),
     ord("V"): lambda data, offset: (None, offset),
     0: lambda data, offset: (None, offset),  # NUL as void: not in the spec, seen in the wild
-    ord("F"): _nested_table,
+    ord("F"): _table_at,
     ord("A"): _array,
     ord("x"): _byte_array,
-    ord("T"): lambda data, offset: (_timestamp(data, offset), offset + 8),
+    ord("T"): _timestamp_at,
     ord("D"): _decimal,
     ord("b"): _fixed(_INT8), ord("B"): _fixed(struct.Struct(">B")),
     ord("s"): _fixed(_INT16), ord("u"): _fixed(_SHORT),
@@ -344,11 +348,6 @@ def _octet_at(data: bytes, offset: int) -> tuple[int, int]:
     return data[offset], offset + 1
 
 
-def _table_at(data: bytes, offset: int) -> tuple[dict[str, Any], int]:
-    start, end = _sized(data, offset, "field table")
-    return _table(data, start, end), end
-
-
 #: every basic property in wire order: its flag bit, name and reader
 _PROPERTY_READERS: tuple[tuple[int, str, Callable[[bytes, int], tuple[Any, int]]], ...] = (
     (_CONTENT_TYPE, "content_type", _short_str_at),
@@ -360,7 +359,7 @@ _PROPERTY_READERS: tuple[tuple[int, str, Callable[[bytes, int], tuple[Any, int]]
     (_REPLY_TO, "reply_to", _short_str_at),
     (_EXPIRATION, "expiration", _short_str_at),
     (_MESSAGE_ID, "message_id", _short_str_at),
-    (_TIMESTAMP_FLAG, "timestamp", lambda data, offset: (_timestamp(data, offset), offset + 8)),
+    (_TIMESTAMP_FLAG, "timestamp", _timestamp_at),
     (1 << 5, "type", _short_str_at),
     (1 << 4, "user_id", _short_str_at),
     (1 << 3, "app_id", _short_str_at),

@@ -264,7 +264,6 @@ class Session:
 
     async def _park(self, job: _Job, raw: Delivery, delay: float) -> None:
         """An eta beyond the horizon: republish it to the holding queue, then ack it."""
-        assert raw.properties is not None  # it was decoded
         queue, message = job.queue, job.message
         name = wait_queue_name(queue, self.options.eta_horizon)
         # Declared every time (parking is rare): a holding queue deleted meanwhile would
