@@ -220,11 +220,11 @@ class Supervisor:
             logger.info("Warm shutdown: %d child(ren) finish their tasks (up to %.0fs)",
                         len(self.children), timeout)
             self._stop_deadline = time.monotonic() + timeout + WARM_GRACE
-            # Children already told to finish (restart, scale-down) are not signalled again:
-            # a second SIGTERM would turn their warm shutdown cold.
+            # Not SIGTERM: a child may get the user's signal too (Ctrl-C, a group-wide
+            # stop) and must not count ours as the user's second one (see STOP_SIGNAL).
             for record in list(self.children.values()):
                 if not record.retiring and not record.killed:
-                    _kill(record.pid, signal.SIGTERM)
+                    _kill(record.pid, children.STOP_SIGNAL)
         else:
             logger.info("Cold shutdown: %d child(ren) cancel their tasks now (messages go "
                         "back to the queue)", len(self.children))
@@ -382,7 +382,7 @@ class Supervisor:
                 old = self.children.get(old_pid)
                 if old is not None:
                     old.retiring = True
-                    _kill(old_pid, signal.SIGTERM)
+                    _kill(old_pid, children.STOP_SIGNAL)
                 self._replacing = None
             return
         while self._restart_queue:
@@ -405,7 +405,7 @@ class Supervisor:
         for record in self.children.values():
             if record.index > self.target and not record.retiring:
                 record.retiring = True
-                _kill(record.pid, signal.SIGTERM)
+                _kill(record.pid, children.STOP_SIGNAL)
 
     def _forward_dump(self) -> None:
         logger.info("SIGUSR1: asking %d child(ren) to log their running tasks",
@@ -468,12 +468,18 @@ class Supervisor:
 def describe_exit(code: int) -> str:
     """``exit code 5 (broker connection lost)`` or ``killed by SIGKILL``."""
     if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"killed by {name}"
+        return f"killed by {_signal_name(-code)}"
     return f"exit code {code} ({exitcodes.NAMES.get(code, 'unknown')})"
+
+
+def _signal_name(signum: int) -> str:
+    """``SIGTERM``, ``SIGRTMIN+3 (the supervisor's stop request)`` or ``signal 99``."""
+    if signum == children.STOP_SIGNAL:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN} (the supervisor's stop request)"
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 
 #: SIGUSR2 makes a child dump every thread's stack (even with its event loop blocked)
 DUMP_SIGNAL = signal.SIGUSR2
+#: The supervisor asks a child for a warm stop (shutdown, rolling restart, scale-down) with
+#: a signal of its own, not SIGTERM: Ctrl-C, systemd's KillMode=control-group, dumb-init and
+#: ``tini -g`` signal the whole process group, and a child that got the user's SIGINT and
+#: then a forwarded SIGTERM would count two signals and go cold. Nobody sends a real-time
+#: signal to a process group, so this one is never mistaken for the user's. Until the worker
+#: handles it (a child still importing the app) its default action ends the child.
+STOP_SIGNAL = signal.SIGRTMIN + 3
 
 
 @dataclass
@@ -106,7 +113,7 @@ def start_validation(spec: ChildSpec, handled: Iterable[signal.Signals]) -> int:
 
 
 def _reset_after_fork(handled: list[signal.Signals], close_fds: Iterable[int]) -> None:
-    for signum in handled:
+    for signum in (*handled, STOP_SIGNAL):  # SIG_IGN would survive from our own parent
         signal.signal(signum, signal.SIG_DFL)
     # Until the worker installs its handler, a forwarded SIGUSR1 (dump tasks) must not kill
     # a child that is still importing the app.
@@ -149,7 +156,8 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile) -> i
         return exitcodes.APP_LOAD_ERROR
     name, _, host = spec.worker.hostname.partition("@")
     options = dataclasses.replace(spec.worker, hostname=f"{name}-{index}@{host}")
-    return run_worker(app, options, on_tick=_ticker(beat, os.getppid()))
+    return run_worker(app, options, on_tick=_ticker(beat, os.getppid()),
+                      retire_signal=STOP_SIGNAL)
 
 
 def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], None]:
@@ -160,7 +168,7 @@ def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], No
         beat.beat(states[worker.state])
         if os.getppid() != parent and worker.state != "stopping":
             # Orphaned (the supervisor died): stop consuming rather than run unsupervised.
-            worker.request_stop()
+            worker.retire()
 
     return tick
 

@@ -16,17 +16,21 @@ logger = logging.getLogger("aio_celery.worker")
 
 
 def run_worker(app: Celery, options: WorkerOptions,
-               on_tick: Callable[[Worker], None] | None = None) -> int:
-    """Run a worker on a fresh event loop until it stops; return its exit code."""
+               on_tick: Callable[[Worker], None] | None = None,
+               retire_signal: int | None = None) -> int:
+    """Run a worker on a fresh event loop until it stops; return its exit code.
+
+    ``retire_signal``: the signal by which a supervisor asks for a warm stop (see
+    :func:`~aio_celery.worker.worker.install_signal_handlers`); None when run alone."""
     try:
-        return asyncio.run(_serve(app, options, on_tick))
+        return asyncio.run(_serve(app, options, on_tick, retire_signal))
     except Exception:
         logger.exception("Worker crashed")
         return exitcodes.INTERNAL_ERROR
 
 
 async def _serve(app: Celery, options: WorkerOptions,
-                 on_tick: Callable[[Worker], None] | None) -> int:
+                 on_tick: Callable[[Worker], None] | None, retire_signal: int | None) -> int:
     worker = Worker(app, options, on_tick=on_tick)
-    install_signal_handlers(worker)
+    install_signal_handlers(worker, retire_signal)
     return await worker.run()

@@ -1,8 +1,8 @@
 """One worker process: start-up -> consume/execute/ack -> warm or cold shutdown.
 
 The constructor is inert; :meth:`Worker.run` does everything and returns an exit code from
-:mod:`aio_celery.exitcodes`. Signal handlers (or tests) only call :meth:`request_stop`;
-the run loop acts on it.
+:mod:`aio_celery.exitcodes`. Signal handlers (or tests) only call :meth:`request_stop` or
+:meth:`retire`; the run loop acts on it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Worker:
         self.stats = Stats()
         self._stop_requested: asyncio.Event | None = None
         self._cold = False
+        self._stop_requests = 0  # request_stop() calls: the second one is cold
         self._exit_code = exitcodes.OK
         self._session: Session | None = None
         #: set when consumers are attached (readiness), cleared when they are not
@@ -54,12 +55,26 @@ class Worker:
     # --- what signal handlers and tests call -------------------------------------------
 
     def request_stop(self, cold: bool = False, exit_code: int | None = None) -> None:
-        """Ask for a warm (or cold) shutdown; a second request makes it cold."""
+        """Ask for a warm (or cold) shutdown; a second request makes it cold.
+
+        The user's SIGTERM/SIGINT come here. Stops asked with :meth:`retire` are not
+        counted: a user's first signal after one is still warm."""
+        if self._stop_requested is not None:
+            self._stop_requests += 1
+        self._stop(cold or self._stop_requests > 1, exit_code)
+
+    def retire(self, exit_code: int | None = None) -> None:
+        """Ask for a warm shutdown that is never counted as the user's signal: the
+        supervisor's stop request (:data:`supervisor.child.STOP_SIGNAL`; with Ctrl-C it
+        arrives next to the user's own SIGINT), recycling, burst mode, an orphaned child."""
+        self._stop(False, exit_code)
+
+    def _stop(self, cold: bool, exit_code: int | None) -> None:
         if self._stop_requested is None:
             return
         if self._session is not None:
             self._session.drain()  # nothing starts from now on, even before _shutdown runs
-        if self._stop_requested.is_set() or cold:
+        if cold:
             self._cold = True
             if self._session is not None:
                 self._session.go_cold()
@@ -172,7 +187,7 @@ class Worker:
         if limit and self.stats.finished >= limit and not self._stop_requested_set():
             logger.info("Reached max tasks per child (%d): finishing and exiting to be "
                         "replaced", limit)
-            self.request_stop(exit_code=exitcodes.RECYCLE)
+            self.retire(exit_code=exitcodes.RECYCLE)
 
     def _stop_requested_set(self) -> bool:
         return self._stop_requested is not None and self._stop_requested.is_set()
@@ -243,7 +258,7 @@ class Worker:
             counts = [await session.message_count(q) for q in self.queues]
             idle_checks = idle_checks + 1 if not any(counts) and not session.busy else 0
         logger.info("Burst mode: the queues are empty and nothing is running, stopping")
-        self.request_stop()
+        self.retire()
 
     async def _watch_memory(self) -> None:
         limit = self.options.max_memory_kib
@@ -253,7 +268,7 @@ class Worker:
             if rss > limit:
                 logger.warning("Resident memory %d KiB exceeds max memory per child (%d KiB): "
                                "finishing and exiting to be replaced", rss, limit)
-                self.request_stop(exit_code=exitcodes.RECYCLE)
+                self.retire(exit_code=exitcodes.RECYCLE)
                 return
 
     async def _shutdown(self) -> None:
@@ -294,8 +309,10 @@ def resident_kib() -> int:
     return pages * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
-def install_signal_handlers(worker: Worker) -> None:
-    """SIGTERM/SIGINT: warm shutdown (the second one: cold); SIGQUIT: cold.
+def install_signal_handlers(worker: Worker, retire_signal: int | None = None) -> None:
+    """SIGTERM/SIGINT: warm shutdown (the second one: cold); SIGQUIT: cold; SIGUSR1: log
+    the running tasks; ``retire_signal`` (the supervisor's stop request): warm shutdown
+    that a repeated request never turns cold.
 
     The handlers only record the request; the worker's run loop acts on it.
     """
@@ -306,3 +323,5 @@ def install_signal_handlers(worker: Worker) -> None:
     loop.add_signal_handler(signal.SIGINT, worker.request_stop)
     loop.add_signal_handler(signal.SIGQUIT, lambda: worker.request_stop(cold=True))
     loop.add_signal_handler(signal.SIGUSR1, worker.dump_tasks)
+    if retire_signal is not None:
+        loop.add_signal_handler(retire_signal, worker.retire)

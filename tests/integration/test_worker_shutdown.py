@@ -125,6 +125,29 @@ async def test_second_stop_request_turns_warm_into_cold(
     assert await ready_count(amqp, unique_name) == 2
 
 
+async def test_retire_is_never_counted_as_the_users_signal(
+        app: Celery, start_worker, amqp: AbstractConnection, unique_name: str) -> None:
+    """The supervisor's stop request (``retire``, also with Ctrl-C next to the user's own
+    SIGINT) stays warm when repeated and does not make the user's first signal the second:
+    only the user's second ``request_stop`` goes cold."""
+    tracker = Tracker()
+    long = long_task(app, tracker, 30.0)
+    for i in range(2):
+        await long.delay(i)
+    handle = await start_worker(concurrency=2)
+    await eventually(lambda: len(tracker.started) == 2, what="2 tasks running")
+    handle.worker.retire()
+    handle.worker.request_stop()  # the user's first signal
+    handle.worker.retire()
+    await asyncio.sleep(0.1)
+    assert not handle.task.done(), "a warm stop waits for running tasks"
+    assert tracker.cancelled == []
+    handle.worker.request_stop()  # the user's second signal
+    assert await asyncio.wait_for(handle.task, 2) == exitcodes.OK
+    assert sorted(tracker.cancelled) == [0, 1]
+    assert await ready_count(amqp, unique_name) == 2
+
+
 @pytest.mark.parametrize("trigger", ["by the task", "as it ends"])
 async def test_cold_stop_as_the_next_task_starts_leaves_nothing_unsettled(
         app: Celery, start_worker, amqp: AbstractConnection, unique_name: str,

@@ -315,6 +315,73 @@ def test_sigterm_finishes_running_tasks_in_every_child_and_returns_the_rest(
     assert len(lines_with("drained its queues", rest.log)) == 2, rest.log
 
 
+# --- 1b. one stop signal to the whole process group (Ctrl-C, KillMode=control-group) ----------
+
+def stored_status(client: redis.Redis, task_id: str) -> str | None:
+    raw = client.get(f"celery-task-meta-{task_id}")
+    return None if raw is None else str(json.loads(raw)["status"])
+
+
+def start_with_tasks_in_both_children(
+        supervise: Callable[..., Supervised], queue: str, redis_url: str, book: Book,
+        seconds: float) -> tuple[Supervised, list[str]]:
+    """2 children x 2 running tasks of ``seconds``: the four ids, all running."""
+    ids = publish(queue, redis_url, sleeps(4, seconds))
+    sup = supervise("--prefetch-multiplier", "1", processes=2, concurrency=2)
+    pids = sup.wait_ready(2)
+    wait_until(lambda: len(book.started()) == 4 and set(book.started().values())
+               == set(pids.values()), 15, "both children run two tasks", sup.diagnostics)
+    return sup, ids
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT],
+                         ids=["sigterm-to-the-group", "ctrl-c-to-the-group"])
+def test_one_stop_signal_to_the_process_group_is_one_warm_shutdown(
+        supervise: Callable[..., Supervised], unique_name: str, redis_url: str, book: Book,
+        redis_client: redis.Redis, signum: signal.Signals) -> None:
+    """Every child gets the user's signal and the supervisor's stop request: that is one
+    warm shutdown, not two signals (cold); every running task finishes and is stored."""
+    sup, ids = start_with_tasks_in_both_children(supervise, unique_name, redis_url, book, 2.0)
+    assert not book.done()
+    os.killpg(sup.pid, signum)
+    assert sup.wait(20) == exitcodes.OK, sup.diagnostics()
+
+    book.assert_exactly_once(ids)
+    assert {task_id: stored_status(redis_client, task_id) for task_id in ids} == dict.fromkeys(
+        ids, "SUCCESS")
+    assert queue_depth(unique_name) == 0
+    log = sup.log
+    summaries = lines_with("Warm shutdown in", log)
+    assert len(summaries) == 2, log
+    assert all(" 0 cancelled" in line for line in summaries), summaries
+    assert not lines_with("Cold shutdown", log), log
+    assert "Traceback" not in log, log
+
+
+def test_a_second_ctrl_c_to_the_process_group_goes_cold(
+        supervise: Callable[..., Supervised], unique_name: str, redis_url: str, book: Book,
+        redis_client: redis.Redis) -> None:
+    sup, ids = start_with_tasks_in_both_children(supervise, unique_name, redis_url, book, 60.0)
+    os.killpg(sup.pid, signal.SIGINT)
+    # Both children began their warm shutdown (the first Ctrl-C was handled by each) ...
+    wait_until(lambda: len(lines_with("Waiting up to", sup.log)) == 2, 10,
+               "both children wait for their tasks", sup.diagnostics)
+    assert sup.process.poll() is None
+    sent = time.monotonic()
+    os.killpg(sup.pid, signal.SIGINT)  # ... and the second one goes cold
+    assert sup.wait(15) == exitcodes.OK, sup.diagnostics()
+    assert time.monotonic() - sent < 8, "a cold shutdown is quick"
+
+    assert not book.done()
+    assert all(stored_status(redis_client, task_id) is None for task_id in ids)
+    assert queue_depth(unique_name) == 4  # every cancelled task's message is back
+    log = sup.log
+    summaries = lines_with("Cold shutdown in", log)
+    assert len(summaries) == 2, log
+    assert all("2 cancelled and returned" in line for line in summaries), summaries
+    assert "Traceback" not in log, log
+
+
 # --- 2. a child killed by SIGKILL is replaced and its messages redelivered -------------------
 
 def test_sigkilled_child_is_replaced_and_its_tasks_redelivered(

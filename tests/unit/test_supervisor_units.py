@@ -20,7 +20,7 @@ from aio_celery import exitcodes
 from aio_celery.worker.options import WorkerOptions
 from supervisor import arbiter, heartbeat
 from supervisor.arbiter import Supervisor, SupervisorOptions, describe_exit
-from supervisor.child import Child, ChildSpec
+from supervisor.child import STOP_SIGNAL, Child, ChildSpec
 from supervisor.notify import Notifier
 from supervisor.status import (
     ChildStatus,
@@ -208,6 +208,8 @@ def test_readiness_needs_every_target_child_consuming(status_file: Path) -> None
     (-signal.SIGTERM, "killed by SIGTERM"),
     (-signal.SIGSEGV, "killed by SIGSEGV"),
     (-200, "killed by signal 200"),
+    # a child still importing the app when the supervisor asked it to stop
+    (-STOP_SIGNAL, "killed by SIGRTMIN+3 (the supervisor's stop request)"),
 ])
 def test_describe_exit(code: int, text: str) -> None:
     assert describe_exit(code) == text
