@@ -95,28 +95,35 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def exception_from_dict(data: Any) -> BaseException:
+def exception_from_dict(data: Any) -> Exception:
     """Rebuild a stored failure: the real class when its module is already imported and it
-    is an exception class, else a :class:`RemoteTaskError` carrying type and message.
+    is an :class:`Exception` class, else a :class:`RemoteTaskError` carrying type and message.
 
-    Modules are never imported on behalf of stored data.
+    Modules are never imported on behalf of stored data, and a stored ``BaseException``
+    that is not an ``Exception`` (``SystemExit`` from a task that called ``sys.exit()``,
+    ``KeyboardInterrupt``, ``GeneratorExit``, ``CancelledError``, ...) is never rebuilt:
+    raising it would exit or kill the process that reads the result.
     """
     if not isinstance(data, dict) or "exc_type" not in data:
         return exceptions.RemoteTaskError("UnknownError", None, data)
     exc_type = str(data["exc_type"])
     module = data.get("exc_module")
+    module = None if module is None else str(module)
     message = data.get("exc_message", [])
     args = tuple(message) if isinstance(message, (list, tuple)) else (message,)
     cls = _find_exception_class(exc_type, module)
     if cls is not None:
         try:
-            return cls(*args)
+            exc = cls(*args)
         except Exception:  # a constructor with another signature
             pass
+        else:
+            if isinstance(exc, Exception):  # a __new__ may return anything
+                return exc
     return exceptions.RemoteTaskError(exc_type, module, *args)
 
 
-def _find_exception_class(exc_type: str, module: Any) -> type[BaseException] | None:
+def _find_exception_class(exc_type: str, module: str | None) -> type[Exception] | None:
     if module == _CELERY_MODULE and exc_type in _MIRRORED:
         return _MIRRORED[exc_type]
     owner: Any = builtins if module in (None, "builtins") else sys.modules.get(str(module))
@@ -124,6 +131,6 @@ def _find_exception_class(exc_type: str, module: Any) -> type[BaseException] | N
         return None
     for part in exc_type.split("."):
         owner = getattr(owner, part, None)
-    if isinstance(owner, type) and issubclass(owner, BaseException):
+    if isinstance(owner, type) and issubclass(owner, Exception):
         return owner
     return None

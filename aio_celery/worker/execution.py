@@ -122,13 +122,17 @@ class TaskRunner:
         try:
             value = await run_with_limits(task(*message.args, **message.kwargs), soft, hard)
         except Exception as exc:
-            outcome = exc
-            if not isinstance(exc, Retry) and isinstance(exc, task.autoretry_for):
-                outcome = await self._autoretry(task, request, exc)
+            outcome = await self._autoretry(task, request, exc)
         except asyncio.CancelledError as exc:
             if _being_cancelled():
                 raise  # a stop or a lost connection: the session gives the message back
             outcome = exc  # the task's own (it awaited something cancelled): a failure
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt, GeneratorExit raised by the task body (it
+            # called sys.exit(), say) are its failure: they must not end the worker
+            # (asyncio re-raises the first two out of the event loop). Our own stop
+            # requests reach a task as cancellation, never as these.
+            outcome = exc
         runtime = time.monotonic() - started
         if outcome is None:
             settle = await self._on_success(task, request, message, value, ignore, runtime)
@@ -145,7 +149,10 @@ class TaskRunner:
         return settle
 
     async def _autoretry(self, task: Task, request: Context, exc: Exception) -> BaseException:
-        """Send the retry for an ``autoretry_for`` exception; returns what to raise."""
+        """Send the retry for an ``autoretry_for`` exception; returns the outcome: ``exc``
+        itself when it is not one, the Retry sent, or the final failure."""
+        if isinstance(exc, Retry) or not isinstance(exc, task.autoretry_for):
+            return exc
         countdown = retry_countdown(task, request.retries, self.app.rand.uniform)
         try:
             return await task.retry(exc=exc, countdown=countdown, throw=False)

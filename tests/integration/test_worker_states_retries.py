@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 from typing import Any
 
@@ -12,7 +13,7 @@ import redis.asyncio
 from helpers import eventually
 
 from aio_celery import Celery, resultmeta, states
-from aio_celery.exceptions import MaxRetriesExceededError
+from aio_celery.exceptions import MaxRetriesExceededError, RemoteTaskError
 
 # --- states ---------------------------------------------------------------------------------
 
@@ -134,6 +135,42 @@ async def test_failure_with_ignore_result_stores_nothing(
     handle = await start_worker(concurrency=1, burst=True)
     assert await handle.wait() == 0
     assert await redis_client.exists(resultmeta.result_key(r.id)) == 0
+
+
+async def test_a_task_that_calls_sys_exit_fails_and_the_client_survives_its_result(
+        app: Celery, start_worker) -> None:
+    """``sys.exit(3)`` (or a KeyboardInterrupt, a GeneratorExit) in a task is that task's
+    FAILURE: the worker goes on, and the client's ``get()`` raises ``RemoteTaskError``
+    instead of exiting (or being killed by SIGINT) itself."""
+    @app.task
+    async def quits(how: str) -> None:
+        await asyncio.sleep(0)
+        if how == "exit":
+            sys.exit(3)
+        raise {"interrupt": KeyboardInterrupt, "generator": GeneratorExit}[how]("why")
+
+    @app.task
+    async def after() -> str:
+        return "still here"
+
+    hows = ["exit", "interrupt", "generator"]
+    failing = [await quits.delay(how) for how in hows]
+    handle = await start_worker(concurrency=1)
+    assert await (await after.delay()).get(timeout=5) == "still here"
+    assert not handle.task.done()
+    for how, r in zip(hows, failing, strict=True):
+        with pytest.raises(RemoteTaskError) as raised:
+            await r.get(timeout=5)
+        assert r.state == states.FAILURE
+        stored = await app.backend.get_meta(r.id)
+        assert stored is not None
+        name = {"exit": "SystemExit", "interrupt": "KeyboardInterrupt",
+                "generator": "GeneratorExit"}[how]
+        assert stored["result"] == {"exc_type": name, "exc_module": "builtins",
+                                    "exc_message": [3] if how == "exit" else ["why"]}
+        assert raised.value.exc_type == name
+        assert isinstance(await r.get(propagate=False), RemoteTaskError)
+    assert await handle.stop() == 0
 
 
 # --- retries --------------------------------------------------------------------------------

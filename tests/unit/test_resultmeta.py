@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -258,6 +259,42 @@ def test_builtin_non_exception_type_is_refused() -> None:
                                 "exc_message": []})
     assert isinstance(back, exceptions.RemoteTaskError)
     assert back.exc_type == "dict"
+
+
+class StopEverything(BaseException):
+    """A BaseException subclass that is not an Exception."""
+
+
+class Sneaky(Exception):
+    """An Exception class whose constructor hands back a SystemExit."""
+
+    def __new__(cls, *args: Any) -> Any:
+        return SystemExit(*args)
+
+
+@pytest.mark.parametrize(("exc", "module", "exc_type"), [
+    (SystemExit(3), "builtins", "SystemExit"),
+    (KeyboardInterrupt(), "builtins", "KeyboardInterrupt"),
+    (GeneratorExit("closed"), "builtins", "GeneratorExit"),
+    (BaseException("base"), "builtins", "BaseException"),
+    (asyncio.CancelledError("cancelled"), "asyncio.exceptions", "CancelledError"),
+    (StopEverything("stop"), __name__, "StopEverything"),
+], ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None)
+def test_base_exceptions_come_back_as_remote_task_error(
+        exc: BaseException, module: str, exc_type: str) -> None:
+    """Raising a rebuilt SystemExit would exit the client, a KeyboardInterrupt kill it."""
+    back = roundtrip(exc)
+    assert type(back) is exceptions.RemoteTaskError
+    assert (back.exc_module, back.exc_type, back.args) == (module, exc_type, exc.args)
+    with pytest.raises(exceptions.RemoteTaskError, match=exc_type):
+        raise back
+
+
+def test_a_constructor_that_returns_a_base_exception_is_not_trusted() -> None:
+    back = exception_from_dict({"exc_type": "Sneaky", "exc_message": [3],
+                                "exc_module": __name__})
+    assert type(back) is exceptions.RemoteTaskError
+    assert back.args == (3,)
 
 
 def test_constructor_with_other_signature_gives_remote_task_error() -> None:
