@@ -35,6 +35,7 @@ from pamqp import commands, exceptions, frame
 
 from aio_celery import __version__, amqpwire
 from aio_celery.amqpwire import Deliver, Properties, WireError
+from aio_celery.config import BROKER_SCHEMES, url_problem
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +102,17 @@ class Endpoint:
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
+        """Read ``url``; ValueError says what is wrong without quoting it (a password)."""
+        problem = url_problem(url, BROKER_SCHEMES)
+        if problem is not None:
+            raise ValueError(f"broker_url cannot be read: {problem}")
         parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "amqps", "pyamqp"):
-            raise ValueError(f"not an AMQP URL (amqp:// or amqps://): {parts.scheme}://...")
         tls = parts.scheme == "amqps"
         path = unquote(parts.path)
         query = {name: values[0] for name, values in parse_qs(parts.query).items()}
         heartbeat = query.get("heartbeat")
+        if heartbeat and not heartbeat.isdigit():
+            raise ValueError("broker_url cannot be read: heartbeat= must be whole seconds")
         return cls(
             host=parts.hostname or "localhost",
             port=parts.port or (5671 if tls else 5672),

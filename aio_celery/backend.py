@@ -23,7 +23,7 @@ import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aio_celery import jsoncodec, resultmeta, states
-from aio_celery.config import mask_url
+from aio_celery.config import BACKEND_SCHEMES, mask_url, url_problem
 from aio_celery.exceptions import BackendConnectionError, BackendError, ConfigurationError
 
 if TYPE_CHECKING:
@@ -211,9 +211,15 @@ class RedisBackend:
             except ImportError as exc:  # pragma: no cover - depends on the install
                 raise ConfigurationError(
                     "result_backend needs redis-py: pip install 'aio-celery[redis]'") from exc
-            self._client = redis.asyncio.Redis.from_url(
-                self.url, socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.socket_timeout)
+            problem = url_problem(self.url, BACKEND_SCHEMES)
+            if problem is not None:  # redis-py's own errors may quote the password
+                raise ConfigurationError(f"result_backend {mask_url(self.url)}: {problem}")
+            try:
+                self._client = redis.asyncio.Redis.from_url(
+                    self.url, socket_timeout=self.socket_timeout,
+                    socket_connect_timeout=self.socket_timeout)
+            except ValueError as exc:  # names a query parameter, never its value
+                raise ConfigurationError(f"result_backend {mask_url(self.url)}: {exc}") from None
         return self._client
 
     async def close(self) -> None:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from aio_celery.amqpconn import AMQPConnection, ConnectionClosed, DeliveryCallback
 from aio_celery.amqpwire import EncodedProperties
-from aio_celery.config import mask_url
-from aio_celery.exceptions import BrokerConnectionError
+from aio_celery.config import BROKER_SCHEMES, mask_url, url_problem
+from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
 from aio_celery.protocol import Envelope
 
 if TYPE_CHECKING:
@@ -69,7 +69,11 @@ class Broker:
         return self._connection
 
     async def connect(self) -> None:
-        """Open the connection and publisher channel, or raise BrokerConnectionError in time."""
+        """Open the connection and publisher channel, or raise BrokerConnectionError in time
+        (ConfigurationError for a URL that cannot be read: its parsers' errors quote it)."""
+        problem = url_problem(self.url, BROKER_SCHEMES)
+        if problem is not None:
+            raise ConfigurationError(f"broker_url {mask_url(self.url)}: {problem}")
         import aio_pika
         import aiormq
 

@@ -7,10 +7,11 @@ is a :class:`~aio_celery.exceptions.ConfigurationError` (a ``ValueError``) that 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from aio_celery.exceptions import ConfigurationError
 
@@ -129,15 +130,55 @@ def first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+#: URL schemes of ``broker_url`` (``pyamqp`` is Celery's name for the same protocol)
+BROKER_SCHEMES = ("amqp", "amqps", "pyamqp")
+#: URL schemes of ``result_backend``
+BACKEND_SCHEMES = ("redis", "rediss", "unix")
+#: where one URL of a ``;``-separated list (Celery's failover form) begins
+_NEXT_URL = re.compile(r";(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
+#: a query parameter whose value is a secret (redis-py's ``password=``, tokens, keys),
+#: its value running up to the next parameter (a raw ``&`` or ``#`` in it is masked too)
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&;][^=&;?#/]*(?:pass|pwd|secret|token|credential|api_?key|access_?key)"
+    r"[^=&;?#/]*=).*?(?=[&;][^=&;?#/]*=|$)")
+
+
 def mask_url(url: str | None) -> str:
-    """The URL with its password replaced by ``***`` (for logs and error messages)."""
+    """The URL with every password replaced by ``***`` (for logs and error messages).
+
+    Made to never let a password through rather than to parse: a password may hold
+    ``/ # ? @ %`` unencoded (which URL parsers misread), so everything between the user
+    name and the *last* ``@`` is masked; so are query parameters such as ``password=``,
+    and each URL of a ``;``-separated failover list.
+    """
     if not url:
         return ""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return ";".join(_mask_one(part) for part in _NEXT_URL.split(url))
+
+
+def _mask_one(url: str) -> str:
+    scheme = _SCHEME.match(url)
+    start = scheme.end() if scheme else 0
+    at = url.rfind("@")
+    colon = url.find(":", start, at) if at > start else -1
+    if colon != -1:
+        url = f"{url[:colon]}:***{url[at:]}"
+    return _SECRET_PARAM.sub(r"\1***", url)
+
+
+def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """Why ``url`` is not a single readable URL with one of ``schemes``, in words that
+    never quote it (it may hold a password); None when it is fine."""
+    if _NEXT_URL.search(url):
+        return "a ;-separated list of URLs (failover) is not supported: give one URL"
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in schemes:
+        found = f"{scheme}://" if sep and _SCHEME.fullmatch(scheme + sep) else "something else"
+        return f"it must start with {' or '.join(s + '://' for s in schemes)}, not {found}"
+    try:
+        _ = urlsplit(url).port  # raises for a port that is not a number
+    except ValueError:
+        return ("its port is not a number: a password with / # ? @ % in it must be "
+                "percent-encoded (urllib.parse.quote(password, safe=''))")
+    return None

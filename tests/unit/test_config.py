@@ -195,22 +195,51 @@ def test_result_expires_default_is_one_day() -> None:
     assert Config().settings.result_expires_seconds() == 86400
 
 
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("amqp://guest:secret@127.0.0.1:5672//", "amqp://guest:***@127.0.0.1:5672//"),
-        ("amqp://user:s3cr3t@rabbit/vhost", "amqp://user:***@rabbit/vhost"),
-        ("amqps://user:pw@rabbit:5671/%2F?heartbeat=30",
-         "amqps://user:***@rabbit:5671/%2F?heartbeat=30"),
-        ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
-        ("redis://default:pw@host:6379/2", "redis://default:***@host:6379/2"),
-    ],
-)
-def test_mask_url_hides_password(url: str, expected: str) -> None:
+#: (url, masked, the secrets that must not appear in it)
+MASKED = [
+    ("amqp://guest:secret@127.0.0.1:5672//", "amqp://guest:***@127.0.0.1:5672//", ["secret"]),
+    ("amqp://user:s3cr3t@rabbit/vhost", "amqp://user:***@rabbit/vhost", ["s3cr3t"]),
+    ("amqps://user:pw@rabbit:5671/%2F?heartbeat=30",
+     "amqps://user:***@rabbit:5671/%2F?heartbeat=30", ["pw@"]),
+    ("redis://:pw@host:6379/0", "redis://:***@host:6379/0", ["pw@"]),
+    ("redis://default:pw@host:6379/2", "redis://default:***@host:6379/2", ["pw@"]),
+    # passwords with / # ? @ % as typed (which URL parsers misread) and percent-encoded
+    ("amqp://user:se/cret@host//", "amqp://user:***@host//", ["se/cret", "cret"]),
+    ("amqp://user:se#cret@host//", "amqp://user:***@host//", ["se#cret", "cret"]),
+    ("amqp://user:se?cret@host//", "amqp://user:***@host//", ["se?cret", "cret"]),
+    ("amqp://user:se@cret@host//", "amqp://user:***@host//", ["se@", "cret"]),
+    ("amqp://user:se%cret@host//", "amqp://user:***@host//", ["se%cret"]),
+    ("amqp://user:se%2Fcr%40et@host:5672/v", "amqp://user:***@host:5672/v", ["se%2F", "et@"]),
+    ("amqp://user:a:b:c@host//", "amqp://user:***@host//", ["a:b:c"]),
+    ("unix://:sock-pw@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1", ["sock-pw"]),
+    # passwords in the query string
+    ("redis://h:6379/0?password=secret", "redis://h:6379/0?password=***", ["secret"]),
+    ("redis://h/0?db=1&password=se%26cret&ssl=1", "redis://h/0?db=1&password=***&ssl=1",
+     ["se%26cret"]),
+    ("redis://h/0?password=se&cret&db=1", "redis://h/0?password=***&db=1", ["cret"]),
+    ("rediss://h/0?ssl_cert_reqs=none&PASSWORD=x1y2#frag",
+     "rediss://h/0?ssl_cert_reqs=none&PASSWORD=***", ["x1y2"]),
+    ("redis://h/0?sentinel_password=sp1&db=2", "redis://h/0?sentinel_password=***&db=2",
+     ["sp1"]),
+    ("amqp://h//?auth_token=tk9&heartbeat=5", "amqp://h//?auth_token=***&heartbeat=5", ["tk9"]),
+    ("redis://user:p1@h/0?password=p2", "redis://user:***@h/0?password=***", ["p1", "p2"]),
+    # Celery's failover form: every URL of the list
+    ("amqp://a:p1@h1//;amqp://b:p2@h2//", "amqp://a:***@h1//;amqp://b:***@h2//", ["p1", "p2"]),
+    ("amqp://a:p;1@h1//; amqps://b:p/2@h2//", "amqp://a:***@h1//; amqps://b:***@h2//",
+     ["p;1", "p/2"]),
+    # not a URL at all: still no password
+    ("user:pw123@host", "user:***@host", ["pw123"]),
+    # in doubt, too much is masked rather than too little
+    ("redis://h:6379/0?x=a@b", "redis://h:***@b", []),
+]
+
+
+@pytest.mark.parametrize(("url", "expected", "secrets"), MASKED)
+def test_mask_url_hides_every_password(url: str, expected: str, secrets: list[str]) -> None:
     masked = mask_url(url)
     assert masked == expected
-    password = url.split("@", maxsplit=1)[0].rsplit(":", 1)[1]
-    assert password not in masked.split("@")[0]
+    for secret in secrets:
+        assert secret not in masked
 
 
 @pytest.mark.parametrize(
@@ -225,3 +254,73 @@ def test_mask_url_without_password_is_unchanged(url: str) -> None:
 def test_mask_url_of_nothing() -> None:
     assert mask_url("") == ""
     assert isinstance(mask_url(None), str)
+
+
+
+# --- a URL that cannot be read: the error says why and never quotes it ------------------------
+
+#: (url, a piece of its password, what the error must say)
+UNREADABLE_BROKER_URLS = [
+    ("amqp://user:se/cret@host//", "cret", "percent-encoded"),
+    ("amqp://user:se#cret@host//", "cret", "percent-encoded"),
+    ("amqp://user:se?cret@host:5672/v", "cret", "percent-encoded"),
+    ("amqp://a:p1x@h1//;amqp://b:p2y@h2//", "p2y", "failover"),
+    ("redis://:pw9@h:6379/0", "pw9", "must start with amqp://"),
+    ("user:pw9@host//", "pw9", "must start with amqp://"),
+]
+
+
+@pytest.mark.parametrize(("url", "secret", "says"), UNREADABLE_BROKER_URLS)
+def test_an_unreadable_broker_url_is_never_quoted(url: str, secret: str, says: str) -> None:
+    """Neither the worker's connection nor the publisher (whose parsers quote what they
+    cannot read, e.g. "Port could not be cast to integer value as 'se'") echo it."""
+    import asyncio
+
+    from aio_celery.amqpconn import Endpoint
+    from aio_celery.broker import Broker, ConsumerChannel
+    from aio_celery.exceptions import BrokerConnectionError
+
+    with pytest.raises(ValueError) as parsed:
+        Endpoint.from_url(url)
+    with pytest.raises(BrokerConnectionError) as consumer:
+        asyncio.run(ConsumerChannel(url, prefetch_count=1).open())
+    with pytest.raises(ConfigurationError) as publisher:
+        asyncio.run(Broker(url).connect())
+    for error in (parsed.value, consumer.value, publisher.value):
+        assert says in str(error)
+        assert secret not in str(error)
+        assert url not in str(error)
+
+
+def test_a_heartbeat_that_is_not_a_number_is_not_quoted() -> None:
+    from aio_celery.amqpconn import Endpoint
+
+    with pytest.raises(ValueError, match="heartbeat= must be whole seconds") as raised:
+        Endpoint.from_url("amqp://u:pw9@h//?heartbeat=pw9")
+    assert "pw9" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("url", "secret", "says"), [
+    ("redis://:se/cret@h:6379/0", "cret", "percent-encoded"),
+    ("redis://:pw9@h/0?socket_timeout=soon", "pw9", "socket_timeout"),
+    ("redis://:pw9@h1/0;redis://:pw8@h2/0", "pw8", "failover"),
+])
+def test_an_unreadable_result_backend_url_is_never_quoted(
+        url: str, secret: str, says: str) -> None:
+    from aio_celery.backend import RedisBackend
+
+    backend = RedisBackend(url)
+    with pytest.raises(ConfigurationError) as raised:
+        _ = backend.client  # redis-py reads the URL here (it connects later)
+    assert says in str(raised.value)
+    assert secret not in str(raised.value)
+    context = raised.value.__cause__ or raised.value.__context__  # shown with a traceback
+    assert context is None or secret not in str(context)
+
+
+def test_an_unsupported_result_backend_is_not_quoted() -> None:
+    from aio_celery.backend import RedisBackend
+
+    with pytest.raises(ConfigurationError, match="only redis://") as raised:
+        RedisBackend("memcached://u:pw9@h")
+    assert "pw9" not in str(raised.value)
