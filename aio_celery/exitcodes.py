@@ -11,7 +11,8 @@ OK = 0
 APP_LOAD_ERROR = 3
 #: bad command-line options or settings
 USAGE_ERROR = 2
-#: start-up failed: app context raised, broker refused the connection or login
+#: start-up failed: a configuration error (e.g. redis-py missing for result_backend), app
+#: context raised, broker refused the connection or login
 STARTUP_ERROR = 4
 #: the broker connection was lost and could not be restored within the bound
 BROKER_LOST = 5

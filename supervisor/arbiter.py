@@ -101,8 +101,9 @@ class Supervisor:
         if code is None:
             return exitcodes.OK
         if code != exitcodes.OK:
-            logger.error("The app %s could not be loaded (see above): no child started, "
-                         "exiting with code %d", spec.app_spec, code)
+            what = "cannot start" if code == exitcodes.STARTUP_ERROR else "could not be loaded"
+            logger.error("The app %s %s (see above): no child started, exiting with code %d",
+                         spec.app_spec, what, code)
             return code
         self._beat_dir = tempfile.mkdtemp(prefix="aio_celery-beats-")
         logger.info("Supervisor pid %d starting %d children for %s", os.getpid(), self.target,

@@ -94,9 +94,10 @@ def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
 
 
 def start_validation(spec: ChildSpec, handled: Iterable[signal.Signals]) -> int:
-    """Fork a short-lived child that imports the app once and exits 0, or 3 if it cannot
-    (the parent itself never imports it, so that a restarted child loads new code); returns
-    its pid, for the caller to reap."""
+    """Fork a short-lived child that imports the app once and checks its settings: it exits
+    0, 3 if the app cannot be loaded or 4 for a configuration error (the parent itself never
+    imports it, so that a restarted child loads new code); returns its pid, for the caller
+    to reap."""
     handled = list(handled)
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     pid = os.fork()
@@ -126,16 +127,23 @@ def _reset_after_fork(handled: list[signal.Signals], close_fds: Iterable[int]) -
 
 
 def _load_only(spec: ChildSpec) -> int:
-    from aio_celery import logs
+    """Load the app and check its settings: 0, or the code the supervisor exits with."""
+    from aio_celery import logs, preflight
+    from aio_celery.exceptions import ConfigurationError
     from aio_celery.loader import AppLoadError, load_app
 
     if spec.log_config:
         logs.configure(spec.loglevel, label="supervisor")
     try:
-        load_app(spec.app_spec)
+        app = load_app(spec.app_spec)
     except AppLoadError as exc:
         sys.stderr.write(f"Error: cannot load the app: {exc}\n")
         return exitcodes.APP_LOAD_ERROR
+    try:
+        preflight.check(app.conf.settings)
+    except ConfigurationError as exc:
+        sys.stderr.write(f"Error: configuration error: {exc}\n")
+        return exitcodes.STARTUP_ERROR
     return exitcodes.OK
 
 

@@ -15,11 +15,11 @@ import time
 import types
 from collections.abc import Callable
 
-from aio_celery import exitcodes, signals
+from aio_celery import exitcodes, preflight, signals
 from aio_celery.app import Celery
 from aio_celery.broker import ConsumerChannel
 from aio_celery.config import mask_url
-from aio_celery.exceptions import BrokerConnectionError
+from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
 from aio_celery.worker.execution import TaskRunner
@@ -141,16 +141,23 @@ class Worker:
 
     async def _startup(self, stack: contextlib.AsyncExitStack) -> None:
         try:
+            preflight.check(self.app.conf.settings)
+        except ConfigurationError as exc:
+            raise StartupError(f"configuration error: {exc}") from exc
+        try:
             await stack.enter_async_context(self.app.setup(lazy_broker=True))
         except BrokerConnectionError as exc:
             raise StartupError(str(exc)) from exc
+        if self.app.conf.settings.result_backend:
+            try:
+                _ = self.app.backend.client  # import redis now, not in the middle of a task
+            except ConfigurationError as exc:  # a query parameter redis-py cannot read
+                raise StartupError(f"configuration error: {exc}") from exc
         try:
             await stack.enter_async_context(self.app.app_context())
         except Exception as exc:
             logger.exception("The app context (define_app_context) raised")
             raise StartupError(f"app context failed: {exc!r}") from exc
-        if self.app.conf.settings.result_backend:
-            _ = self.app.backend.client  # import redis now, not in the middle of a task
         await signals.worker_process_init.send(sender=self)
         self._session = await self._open_session(StartupError)
         if self.options.banner:

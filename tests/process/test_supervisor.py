@@ -477,6 +477,37 @@ def test_app_failing_to_import_exits_without_starting_children(
     assert not sup.status_path.exists()
 
 
+@pytest.mark.parametrize("pool", ["processes", "solo"])
+def test_a_configuration_error_is_one_line_and_exit_4(
+        supervise: Callable[..., Supervised], tmp_path: Path, pool: str) -> None:
+    """result_backend set without redis-py installed: one clear line naming the fix, exit 4
+    at once; not a traceback in every child and a crash loop (exit 7)."""
+    module = f"no_redis_tasks_{uuid.uuid4().hex[:8]}"
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / f"{module}.py").write_text(
+        "import os, sys\n"
+        "sys.modules['redis'] = None  # as if redis-py were not installed\n"
+        "from aio_celery import Celery\n"
+        "app = Celery('no_redis')\n"
+        "app.conf.update(broker_url=os.environ['AIO_CELERY_SUP_BROKER'],\n"
+        "                result_backend='redis://:s3cr3t@127.0.0.1:6379/0')\n",
+        encoding="utf-8")
+    started = time.monotonic()
+    sup = supervise("-P", pool, processes=2, app_spec=f"{module}:app",
+                    env={"PYTHONPATH": str(code_dir)})
+    assert sup.wait(20) == exitcodes.STARTUP_ERROR, sup.diagnostics()
+    assert time.monotonic() - started < 10, "a crash loop, or a slow one"
+    log = sup.log
+    errors = lines_with("pip install 'aio-celery[redis]'", log)
+    assert len(errors) == 1, log
+    assert "result_backend" in errors[0] and "configuration error" in errors[0], errors
+    assert "Traceback" not in log, log
+    assert "s3cr3t" not in log, log
+    assert "Started child" not in log and "crashes within" not in log, log
+    assert "ready: consuming" not in log, log
+
+
 @pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["sigterm-to-the-supervisor", "ctrl-c-to-the-process-group"])
 def test_a_stop_while_the_app_is_loading_stops_at_once(

@@ -1,0 +1,34 @@
+"""What a worker checks before it starts: settings it cannot use and libraries they need.
+
+Each problem is a :class:`~aio_celery.exceptions.ConfigurationError` of one line that names
+the setting and the fix. The supervisor runs the check once, in the child that validates
+the app before any worker starts, so that a misconfigured app stops everything with exit
+code 4 (``STARTUP_ERROR``) instead of a traceback in every child and a crash loop; each
+worker runs it again at its own start-up (also with ``-P solo``).
+"""
+
+from __future__ import annotations
+
+from aio_celery.config import BACKEND_SCHEMES, BROKER_SCHEMES, Settings, mask_url, url_problem
+from aio_celery.exceptions import ConfigurationError
+
+
+def check(settings: Settings) -> None:
+    """Raise ConfigurationError for the first problem found; return if there is none."""
+    _check_url("broker_url", settings.broker_url, BROKER_SCHEMES)
+    if settings.result_backend:
+        _check_url("result_backend", settings.result_backend, BACKEND_SCHEMES)
+        try:
+            import redis.asyncio  # noqa: F401 - loaded now, not in the middle of a task
+        except ImportError:
+            raise ConfigurationError(
+                "result_backend is set but redis-py cannot be imported: "
+                "pip install 'aio-celery[redis]' (or unset result_backend)") from None
+
+
+def _check_url(setting: str, url: object, schemes: tuple[str, ...]) -> None:
+    if not isinstance(url, str):
+        raise ConfigurationError(f"{setting} must be a URL string, not {type(url).__name__}")
+    problem = url_problem(url, schemes)
+    if problem is not None:
+        raise ConfigurationError(f"{setting} {mask_url(url)}: {problem}")
