@@ -539,6 +539,38 @@ def test_a_stop_while_the_app_is_loading_stops_at_once(
         os.killpg(sup.pid, 0)
 
 
+def test_children_still_importing_the_app_stop_at_the_supervisors_request(
+        supervise: Callable[..., Supervised], tmp_path: Path) -> None:
+    """Before a child handles the supervisor's stop signal (it is importing the app), the
+    signal's default action ends it, as SIGTERM's did."""
+    module = f"slow_children_tasks_{uuid.uuid4().hex[:8]}"
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # The supervisor's validation child imports it first and quickly; the children slowly.
+    (code_dir / f"{module}.py").write_text(
+        "import os, pathlib, time\n"
+        f"marks = pathlib.Path({str(marks)!r})\n"
+        "if (marks / 'validated').exists():\n"
+        "    (marks / f'child-{os.getpid()}').write_text('importing')\n"
+        "    time.sleep(60)\n"
+        "(marks / 'validated').write_text('yes')\n"
+        "from aio_celery import Celery\n"
+        "app = Celery('slow_children')\n", encoding="utf-8")
+    sup = supervise(processes=2, app_spec=f"{module}:app", env={"PYTHONPATH": str(code_dir)})
+    wait_until(lambda: len(list(marks.glob("child-*"))) == 2, START_DEADLINE,
+               "both children are importing the app", sup.diagnostics)
+    began = time.monotonic()
+    sup.signal(signal.SIGTERM)
+    assert sup.wait(10) == exitcodes.OK, sup.diagnostics()
+    assert time.monotonic() - began < 3, "the supervisor waited for the imports"
+    log = sup.log
+    stopped = lines_with("exited: killed by SIGRTMIN+3 (the supervisor's stop request)", log)
+    assert len(stopped) == 2, log
+    assert "Shutdown timeout" not in log and "Traceback" not in log, log
+
+
 # --- 4. SIGHUP: rolling restart under load ------------------------------------------------------
 
 def test_sighup_replaces_children_one_by_one_without_losing_tasks(
