@@ -72,9 +72,9 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
     """Run workers for APP (module:attribute, e.g. proj.tasks:app).
 
     By default a supervisor forks --processes children, each running up to --concurrency
-    tasks on its own event loop. SIGTERM/SIGINT: warm shutdown; a second one or SIGQUIT:
-    cold; SIGHUP: rolling restart; SIGTTIN/SIGTTOU: one child more/less; SIGUSR1: log
-    running tasks.
+    tasks on its own event loop. SIGTERM/SIGINT: warm shutdown (also when sent to the whole
+    process group, as Ctrl-C is); a second one or SIGQUIT: cold; SIGHUP: rolling restart;
+    SIGTTIN/SIGTTOU: one child more/less; SIGUSR1: log running tasks.
     """
     from aio_celery import logs
 
