@@ -56,7 +56,13 @@ Reply = TypeVar("Reply", bound=Any)
 
 
 class ConnectionClosed(ConnectionError):
-    """The connection is gone, or the broker refused a request (its reason is the text)."""
+    """The connection is gone, or the broker refused a request (its reason is the text;
+    ``reply_code`` is the broker's AMQP code when it closed the connection or channel, e.g.
+    403 ACCESS_REFUSED, 530 NOT_ALLOWED for a missing vhost)."""
+
+    def __init__(self, reason: str, reply_code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reply_code = reply_code
 
 
 @dataclass(slots=True)
@@ -444,7 +450,8 @@ class AMQPConnection(asyncio.Protocol):
         else:
             self._write(frame.marshal(commands.Channel.CloseOk(), channel))
             what = "channel"
-        self._abort(f"the broker closed the {what}: {method.reply_code} {method.reply_text}")
+        self._abort(f"the broker closed the {what}: {method.reply_code} {method.reply_text}",
+                    method.reply_code)
 
     def _cancelled_by_broker(self, method: commands.Basic.Cancel) -> None:
         if not method.nowait:
@@ -466,14 +473,14 @@ class AMQPConnection(asyncio.Protocol):
 
     # --- ending -------------------------------------------------------------------------
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str, reply_code: int | None = None) -> None:
         """End now: record ``reason``, drop the socket, fail whatever waits."""
-        self._end(reason)
+        self._end(reason, reply_code)
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
 
-    def _end(self, reason: str) -> None:
+    def _end(self, reason: str, reply_code: int | None = None) -> None:
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
             self._heartbeat_timer = None
@@ -481,7 +488,7 @@ class AMQPConnection(asyncio.Protocol):
         self._incoming = None
         self._buffer.clear()
         self._abandoned_replies = 0
-        error = ConnectionClosed(reason)
+        error = ConnectionClosed(reason, reply_code)
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
         confirms, self._confirms = self._confirms, {}

@@ -201,6 +201,15 @@ def describe_error(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+#: AMQP codes with which a broker refuses a connection for good: ACCESS_REFUSED (wrong user
+#: or password, no access to the vhost) and NOT_ALLOWED (the vhost does not exist)
+REFUSED_CODES = (403, 530)
+
+
+class BrokerRefused(BrokerConnectionError):
+    """The broker answered and refused us: retrying with the same settings cannot help."""
+
+
 class ConsumerChannel:
     """The worker's side: a dedicated AMQP connection with one channel for consuming.
 
@@ -234,12 +243,22 @@ class ConsumerChannel:
         return self._connection is not None and self._connection.is_open
 
     async def open(self) -> None:
+        """Connect; :class:`BrokerRefused` when trying again cannot help (login refused,
+        vhost missing or forbidden, an unusable URL), else BrokerConnectionError."""
         try:
             connection = AMQPConnection(self.url, heartbeat=self.heartbeat,
                                         connection_name=self.connection_name,
                                         connect_timeout=self.connection_timeout)
             await connection.connect()
-        except (TimeoutError, OSError, ValueError) as exc:
+        except ValueError as exc:
+            raise BrokerRefused(f"cannot use broker_url {mask_url(self.url)}: {exc}") from exc
+        except (TimeoutError, OSError) as exc:
+            code = getattr(exc, "reply_code", None)
+            if code in REFUSED_CODES:
+                raise BrokerRefused(
+                    f"broker {mask_url(self.url)} refused the connection: "
+                    f"{describe_error(exc)}. Check the user, password and vhost in "
+                    "broker_url, and the user's permissions on that vhost.") from exc
             raise BrokerConnectionError(
                 f"cannot connect to broker {mask_url(self.url)}: {describe_error(exc)}") from exc
         self._connection = connection

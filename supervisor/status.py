@@ -28,8 +28,12 @@ def default_status_path() -> str:
 class ChildStatus:
     index: int
     pid: int
+    #: starting, ready (consuming), waiting for broker, or stopping
     state: str
+    #: seconds since the child's event loop last beat
     beat_age: float
+    #: seconds the child has been without a broker connection (None: connected)
+    broker_down: float | None = None
 
 
 @dataclass
@@ -65,7 +69,9 @@ def read_status(path: str) -> Status:
 
 def check_health(path: str, ready: bool, now: float | None = None) -> tuple[bool, str]:
     """``(healthy, one-line reason)``: alive means the supervisor wrote its status lately
-    and every child beats; ``ready`` also asks that every child has its consumers attached."""
+    and every child beats; ``ready`` also asks that every child has its consumers attached.
+    A child waiting for the broker beats: it is alive but not ready (restarting it would
+    not bring the broker back)."""
     now = time.time() if now is None else now
     try:
         status = read_status(path)
@@ -83,6 +89,15 @@ def check_health(path: str, ready: bool, now: float | None = None) -> tuple[bool
     if ready:
         consuming = sum(1 for c in status.children if c.state == "ready")
         if consuming < status.target:
-            return False, f"{consuming}/{status.target} children consuming"
+            return False, f"{consuming}/{status.target} children consuming{_waiting(status)}"
     summary = ", ".join(f"{c.index}:{c.state}" for c in status.children)
     return True, f"ok: {len(status.children)} children ({summary})"
+
+
+def _waiting(status: Status) -> str:
+    """``; broker unreachable for 95s (child 1, child 2)`` while children wait for it."""
+    down = [c for c in status.children if c.broker_down is not None]
+    if not down:
+        return ""
+    names = ", ".join(f"child {c.index}" for c in down)
+    return f"; broker unreachable for {max(c.broker_down or 0.0 for c in down):.0f}s ({names})"

@@ -111,10 +111,14 @@ class Session:
 
     # --- start and state -----------------------------------------------------------------
 
-    async def start(self, queues: tuple[str, ...]) -> None:
+    async def start(self, queues: tuple[str, ...],
+                    before_consume: Callable[[], None] = lambda: None) -> None:
+        """Connect, declare, consume. ``before_consume`` is called just before the first
+        basic.consume: from then on a delivery (a task that may block the loop) can come."""
         await self.channel.open()
         for queue in queues:
             await self.channel.declare(queue)
+        before_consume()
         for queue in queues:
             await self.channel.consume(queue, self._receiver(queue))
 
