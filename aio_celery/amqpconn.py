@@ -65,6 +65,10 @@ class ConnectionClosed(ConnectionError):
         self.reply_code = reply_code
 
 
+class Returned(Exception):
+    """The broker returned a ``mandatory`` message: no queue took it (the text says why)."""
+
+
 @dataclass(slots=True)
 class Delivery:
     """One message delivered to a consumer. ``properties`` is None when they could not be
@@ -186,6 +190,8 @@ class AMQPConnection(asyncio.Protocol):
         self._incoming: _Incoming | None = None
         self._published = 0
         self._confirms: dict[int, asyncio.Future[None]] = {}
+        #: why the broker returned the last mandatory message, until its confirm comes
+        self._returned: str | None = None
         self._last_received = 0.0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
 
@@ -425,11 +431,11 @@ class AMQPConnection(asyncio.Protocol):
         elif isinstance(method, commands.Channel.Flow):
             self._write(frame.marshal(commands.Channel.FlowOk(active=method.active), channel))
         elif isinstance(method, commands.Basic.Return):
-            # Nothing is published as mandatory; should one come back all the same, its
-            # content frames follow and are dropped.
-            logger.warning("The broker returned a published message: %s %s (exchange %r, "
-                           "routing key %r)", method.reply_code, method.reply_text,
-                           method.exchange, method.routing_key)
+            # A mandatory message no queue took. RabbitMQ sends the return (then its content
+            # frames, dropped here) right before the confirm of that same message: the
+            # confirm that follows fails with Returned.
+            self._returned = (f"{method.reply_code} {method.reply_text} (exchange "
+                              f"{method.exchange!r}, routing key {method.routing_key!r})")
             self._incoming = _Incoming(None)
         else:
             self._replied(method)
@@ -463,10 +469,13 @@ class AMQPConnection(asyncio.Protocol):
 
     def _confirmed(self, tag: int, multiple: bool, error: Exception | None) -> None:
         tags = [t for t in self._confirms if t <= tag] if multiple else [tag]
+        returned, self._returned = self._returned, None
         for confirmed in tags:
             future = self._confirms.pop(confirmed, None)
             if future is not None and not future.done():
-                if error is None:
+                if returned is not None and confirmed == tag:  # the returned one comes last
+                    future.set_exception(Returned(f"the broker returned it: {returned}"))
+                elif error is None:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
@@ -488,6 +497,7 @@ class AMQPConnection(asyncio.Protocol):
         self._incoming = None
         self._buffer.clear()
         self._abandoned_replies = 0
+        self._returned = None
         error = ConnectionClosed(reason, reply_code)
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
@@ -560,14 +570,16 @@ class AMQPConnection(asyncio.Protocol):
         self._write(amqpwire.encode_reject(CHANNEL, delivery_tag, requeue))
 
     async def publish(self, body: bytes, properties: bytes, routing_key: str,
-                      exchange: str = "") -> None:
+                      exchange: str = "", mandatory: bool = False) -> None:
         """Publish and wait for the broker's confirm. ``properties`` are encoded
-        (e.g. :attr:`Properties.encoded` of a received message)."""
+        (e.g. :attr:`Properties.encoded` of a received message). A nack raises
+        ConnectionClosed; a ``mandatory`` message that no queue took raises Returned."""
         assert self._loop is not None
         self._published += 1
         confirm = self._confirms[self._published] = self._loop.create_future()
         self._write(frame.marshal(commands.Basic.Publish(exchange=exchange,
-                                                         routing_key=routing_key), CHANNEL)
+                                                         routing_key=routing_key,
+                                                         mandatory=mandatory), CHANNEL)
                     + amqpwire.content_frames(CHANNEL, body, properties, self.frame_max))
         if self._held:  # the confirm may be queued behind held deliveries
             self._parse_soon()
