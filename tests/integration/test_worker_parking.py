@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractConnection
 from helpers import AMQP_URL, eventually, ready_count, resolves_to
 
 from aio_celery import Celery
+from aio_celery.broker import Broker
 from aio_celery.worker.delivery import wait_queue_name
 
 
@@ -89,6 +90,45 @@ async def test_a_nacked_park_backs_off_and_keeps_the_message(
         await channel.close()
     assert ran == []  # still due in about 30 s: it waits in the holding queue
     assert result.id
+
+
+async def test_a_returned_park_is_not_parked_and_the_original_stays(
+        app: Celery, start_worker, amqp: AbstractConnection, unique_name: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The holding queue is missing when the copy is published (deleted right after its
+    declaration, say): RabbitMQ returns the mandatory copy, so the original is not acked."""
+    caplog.set_level(logging.INFO, logger="aio_celery.worker")
+    parking = wait_queue_name(unique_name, 1.0)
+    declare = Broker.declare_holding_queue
+
+    async def not_declared(self: Broker, name: str, target: str, ttl_ms: int) -> None:
+        return None
+
+    monkeypatch.setattr(Broker, "declare_holding_queue", not_declared)
+
+    @app.task
+    async def later() -> str:
+        return "later"
+
+    await later.apply_async(countdown=30)
+    handle = await start_worker(concurrency=1, eta_horizon=1.0)
+    try:
+        await eventually(lambda: len(_logged(caplog, "could not be parked")) >= 1, timeout=10,
+                         what="a park returned by the broker")
+        message = _logged(caplog, "could not be parked")[0].getMessage()
+        assert "returned" in message and "NO_ROUTE" in message, message
+        assert await ready_count(amqp, unique_name) == 0  # held unacked by the worker
+        assert not _logged(caplog, "eta horizon: parked in")
+
+        monkeypatch.setattr(Broker, "declare_holding_queue", declare)
+        await eventually(lambda: resolves_to(ready_count(amqp, parking), 1), timeout=15,
+                         what="the message parked once the holding queue exists")
+        assert await ready_count(amqp, unique_name) == 0
+    finally:
+        assert await handle.stop() == 0
+        channel = await amqp.channel()
+        await channel.queue_delete(parking)
+        await channel.close()
 
 
 # --- a holding queue the broker refuses to declare --------------------------------------------
