@@ -445,6 +445,8 @@ class Supervisor:
             logger.info("All %d children are consuming", ready)
             self.notifier.send("READY=1", f"MAINPID={os.getpid()}")
         summary = f"{ready}/{self.target} children consuming"
+        if any(state == "waiting for broker" for _, state, _ in states):
+            summary += ", waiting for the broker"
         if summary != self._last_status:
             self._last_status = summary
             self.notifier.send(f"STATUS={summary}")
@@ -459,7 +461,8 @@ class Supervisor:
                 target=self.target, heartbeat_timeout=self.options.heartbeat_timeout,
                 children=[ChildStatus(record.index, record.pid, beat.state, round(beat.age, 2),
                                       _rounded(beat.broker_down))
-                          for record, beat in sorted(beats, key=lambda b: b[0].index)])
+                          for record, beat in sorted(beats, key=lambda b: b[0].index)],
+                updated_monotonic=now)
             try:
                 write_status(self.options.status_file, status)
             except OSError as exc:

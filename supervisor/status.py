@@ -44,6 +44,9 @@ class Status:
     heartbeat_timeout: float
     updated: float = field(default_factory=time.time)
     children: list[ChildStatus] = field(default_factory=list)
+    #: ``time.monotonic()`` of the write (CLOCK_MONOTONIC is system-wide on Linux, so the
+    #: probe ages the file on it: a wall-clock step does not make it look stale)
+    updated_monotonic: float | None = None
 
 
 def write_status(path: str, status: Status) -> None:
@@ -67,17 +70,21 @@ def read_status(path: str) -> Status:
     return Status(children=children, **data)
 
 
-def check_health(path: str, ready: bool, now: float | None = None) -> tuple[bool, str]:
+def check_health(path: str, ready: bool, now: float | None = None,
+                 monotonic_now: float | None = None) -> tuple[bool, str]:
     """``(healthy, one-line reason)``: alive means the supervisor wrote its status lately
     and every child beats; ``ready`` also asks that every child has its consumers attached.
     A child waiting for the broker beats: it is alive but not ready (restarting it would
     not bring the broker back)."""
-    now = time.time() if now is None else now
     try:
         status = read_status(path)
     except (OSError, ValueError, TypeError) as exc:
         return False, f"no supervisor status at {path}: {exc}"
-    age = now - status.updated
+    if status.updated_monotonic is not None:
+        age = (time.monotonic() if monotonic_now is None else monotonic_now) \
+            - status.updated_monotonic
+    else:  # written by an older supervisor
+        age = (time.time() if now is None else now) - status.updated
     if age > status.heartbeat_timeout + 5:
         return False, f"supervisor status is {age:.0f}s old (pid {status.pid} stuck or gone)"
     if status.state != "running":

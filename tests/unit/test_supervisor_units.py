@@ -117,6 +117,7 @@ def test_status_round_trips_and_leaves_no_temporary_files(tmp_path: Path) -> Non
     data = json.loads(path.read_text())
     assert data["children"][1] == {"index": 2, "pid": 102, "state": "ready", "beat_age": 0.9,
                                    "broker_down": None}
+    assert data["updated_monotonic"] is None
 
 
 def test_write_status_to_a_missing_directory_raises_and_leaves_nothing(tmp_path: Path) -> None:
@@ -169,6 +170,17 @@ def test_health_fails_when_the_status_is_stale(status_file: Path) -> None:
     # heartbeat_timeout (30) + 5 seconds of grace
     assert check_health(str(status_file), ready=False, now=1_000_034.0)[0] is True
     healthy, reason = check_health(str(status_file), ready=False, now=1_000_036.0)
+    assert not healthy
+    assert reason == "supervisor status is 36s old (pid 100 stuck or gone)"
+
+
+def test_health_ages_the_status_on_the_monotonic_clock(
+        status_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write(status_file, _status(updated_monotonic=500.0))
+    # The wall clock jumped an hour ahead since the write: still fresh.
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.0 + 3600)
+    assert check_health(str(status_file), ready=False, monotonic_now=501.0)[0] is True
+    healthy, reason = check_health(str(status_file), ready=False, monotonic_now=536.0)
     assert not healthy
     assert reason == "supervisor status is 36s old (pid 100 stuck or gone)"
 
