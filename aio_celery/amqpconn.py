@@ -57,7 +57,17 @@ Reply = TypeVar("Reply", bound=Any)
 
 
 class ConnectionClosed(ConnectionError):
-    """The connection is gone, or the broker refused a request (its reason is the text)."""
+    """The connection is gone, or the broker refused a request (its reason is the text;
+    ``reply_code`` is the broker's AMQP code when it closed the connection or channel, e.g.
+    403 ACCESS_REFUSED, 530 NOT_ALLOWED for a missing vhost)."""
+
+    def __init__(self, reason: str, reply_code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reply_code = reply_code
+
+
+class Returned(Exception):
+    """The broker returned a ``mandatory`` message: no queue took it (the text says why)."""
 
 
 @dataclass(slots=True)
@@ -185,6 +195,8 @@ class AMQPConnection(asyncio.Protocol):
         self._incoming: _Incoming | None = None
         self._published = 0
         self._confirms: dict[int, asyncio.Future[None]] = {}
+        #: why the broker returned the last mandatory message, until its confirm comes
+        self._returned: str | None = None
         self._last_received = 0.0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
 
@@ -424,11 +436,11 @@ class AMQPConnection(asyncio.Protocol):
         elif isinstance(method, commands.Channel.Flow):
             self._write(frame.marshal(commands.Channel.FlowOk(active=method.active), channel))
         elif isinstance(method, commands.Basic.Return):
-            # Nothing is published as mandatory; should one come back all the same, its
-            # content frames follow and are dropped.
-            logger.warning("The broker returned a published message: %s %s (exchange %r, "
-                           "routing key %r)", method.reply_code, method.reply_text,
-                           method.exchange, method.routing_key)
+            # A mandatory message no queue took. RabbitMQ sends the return (then its content
+            # frames, dropped here) right before the confirm of that same message: the
+            # confirm that follows fails with Returned.
+            self._returned = (f"{method.reply_code} {method.reply_text} (exchange "
+                              f"{method.exchange!r}, routing key {method.routing_key!r})")
             self._incoming = _Incoming(None)
         else:
             self._replied(method)
@@ -449,7 +461,8 @@ class AMQPConnection(asyncio.Protocol):
         else:
             self._write(frame.marshal(commands.Channel.CloseOk(), channel))
             what = "channel"
-        self._abort(f"the broker closed the {what}: {method.reply_code} {method.reply_text}")
+        self._abort(f"the broker closed the {what}: {method.reply_code} {method.reply_text}",
+                    method.reply_code)
 
     def _cancelled_by_broker(self, method: commands.Basic.Cancel) -> None:
         if not method.nowait:
@@ -461,24 +474,27 @@ class AMQPConnection(asyncio.Protocol):
 
     def _confirmed(self, tag: int, multiple: bool, error: Exception | None) -> None:
         tags = [t for t in self._confirms if t <= tag] if multiple else [tag]
+        returned, self._returned = self._returned, None
         for confirmed in tags:
             future = self._confirms.pop(confirmed, None)
             if future is not None and not future.done():
-                if error is None:
+                if returned is not None and confirmed == tag:  # the returned one comes last
+                    future.set_exception(Returned(f"the broker returned it: {returned}"))
+                elif error is None:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
 
     # --- ending -------------------------------------------------------------------------
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str, reply_code: int | None = None) -> None:
         """End now: record ``reason``, drop the socket, fail whatever waits."""
-        self._end(reason)
+        self._end(reason, reply_code)
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
 
-    def _end(self, reason: str) -> None:
+    def _end(self, reason: str, reply_code: int | None = None) -> None:
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
             self._heartbeat_timer = None
@@ -486,7 +502,8 @@ class AMQPConnection(asyncio.Protocol):
         self._incoming = None
         self._buffer.clear()
         self._abandoned_replies = 0
-        error = ConnectionClosed(reason)
+        self._returned = None
+        error = ConnectionClosed(reason, reply_code)
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
         confirms, self._confirms = self._confirms, {}
@@ -558,14 +575,16 @@ class AMQPConnection(asyncio.Protocol):
         self._write(amqpwire.encode_reject(CHANNEL, delivery_tag, requeue))
 
     async def publish(self, body: bytes, properties: bytes, routing_key: str,
-                      exchange: str = "") -> None:
+                      exchange: str = "", mandatory: bool = False) -> None:
         """Publish and wait for the broker's confirm. ``properties`` are encoded
-        (e.g. :attr:`Properties.encoded` of a received message)."""
+        (e.g. :attr:`Properties.encoded` of a received message). A nack raises
+        ConnectionClosed; a ``mandatory`` message that no queue took raises Returned."""
         assert self._loop is not None
         self._published += 1
         confirm = self._confirms[self._published] = self._loop.create_future()
         self._write(frame.marshal(commands.Basic.Publish(exchange=exchange,
-                                                         routing_key=routing_key), CHANNEL)
+                                                         routing_key=routing_key,
+                                                         mandatory=mandatory), CHANNEL)
                     + amqpwire.content_frames(CHANNEL, body, properties, self.frame_max))
         if self._held:  # the confirm may be queued behind held deliveries
             self._parse_soon()

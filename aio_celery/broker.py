@@ -156,6 +156,36 @@ class Broker:
         await queue.bind(exchange, routing_key=name)
         return queue
 
+    async def declare_holding_queue(self, name: str, target: str, ttl_ms: int) -> None:
+        """Declare a holding queue (see :func:`holding_queue_arguments`) on a channel of its
+        own that is closed afterwards: a refusal (no configure permission, the queue exists
+        with other arguments) closes only that channel, never the worker's consumer
+        connection, and raises :class:`HoldingQueueRefused`. Other failures raise
+        BrokerConnectionError."""
+        import aiormq
+
+        if self._channel is None and self.lazy:
+            await self._connect_once()
+        try:
+            publisher = await self._publisher().get_underlay_channel()
+            assert isinstance(publisher, aiormq.Channel)
+            channel = await publisher.connection.channel()
+        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise BrokerConnectionError(f"cannot open a channel to declare {name!r}: "
+                                        f"{describe_error(exc)}") from exc
+        try:
+            await channel.queue_declare(name, durable=True,
+                                        arguments=holding_queue_arguments(target, ttl_ms))
+        except aiormq.exceptions.ChannelClosed as exc:
+            raise HoldingQueueRefused(f"the broker refused to declare the holding queue "
+                                      f"{name!r}: {describe_error(exc)}") from exc
+        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise BrokerConnectionError(f"declaring the holding queue {name!r} failed: "
+                                        f"{describe_error(exc)}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
     def _publisher(self) -> AbstractRobustChannel:
         if self._channel is None:
             raise RuntimeError("broker is not connected: use `async with app.setup():`")
@@ -205,6 +235,34 @@ def describe_error(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+def holding_queue_arguments(target: str, ttl_ms: int) -> dict[str, Any]:
+    """A holding queue's arguments: messages expire after ``ttl_ms`` and dead-letter back to
+    ``target`` (every message has the same TTL, so expiry order is arrival order).
+
+    The holding queue is a classic queue, so its dead-lettering is at-most-once: should
+    ``target`` be unavailable when a message expires, RabbitMQ drops it. A quorum holding
+    queue could use ``x-dead-letter-strategy: at-least-once`` (with ``x-overflow:
+    reject-publish``), but only for a quorum target, and the worker does not know the
+    target's type (it declares classic queues, as Celery does by default): see the README.
+    """
+    return {"x-message-ttl": ttl_ms, "x-dead-letter-exchange": _DEFAULT_EXCHANGE,
+            "x-dead-letter-routing-key": target}
+
+
+class HoldingQueueRefused(BrokerConnectionError):
+    """The broker refused to declare a holding queue (permissions, other arguments):
+    trying again will not help until the operator changes something."""
+
+
+#: AMQP codes with which a broker refuses a connection for good: ACCESS_REFUSED (wrong user
+#: or password, no access to the vhost) and NOT_ALLOWED (the vhost does not exist)
+REFUSED_CODES = (403, 530)
+
+
+class BrokerRefused(BrokerConnectionError):
+    """The broker answered and refused us: retrying with the same settings cannot help."""
+
+
 class ConsumerChannel:
     """The worker's side: a dedicated AMQP connection with one channel for consuming.
 
@@ -238,12 +296,22 @@ class ConsumerChannel:
         return self._connection is not None and self._connection.is_open
 
     async def open(self) -> None:
+        """Connect; :class:`BrokerRefused` when trying again cannot help (login refused,
+        vhost missing or forbidden, an unusable URL), else BrokerConnectionError."""
         try:
             connection = AMQPConnection(self.url, heartbeat=self.heartbeat,
                                         connection_name=self.connection_name,
                                         connect_timeout=self.connection_timeout)
             await connection.connect()
-        except (TimeoutError, OSError, ValueError) as exc:
+        except ValueError as exc:
+            raise BrokerRefused(f"cannot use broker_url {mask_url(self.url)}: {exc}") from exc
+        except (TimeoutError, OSError) as exc:
+            code = getattr(exc, "reply_code", None)
+            if code in REFUSED_CODES:
+                raise BrokerRefused(
+                    f"broker {mask_url(self.url)} refused the connection: "
+                    f"{describe_error(exc)}. Check the user, password and vhost in "
+                    "broker_url, and the user's permissions on that vhost.") from exc
             raise BrokerConnectionError(
                 f"cannot connect to broker {mask_url(self.url)}: {describe_error(exc)}") from exc
         self._connection = connection
@@ -264,14 +332,6 @@ class ConsumerChannel:
                                        arguments=queue_arguments(self.max_priority))
         await connection.queue_bind(queue, queue, routing_key=queue)
 
-    async def declare_wait_queue(self, name: str, target: str, ttl_ms: int) -> None:
-        """A holding queue: messages expire after ``ttl_ms`` and dead-letter back to
-        ``target`` (every message has the same TTL, so expiry order is arrival order)."""
-        await self.connection.queue_declare(name, durable=True, arguments={
-            "x-message-ttl": ttl_ms,
-            "x-dead-letter-exchange": _DEFAULT_EXCHANGE,
-            "x-dead-letter-routing-key": target,
-        })
 
     async def message_count(self, queue: str) -> int:
         result = await self.connection.queue_declare(queue, passive=True)
@@ -320,8 +380,11 @@ class ConsumerChannel:
             await self.connection.exchange_declare("amq.direct", "direct", passive=True)
 
     async def publish_raw(self, body: bytes, properties: bytes, routing_key: str) -> None:
-        """Publish a received message's body and encoded properties again (confirmed)."""
-        await self.connection.publish(body, properties, routing_key, _DEFAULT_EXCHANGE)
+        """Publish a received message's body and encoded properties again to the queue
+        ``routing_key``, mandatory and confirmed: ConnectionClosed if the broker nacks it,
+        :class:`~aio_celery.amqpconn.Returned` if no queue of that name took it."""
+        await self.connection.publish(body, properties, routing_key, _DEFAULT_EXCHANGE,
+                                      mandatory=True)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

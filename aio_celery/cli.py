@@ -56,6 +56,11 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=1), default=30.0,
               show_default=True,
               help="Kill and replace a child whose event loop has not beaten for this long.")
+@click.option("--startup-timeout", type=click.FloatRange(min=1), default=60.0,
+              show_default=True,
+              help="Kill and replace a child that has not started consuming this long after "
+                   "its start (a hanging app context, say); it counts as a crash. Time spent "
+                   "waiting for an unreachable broker does not count.")
 @click.option("--status-file", type=click.Path(dir_okay=False), default=None,
               help="Where the supervisor writes its status for `aio_celery health` "
                    "(default: $AIO_CELERY_STATUS_FILE or a per-user temp file).")
@@ -67,14 +72,19 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
            queues: tuple[str, ...], loglevel: str, hostname: str | None,
            prefetch_multiplier: int | None, shutdown_timeout: float | None,
            eta_horizon: float, max_tasks_per_child: int, max_memory_per_child: int,
-           heartbeat_timeout: float, status_file: str | None, burst: bool,
-           log_config: bool) -> None:
+           heartbeat_timeout: float, startup_timeout: float, status_file: str | None,
+           burst: bool, log_config: bool) -> None:
     """Run workers for APP (module:attribute, e.g. proj.tasks:app).
 
     By default a supervisor forks --processes children, each running up to --concurrency
     tasks on its own event loop. SIGTERM/SIGINT: warm shutdown (also when sent to the whole
     process group, as Ctrl-C is); a second one or SIGQUIT: cold; SIGHUP: rolling restart;
     SIGTTIN/SIGTTOU: one child more/less; SIGUSR1: log running tasks.
+
+    An unreachable broker (at start-up or later) is retried for ever by default (the app's
+    broker_connection_max_retries and broker_connection_retry_on_startup); meanwhile the
+    children stay alive and `aio_celery health --ready` fails. A refused login or a
+    missing vhost exits 4 at once.
     """
     from aio_celery import logs
 
@@ -88,13 +98,14 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
     if hostname:
         options = dataclasses.replace(options, hostname=hostname)
     if pool == "processes":
-        sys.exit(_supervise(app, options, processes, loglevel, log_config, heartbeat_timeout,
-                            status_file))
+        sys.exit(_supervise(app, options, processes, loglevel, log_config,
+                            (heartbeat_timeout, startup_timeout), status_file))
     sys.exit(_solo(app, options))
 
 
 def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel: str,
-               log_config: bool, heartbeat_timeout: float, status_file: str | None) -> int:
+               log_config: bool, timeouts: tuple[float, float], status_file: str | None) -> int:
+    """``timeouts``: (heartbeat, start-up) in seconds."""
     from supervisor import ChildSpec, Supervisor, SupervisorOptions
     from supervisor.status import default_status_path
 
@@ -107,7 +118,7 @@ def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel
     options = dataclasses.replace(options, shutdown_timeout=shutdown)
     return Supervisor(SupervisorOptions(
         spec=spec, processes=count, shutdown_timeout=shutdown,
-        heartbeat_timeout=heartbeat_timeout,
+        heartbeat_timeout=timeouts[0], startup_timeout=timeouts[1],
         status_file=status_file or default_status_path())).run()
 
 

@@ -31,6 +31,15 @@ class Settings:
     broker_publish_timeout: float | None = None
     #: AMQP heartbeat in seconds (0 disables it)
     broker_heartbeat: int = 60
+    #: the worker's attempts to get a lost broker connection back (at start-up too, see
+    #: below) before it exits BROKER_LOST; None or 0: for ever. Celery's default is 100;
+    #: ours is for ever because restarting a worker does not bring a broker back: it only
+    #: turns an outage into a crash loop (CrashLoopBackOff) that outlasts the broker's return
+    broker_connection_max_retries: int | None = None
+    #: a broker that is not up yet when the worker starts is retried like a lost one
+    #: (Celery's default); False: exit 4 at once. A refused login or a missing vhost is
+    #: exit 4 at once either way
+    broker_connection_retry_on_startup: bool = True
     result_backend: str | None = None
     #: seconds (or a timedelta) a result is kept in Redis; None keeps it forever
     result_expires: float | timedelta | None = 86400.0

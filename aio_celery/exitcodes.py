@@ -12,9 +12,12 @@ APP_LOAD_ERROR = 3
 #: bad command-line options or settings
 USAGE_ERROR = 2
 #: start-up failed: a configuration error (e.g. redis-py missing for result_backend), app
-#: context raised, broker refused the connection or login
+#: context raised, the broker refused the login or has no such vhost, a queue cannot be
+#: declared as asked (or the broker is unreachable and retrying at start-up is off or used
+#: up: ``broker_connection_retry_on_startup``)
 STARTUP_ERROR = 4
-#: the broker connection was lost and could not be restored within the bound
+#: the broker stayed unreachable for all of ``broker_connection_max_retries`` (by default
+#: the worker retries for ever and never exits with this)
 BROKER_LOST = 5
 #: the child finished its tasks and exits to be replaced (max tasks/memory per child)
 RECYCLE = 6

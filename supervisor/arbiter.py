@@ -50,7 +50,8 @@ class SupervisorOptions:
     processes: int
     shutdown_timeout: float = 25.0
     heartbeat_timeout: float = 30.0
-    #: a child gets this long from fork to its first heartbeat
+    #: a child gets this long from fork (or from the end of a wait for the broker) to
+    #: consuming; one that takes longer is killed, and that counts as a crash
     startup_timeout: float = 60.0
     #: more crashes than this within ``crash_window`` seconds: stop and exit CRASH_LOOP
     max_crashes: int = 10
@@ -338,24 +339,33 @@ class Supervisor:
     # --- heartbeats ----------------------------------------------------------------------
 
     def _check_heartbeats(self, now: float) -> None:
+        """Kill a child whose loop stopped beating, or that beats but never starts
+        consuming. Ages are on the monotonic clock (see :mod:`supervisor.heartbeat`)."""
         for record in list(self.children.values()):
             if record.killed:
                 continue
-            state, age = record.beat.read()
+            state, age = record.beat.read(now)
             if state == "ready" and not record.was_ready:
                 record.was_ready = True
                 self._ever_ready = True
+            if state == "waiting for broker":
+                # Alive and retrying: the broker is late, not the child. Its start-up
+                # limit counts again from when the broker is back.
+                record.startup_since = now
             starting = state == "starting" and not record.was_ready
             limit = (max(self.options.startup_timeout, self.options.heartbeat_timeout)
                      if starting else self.options.heartbeat_timeout)
             if now - record.started > limit and age > limit:
                 self._kill_stale(record, now, f"missed its heartbeat for {age:.0f}s (a task "
                                               "blocking the event loop?)")
-            elif starting and now - record.started > self.options.startup_timeout:
+            elif starting and now - record.startup_since > self.options.startup_timeout:
                 # Beating but never consuming (app context or broker hanging): a rolling
-                # restart waiting for it would wait for ever.
+                # restart waiting for it would wait for ever. A start that keeps failing
+                # like this is a crash loop, so it counts toward the cap.
                 self._kill_stale(record, now, "did not start consuming within "
-                                              f"{self.options.startup_timeout:.0f}s")
+                                              f"{self.options.startup_timeout:.0f}s "
+                                              "(--startup-timeout)")
+                self._record_crash()
 
     def _kill_stale(self, record: children.Child, now: float, why: str) -> None:
         logger.error("child %d (pid %d) %s: dumping its stack, then killing it; its "
@@ -428,13 +438,16 @@ class Supervisor:
         if now < self._next_report and not self._stopping:
             return
         self._next_report = now + 1.0
-        states = [(record, *record.beat.read()) for record in self.children.values()]
+        beats = [(record, record.beat.read_beat(now)) for record in self.children.values()]
+        states = [(record, beat.state, beat.age) for record, beat in beats]
         ready = sum(1 for _, state, _ in states if state == "ready")
         if not self._announced_ready and not self._stopping and ready >= self.target:
             self._announced_ready = True
             logger.info("All %d children are consuming", ready)
             self.notifier.send("READY=1", f"MAINPID={os.getpid()}")
         summary = f"{ready}/{self.target} children consuming"
+        if any(state == "waiting for broker" for _, state, _ in states):
+            summary += ", waiting for the broker"
         if summary != self._last_status:
             self._last_status = summary
             self.notifier.send(f"STATUS={summary}")
@@ -447,8 +460,10 @@ class Supervisor:
             status = Status(
                 pid=os.getpid(), state="stopping" if self._stopping else "running",
                 target=self.target, heartbeat_timeout=self.options.heartbeat_timeout,
-                children=[ChildStatus(record.index, record.pid, state, round(age, 2))
-                          for record, state, age in sorted(states, key=lambda s: s[0].index)])
+                children=[ChildStatus(record.index, record.pid, beat.state, round(beat.age, 2),
+                                      _rounded(beat.broker_down))
+                          for record, beat in sorted(beats, key=lambda b: b[0].index)],
+                updated_monotonic=now)
             try:
                 write_status(self.options.status_file, status)
             except OSError as exc:
@@ -464,6 +479,10 @@ class Supervisor:
         if self.options.status_file:
             with contextlib.suppress(OSError):
                 os.unlink(self.options.status_file)
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def describe_exit(code: int) -> str:

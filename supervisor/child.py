@@ -53,6 +53,9 @@ class Child:
     kill_at: float | None = None
     #: it reached "ready" at least once
     was_ready: bool = False
+    #: the start-up limit counts from here: the fork, or the end of a wait for the broker
+    #: (a child waiting for the broker beats and is not slow to start)
+    startup_since: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -170,10 +173,10 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile) -> i
 
 def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], None]:
     states = {"starting": heartbeat.STARTING, "ready": heartbeat.READY,
-              "stopping": heartbeat.STOPPING}
+              "stopping": heartbeat.STOPPING, "waiting for broker": heartbeat.WAITING}
 
     def tick(worker: Worker) -> None:
-        beat.beat(states[worker.state])
+        beat.beat(states[worker.state], worker.broker_lost_since)
         if os.getppid() != parent and worker.state != "stopping":
             # Orphaned (the supervisor died): stop consuming rather than run unsupervised.
             worker.retire()

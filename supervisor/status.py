@@ -28,8 +28,12 @@ def default_status_path() -> str:
 class ChildStatus:
     index: int
     pid: int
+    #: starting, ready (consuming), waiting for broker, or stopping
     state: str
+    #: seconds since the child's event loop last beat
     beat_age: float
+    #: seconds the child has been without a broker connection (None: connected)
+    broker_down: float | None = None
 
 
 @dataclass
@@ -40,6 +44,9 @@ class Status:
     heartbeat_timeout: float
     updated: float = field(default_factory=time.time)
     children: list[ChildStatus] = field(default_factory=list)
+    #: ``time.monotonic()`` of the write (CLOCK_MONOTONIC is system-wide on Linux, so the
+    #: probe ages the file on it: a wall-clock step does not make it look stale)
+    updated_monotonic: float | None = None
 
 
 def write_status(path: str, status: Status) -> None:
@@ -63,15 +70,21 @@ def read_status(path: str) -> Status:
     return Status(children=children, **data)
 
 
-def check_health(path: str, ready: bool, now: float | None = None) -> tuple[bool, str]:
+def check_health(path: str, ready: bool, now: float | None = None,
+                 monotonic_now: float | None = None) -> tuple[bool, str]:
     """``(healthy, one-line reason)``: alive means the supervisor wrote its status lately
-    and every child beats; ``ready`` also asks that every child has its consumers attached."""
-    now = time.time() if now is None else now
+    and every child beats; ``ready`` also asks that every child has its consumers attached.
+    A child waiting for the broker beats: it is alive but not ready (restarting it would
+    not bring the broker back)."""
     try:
         status = read_status(path)
     except (OSError, ValueError, TypeError) as exc:
         return False, f"no supervisor status at {path}: {exc}"
-    age = now - status.updated
+    if status.updated_monotonic is not None:
+        age = (time.monotonic() if monotonic_now is None else monotonic_now) \
+            - status.updated_monotonic
+    else:  # written by an older supervisor
+        age = (time.time() if now is None else now) - status.updated
     if age > status.heartbeat_timeout + 5:
         return False, f"supervisor status is {age:.0f}s old (pid {status.pid} stuck or gone)"
     if status.state != "running":
@@ -83,6 +96,15 @@ def check_health(path: str, ready: bool, now: float | None = None) -> tuple[bool
     if ready:
         consuming = sum(1 for c in status.children if c.state == "ready")
         if consuming < status.target:
-            return False, f"{consuming}/{status.target} children consuming"
+            return False, f"{consuming}/{status.target} children consuming{_waiting(status)}"
     summary = ", ".join(f"{c.index}:{c.state}" for c in status.children)
     return True, f"ok: {len(status.children)} children ({summary})"
+
+
+def _waiting(status: Status) -> str:
+    """``; broker unreachable for 95s (child 1, child 2)`` while children wait for it."""
+    down = [c for c in status.children if c.broker_down is not None]
+    if not down:
+        return ""
+    names = ", ".join(f"child {c.index}" for c in down)
+    return f"; broker unreachable for {max(c.broker_down or 0.0 for c in down):.0f}s ({names})"

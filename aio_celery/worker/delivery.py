@@ -32,7 +32,7 @@ from typing import Any
 
 from aio_celery import protocol
 from aio_celery.amqpconn import Delivery
-from aio_celery.broker import ConsumerChannel, describe_error
+from aio_celery.broker import ConsumerChannel, HoldingQueueRefused, describe_error
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.execution import Settle, TaskRunner
@@ -49,6 +49,11 @@ _CHANNEL_GONE = (ConnectionError,)
 #: _RELEASE_AT (it matters at high concurrency: 1000 slots prefetch 4000 messages).
 _HOLD_AT = 64
 _RELEASE_AT = 16
+
+
+#: a park that failed is tried again after this many seconds, doubling up to PARK_MAX_RETRY
+PARK_FIRST_RETRY = 1.0
+PARK_MAX_RETRY = 60.0
 
 
 def horizon_ms(horizon: float) -> int:
@@ -108,13 +113,19 @@ class Session:
         #: straight back: kept until stop() has cancelled the consumers
         self._returning: list[int] = []
         self._consumers_cancelled = False
+        #: holding queues the broker refused to declare: their etas wait in memory
+        self._refused_holding_queues: set[str] = set()
 
     # --- start and state -----------------------------------------------------------------
 
-    async def start(self, queues: tuple[str, ...]) -> None:
+    async def start(self, queues: tuple[str, ...],
+                    before_consume: Callable[[], None] = lambda: None) -> None:
+        """Connect, declare, consume. ``before_consume`` is called just before the first
+        basic.consume: from then on a delivery (a task that may block the loop) can come."""
         await self.channel.open()
         for queue in queues:
             await self.channel.declare(queue)
+        before_consume()
         for queue in queues:
             await self.channel.consume(queue, self._receiver(queue))
 
@@ -263,12 +274,65 @@ class Session:
         self._start_ready()
 
     async def _park(self, job: _Job, raw: Delivery, delay: float) -> None:
-        """An eta beyond the horizon: republish it to the holding queue, then ack it."""
-        queue, message = job.queue, job.message
-        name = wait_queue_name(queue, self.options.eta_horizon)
+        """An eta beyond the horizon: republish it to the holding queue, then ack it.
+
+        A park that fails (nacked, returned, no connection) keeps the message unacked here
+        and is tried again with backoff (the prefetch window widened by one meanwhile),
+        never given back to the queue at once (the broker would hand it straight back, to
+        be parked again, in a loop). A holding queue the broker refuses to declare is
+        reported once; its messages then wait here, in memory, like nearer etas.
+        """
+        name = wait_queue_name(job.queue, self.options.eta_horizon)
+        retry_in = PARK_FIRST_RETRY
+        failed = False
+        try:
+            while True:
+                if name in self._refused_holding_queues:
+                    failed = self._narrow(failed)
+                    await self._wait_in_memory(job, name)
+                    return
+                try:
+                    await self._park_once(job, raw, name)
+                except HoldingQueueRefused as exc:
+                    self._holding_queue_refused(name, exc)
+                    continue
+                except Exception as exc:
+                    remaining = self._until_due(job)
+                    if remaining <= self.options.eta_horizon:
+                        failed = self._narrow(failed)
+                        await self._hold_until_due(job, remaining)
+                        return
+                    if not failed:  # the prefetch window must not fill up with these
+                        failed = True
+                        self._held += 1
+                        self._update_prefetch()
+                    logger.warning("Task %s[%s] could not be parked in %s (%s): it stays "
+                                   "here, unacknowledged, and parking is tried again in %.0fs",
+                                   job.message.task, job.message.id, name,
+                                   describe_error(exc), retry_in)
+                    await asyncio.sleep(retry_in)
+                    retry_in = min(retry_in * 2, PARK_MAX_RETRY)
+                    continue
+                logger.info("Task %s[%s] is due in %.0fs, beyond the %.0fs eta horizon: "
+                            "parked in %s (the broker hands it back every %.0fs until it is "
+                            "due)", job.message.task, job.message.id, delay,
+                            self.options.eta_horizon, name, self.options.eta_horizon)
+                return
+        finally:
+            self._narrow(failed)
+
+    def _narrow(self, widened: bool) -> bool:
+        """Undo a park's widening of the prefetch window; returns False (not widened)."""
+        if widened:
+            self._held -= 1
+            self._update_prefetch()
+        return False
+
+    async def _park_once(self, job: _Job, raw: Delivery, name: str) -> None:
+        """Publish the copy and, once the broker confirmed it, ack the original."""
         # Declared every time (parking is rare): a holding queue deleted meanwhile would
         # otherwise swallow the copy, unroutable, while the original is acked.
-        publish = asyncio.ensure_future(self._publish_parked(raw, queue, name))
+        publish = asyncio.ensure_future(self._publish_parked(raw, job.queue, name))
         try:
             await publish
         except asyncio.CancelledError:
@@ -276,21 +340,39 @@ class Session:
                 self._settle(job.tag, Settle.ACK)  # confirmed just before the cancel
                 return
             raise
-        except Exception as exc:
-            logger.warning("Task %s[%s] could not be parked in %s (%s): it goes back to the "
-                           "queue", message.task, message.id, name, describe_error(exc))
-            self._give_back(job.tag)
-            return
         self._settle(job.tag, Settle.ACK)  # the copy in the holding queue counts now
-        logger.info("Task %s[%s] is due in %.0fs, beyond the %.0fs eta horizon: parked in %s "
-                    "(the broker hands it back every %.0fs until it is due)", message.task,
-                    message.id, delay, self.options.eta_horizon, name,
-                    self.options.eta_horizon)
 
     async def _publish_parked(self, raw: Delivery, queue: str, name: str) -> None:
         assert raw.properties is not None
-        await self.channel.declare_wait_queue(name, queue, horizon_ms(self.options.eta_horizon))
+        # Declared on the publisher's connection, on a channel of its own: a refusal there
+        # must not close the channel these deliveries came on (that would be a reconnect,
+        # a redelivery, a park, a refusal... a loop).
+        await self.runner.app.broker.declare_holding_queue(
+            name, queue, horizon_ms(self.options.eta_horizon))
+        # mandatory: a copy that no queue took (Returned) is not parked
         await self.channel.publish_raw(raw.body, raw.properties.encoded, name)
+
+    def _holding_queue_refused(self, name: str, exc: Exception) -> None:
+        if name in self._refused_holding_queues:  # two parks were under way at once
+            return
+        self._refused_holding_queues.add(name)
+        logger.error("%s. Tasks with an eta more than %.0fs away now wait in this worker's "
+                     "memory instead, unacknowledged: RabbitMQ's consumer_timeout (30 min by "
+                     "default) may then close the channel for those further away. Let the "
+                     "worker's user configure queues named like %r, or raise "
+                     "--eta-horizon past your longest eta.", exc, self.options.eta_horizon,
+                     name)
+
+    async def _wait_in_memory(self, job: _Job, name: str) -> None:
+        remaining = self._until_due(job)
+        logger.warning("Task %s[%s] is due in %.0fs: it waits in memory (the holding queue %s "
+                       "was refused, see above)", job.message.task, job.message.id,
+                       remaining, name)
+        await self._hold_until_due(job, remaining)
+
+    def _until_due(self, job: _Job) -> float:
+        eta = job.message.eta
+        return 0.0 if eta is None else max(0.0, (eta - self.runner.app.now()).total_seconds())
 
     def _update_prefetch(self) -> None:
         if self._prefetch_task is None or self._prefetch_task.done():

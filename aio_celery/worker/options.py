@@ -25,8 +25,6 @@ class WorkerOptions:
     #: an eta further away than this (seconds) waits in a holding queue on the broker, not
     #: in memory, so that RabbitMQ's consumer_timeout (30 min by default) never trips
     eta_horizon: float = 600.0
-    #: how long the worker tries to get the broker back before it exits (BROKER_LOST)
-    reconnect_timeout: float = 60.0
     #: stop after this many tasks (0: never), then exit with the RECYCLE code
     max_tasks: int = 0
     #: stop when resident memory exceeds this many KiB (0: never), exit with RECYCLE

@@ -17,20 +17,28 @@ from collections.abc import Callable
 
 from aio_celery import exitcodes, preflight, signals
 from aio_celery.app import Celery
-from aio_celery.broker import ConsumerChannel
+from aio_celery.broker import BrokerRefused, ConsumerChannel
 from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
 from aio_celery.worker.execution import TaskRunner
 from aio_celery.worker.options import WorkerOptions
+from aio_celery.worker.outage import Outage
 from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
 
+#: the broker closes connections with this code when it shuts down (a restart, say)
+CONNECTION_FORCED = 320
+
 
 class StartupError(Exception):
     """The worker could not start; the message says why."""
+
+
+class BrokerOutage(Exception):
+    """The broker stayed away for all of ``broker_connection_max_retries``."""
 
 
 class Worker:
@@ -51,6 +59,8 @@ class Worker:
         self._session: Session | None = None
         #: set when consumers are attached (readiness), cleared when they are not
         self.consuming: asyncio.Event | None = None
+        #: ``time.monotonic()`` when the broker became unreachable; None while connected
+        self.broker_lost_since: float | None = None
 
     # --- what signal handlers and tests call -------------------------------------------
 
@@ -84,11 +94,14 @@ class Worker:
 
     @property
     def state(self) -> str:
-        """``starting``, ``ready`` (consumers attached) or ``stopping``."""
+        """``starting``, ``ready`` (consumers attached), ``waiting for broker`` (retrying
+        the connection) or ``stopping``."""
         if self._stop_requested_set():
             return "stopping"
         if self.consuming is not None and self.consuming.is_set():
             return "ready"
+        if self.broker_lost_since is not None:
+            return "waiting for broker"
         return "starting"
 
     def dump_tasks(self) -> None:
@@ -118,13 +131,17 @@ class Worker:
                 ticker.cancel()
 
     async def _tick(self) -> None:
-        assert self._on_tick is not None
         while True:
-            try:
-                self._on_tick(self)
-            except Exception:
-                logger.exception("Worker tick hook failed")
+            self._beat()
             await asyncio.sleep(1.0)
+
+    def _beat(self) -> None:
+        if self._on_tick is None:
+            return
+        try:
+            self._on_tick(self)
+        except Exception:
+            logger.exception("Worker tick hook failed")
 
     async def _run(self) -> int:
         async with contextlib.AsyncExitStack() as stack:
@@ -133,6 +150,9 @@ class Worker:
             except StartupError as exc:
                 logger.error("Worker start-up failed: %s", exc)
                 return exitcodes.STARTUP_ERROR
+            if self._session is None:
+                logger.info("Stopped while waiting for the broker: no task was taken")
+                return self._exit_code
             code = await self._consume_until_stopped()
             await self._shutdown()
             await signals.worker_process_shutdown.send(sender=self, pid=os.getpid(),
@@ -159,13 +179,18 @@ class Worker:
             logger.exception("The app context (define_app_context) raised")
             raise StartupError(f"app context failed: {exc!r}") from exc
         await signals.worker_process_init.send(sender=self)
-        self._session = await self._open_session(StartupError)
+        session = await self._connect(at_startup=True)
+        if session is None:  # stopped while waiting for the broker
+            return
+        self._session = session
         if self.options.banner:
             logger.info("%s", banner(self.app, self.options, self.queues,
-                                     self._session.prefetch_count))
+                                     session.prefetch_count))
         logger.info("%s ready: consuming %s", self.options.hostname, ", ".join(self.queues))
 
-    async def _open_session(self, error: type[Exception]) -> Session:
+    async def _open_session(self) -> Session:
+        """One attempt: connect, declare, consume (BrokerConnectionError, or BrokerRefused
+        when retrying cannot help)."""
         settings = self.app.conf.settings
         prefetch = self.options.prefetch_count(settings.worker_prefetch_multiplier)
         channel = ConsumerChannel(
@@ -177,17 +202,79 @@ class Worker:
         )
         session = Session(channel, TaskRunner(self.app, self.options.hostname), self.options,
                           self.stats, on_task_done=self._on_task_done)
+        assert self.consuming is not None
         try:
-            await session.start(self.queues)
-        except (BrokerConnectionError, ConnectionError, OSError) as exc:
-            await session.close()
-            raise error(str(exc)) from exc
+            await session.start(self.queues, before_consume=self._attaching)
+        except BrokerConnectionError:
+            await self._failed_session(session)
+            raise
+        except (ConnectionError, OSError) as exc:
+            await self._failed_session(session)
+            code = getattr(exc, "reply_code", None)
+            if code is not None and code != CONNECTION_FORCED:
+                # The broker answered (PRECONDITION_FAILED, ACCESS_REFUSED on a declare...):
+                # the same request would get the same answer.
+                raise BrokerRefused(f"cannot consume {', '.join(self.queues)}: {exc}") from exc
+            raise BrokerConnectionError(f"lost the broker while setting up consumers for "
+                                        f"{', '.join(self.queues)}: {exc}") from exc
         except Exception as exc:
-            await session.close()
-            raise error(f"cannot consume {', '.join(self.queues)}: {exc!r}") from exc
+            await self._failed_session(session)
+            raise BrokerRefused(f"cannot consume {', '.join(self.queues)}: {exc!r}") from exc
+        return session
+
+    def _attaching(self) -> None:
+        """Right before basic.consume: ready, and say so to the supervisor *now*. The first
+        delivery may be a task that blocks the loop before the next tick; the supervisor
+        must already see a "ready" beat, so that its ordinary heartbeat timeout applies."""
         assert self.consuming is not None
         self.consuming.set()
-        return session
+        self._beat()
+
+    async def _failed_session(self, session: Session) -> None:
+        assert self.consuming is not None
+        self.consuming.clear()
+        await session.close()
+
+    async def _connect(self, at_startup: bool) -> Session | None:
+        """Open a consumer session, retrying with capped backoff while the broker is
+        unreachable (``broker_connection_max_retries``; at start-up only with
+        ``broker_connection_retry_on_startup``). None once a stop was requested meanwhile.
+
+        Raises StartupError at start-up when the broker refuses us (login, vhost) or retries
+        are off or used up; BrokerOutage after start-up when the retries are used up.
+        """
+        settings = self.app.conf.settings
+        retry = settings.broker_connection_retry_on_startup or not at_startup
+        outage = Outage(mask_url(settings.broker_url), settings.broker_connection_max_retries)
+        while not self._stop_requested_set():
+            try:
+                session = await self._open_session()
+            except BrokerRefused as exc:
+                if at_startup:
+                    raise StartupError(str(exc)) from exc
+                outage.failed(exc)  # e.g. a vhost deleted meanwhile: logged, retried
+            except BrokerConnectionError as exc:
+                if not retry:
+                    raise StartupError(f"{exc} (broker_connection_retry_on_startup is off)") \
+                        from exc
+                outage.failed(exc)
+            else:
+                outage.recovered(session.consumer_count, after_loss=not at_startup)
+                self.broker_lost_since = None
+                return session
+            if self.broker_lost_since is None:
+                self.broker_lost_since = outage.since
+            if outage.exhausted:
+                if at_startup:
+                    raise StartupError(outage.giving_up())
+                raise BrokerOutage(outage.giving_up())
+            await self._sleep_unless_stopped(outage.next_delay())
+        return None
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        assert self._stop_requested is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_requested.wait(), seconds)
 
     def _on_task_done(self) -> None:
         limit = self.options.max_tasks
@@ -201,7 +288,7 @@ class Worker:
 
     async def _consume_until_stopped(self) -> int:
         """Wait for a stop request; reconnect when the broker connection drops."""
-        assert self._stop_requested is not None and self._session is not None
+        assert self._stop_requested is not None
         # Background watchers that end by requesting a stop themselves.
         watchers = []
         if self.options.burst:
@@ -211,46 +298,36 @@ class Worker:
         stop = asyncio.ensure_future(self._stop_requested.wait())
         try:
             while not self._stop_requested.is_set():
+                assert self._session is not None
                 lost = asyncio.ensure_future(self._session.lost())
                 await asyncio.wait([lost, stop], return_when=asyncio.FIRST_COMPLETED)
                 if not lost.done():
                     lost.cancel()
-                elif not self._stop_requested.is_set() and not await self._reconnect(
-                        lost.result()):
-                    return exitcodes.BROKER_LOST
+                elif not self._stop_requested.is_set():
+                    try:
+                        await self._reconnect(lost.result())
+                    except BrokerOutage as exc:
+                        logger.error("%s: exiting with code %d", exc, exitcodes.BROKER_LOST)
+                        return exitcodes.BROKER_LOST
         finally:
             for watcher in (*watchers, stop):
                 watcher.cancel()
         return self._exit_code
 
-    async def _reconnect(self, reason: str) -> bool:
-        """Open a new consumer session within ``reconnect_timeout``; False if impossible."""
+    async def _reconnect(self, reason: str) -> None:
+        """Open a new consumer session (the old one is kept, abandoned, if a stop comes
+        first: shutting it down is then quick). BrokerOutage once the retries are used up."""
         assert self._session is not None and self.consuming is not None
         self.consuming.clear()
-        url = mask_url(self.app.conf.settings.broker_url)
+        self.broker_lost_since = time.monotonic()
         logger.warning("Lost the broker connection to %s (%s); %d task(s) in flight are "
-                       "cancelled and will be redelivered. Reconnecting for up to %.0fs", url,
-                       reason, self._session.in_flight, self.options.reconnect_timeout)
+                       "cancelled and will be redelivered. Reconnecting",
+                       mask_url(self.app.conf.settings.broker_url), reason,
+                       self._session.in_flight)
         await self._session.abandon()
-        deadline = time.monotonic() + self.options.reconnect_timeout
-        delay = 0.5
-        while time.monotonic() < deadline and not self._stop_requested_set():
-            try:
-                self._session = await self._open_session(BrokerConnectionError)
-            except BrokerConnectionError as exc:
-                logger.warning("Reconnect failed: %s (next try in %.1fs)", exc, delay)
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 5.0)
-                continue
-            logger.info("Reconnected to %s: %d consumer(s) attached again", url,
-                        self._session.consumer_count)
-            return True
-        if self._stop_requested_set():
-            return True
-        logger.error("Could not reach the broker %s within %.0fs: exiting with code %d so "
-                     "that a supervisor restarts the worker", url,
-                     self.options.reconnect_timeout, exitcodes.BROKER_LOST)
-        return False
+        session = await self._connect(at_startup=False)
+        if session is not None:
+            self._session = session
 
     async def _drained(self) -> None:
         """Burst mode: stop once nothing is running or waiting and the queues are empty."""

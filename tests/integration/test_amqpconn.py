@@ -52,6 +52,7 @@ from aio_celery.amqpconn import (
     ConnectionClosed,
     Delivery,
     Endpoint,
+    Returned,
 )
 from aio_celery.amqpwire import Deliver, Properties
 
@@ -199,6 +200,7 @@ async def test_wrong_password_is_refused_quickly(amqp_url: str) -> None:
         await asyncio.wait_for(connection.connect(), TIMEOUT)
     assert time.monotonic() - started < 2.0
     assert "403" in str(refused.value)
+    assert refused.value.reply_code == 403
     assert not connection.is_open
     assert await asyncio.wait_for(connection.closed(), 1) == str(refused.value)
 
@@ -212,6 +214,7 @@ async def test_unknown_vhost_is_refused_quickly(amqp_url: str) -> None:
         await asyncio.wait_for(connection.connect(), TIMEOUT)
     assert time.monotonic() - started < 2.0
     assert vhost in str(refused.value)
+    assert refused.value.reply_code == 530
     assert not connection.is_open
     assert await asyncio.wait_for(connection.closed(), 1) == str(refused.value)
 
@@ -331,6 +334,28 @@ async def test_deliveries_carry_everything_published(
     finally:
         await asyncio.wait_for(again.close(), TIMEOUT)
     assert await ready_count(amqp, unique_name) == 0
+
+
+async def test_a_returned_mandatory_publish_fails_and_the_others_are_confirmed(
+        conn: AMQPConnection, channel: AbstractChannel, unique_name: str) -> None:
+    """Mandatory publishes to a missing queue come back (basic.return, then their confirm):
+    each fails with Returned; those to an existing queue in between are confirmed."""
+    await channel.declare_queue(unique_name)
+    missing = f"{unique_name}-missing"
+    props = b"\x00\x00"  # encoded basic properties: none set
+    outcomes = await asyncio.gather(
+        conn.publish(b"1", props, unique_name, mandatory=True),
+        conn.publish(b"2", props, missing, mandatory=True),
+        conn.publish(b"3", props, unique_name, mandatory=True),
+        conn.publish(b"4", props, missing, mandatory=True),
+        return_exceptions=True)
+    assert outcomes[0] is None and outcomes[2] is None, outcomes
+    for returned in (outcomes[1], outcomes[3]):
+        assert isinstance(returned, Returned), outcomes
+        assert "312 NO_ROUTE" in str(returned) and missing in str(returned)
+    assert conn.is_open
+    queue = await channel.declare_queue(unique_name, passive=True)
+    assert queue.declaration_result.message_count == 2
 
 
 async def test_publish_is_confirmed_and_byte_identical(

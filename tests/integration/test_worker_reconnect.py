@@ -1,5 +1,5 @@
-"""The worker survives a lost broker connection, and gives up (BROKER_LOST) when the broker
-stays away longer than ``reconnect_timeout``.
+"""The worker survives a lost broker connection, and gives up (BROKER_LOST) only when the
+broker stays away for all of ``broker_connection_max_retries`` (for ever by default).
 
 The worker's app talks to RabbitMQ through a :class:`~tcp_proxy.TcpProxy` that the test can
 cut or pause; the test's own ``app`` publishes and reads results on the real port.
@@ -69,7 +69,7 @@ StartWorker = Callable[..., Awaitable[object]]
 
 async def test_worker_reconnects_after_the_connection_is_cut(
         app: Celery, worker_app: Celery, proxy: TcpProxy, start_worker: StartWorker) -> None:
-    handle = await start_worker(worker_app, concurrency=4, reconnect_timeout=20.0)
+    handle = await start_worker(worker_app, concurrency=4)
     worker = handle.worker  # type: ignore[attr-defined]
 
     before = await app.send_task("reconnect.add", (1, 2))
@@ -104,7 +104,8 @@ async def test_worker_reconnects_after_the_connection_is_cut(
 
 async def test_worker_exits_broker_lost_when_the_broker_stays_away(
         app: Celery, worker_app: Celery, proxy: TcpProxy, start_worker: StartWorker) -> None:
-    handle = await start_worker(worker_app, concurrency=2, reconnect_timeout=1.5)
+    worker_app.conf.broker_connection_max_retries = 2
+    handle = await start_worker(worker_app, concurrency=2)
     worker = handle.worker  # type: ignore[attr-defined]
     result = await app.send_task("reconnect.add", (2, 3))
     assert await result.get(timeout=TIMEOUT) == 5
@@ -117,16 +118,17 @@ async def test_worker_exits_broker_lost_when_the_broker_stays_away(
                                   timeout=12)
     elapsed = time.monotonic() - started
     assert code == exitcodes.BROKER_LOST
-    assert 1.0 <= elapsed < 12, elapsed
+    assert 0.5 <= elapsed < 12, elapsed  # 3 attempts, about 0.5 s and 1 s apart
     assert not worker.consuming.is_set()
 
 
-async def test_worker_waits_out_an_outage_shorter_than_reconnect_timeout(
+async def test_worker_waits_out_an_outage_for_ever_by_default(
         app: Celery, worker_app: Celery, proxy: TcpProxy, start_worker: StartWorker,
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="aio_celery.worker")
-    handle = await start_worker(worker_app, concurrency=2, reconnect_timeout=20.0)
+    caplog.set_level(logging.INFO, logger="aio_celery.worker")
+    handle = await start_worker(worker_app, concurrency=2)
     worker = handle.worker  # type: ignore[attr-defined]
+    assert worker.app.conf.broker_connection_max_retries is None
 
     await proxy.pause()
     assert proxy.cut() >= 1
@@ -134,12 +136,59 @@ async def test_worker_waits_out_an_outage_shorter_than_reconnect_timeout(
                  "the worker noticed the lost connection")
     # Sent while the worker is away: waits in the queue for it.
     waiting = await app.send_task("reconnect.add", (3, 4))
-    await _until(lambda: "Reconnect failed" in caplog.text, TIMEOUT,
+    await _until(lambda: "Cannot reach the broker" in caplog.text, TIMEOUT,
                  "a reconnect attempt was refused")
     assert not worker.consuming.is_set()
+    assert worker.state == "waiting for broker"
+    assert worker.broker_lost_since is not None
     await proxy.resume()
 
     await _until(worker.consuming.is_set, TIMEOUT, "the worker is back")
+    assert worker.state == "ready" and worker.broker_lost_since is None
+    assert "Reconnected to amqp://" in caplog.text
     assert await waiting.get(timeout=TIMEOUT) == 7
     assert not handle.task.done()  # type: ignore[attr-defined]
     assert await handle.stop() == exitcodes.OK  # type: ignore[attr-defined]
+
+
+async def test_worker_started_before_the_broker_waits_for_it(
+        app: Celery, worker_app: Celery, proxy: TcpProxy) -> None:
+    from aio_celery.worker import Worker, WorkerOptions
+
+    await proxy.pause()
+    worker = Worker(worker_app, WorkerOptions(concurrency=2, banner=False))
+    task = asyncio.create_task(worker.run())
+    try:
+        await _until(lambda: worker.state == "waiting for broker", TIMEOUT,
+                     "the worker waits for the broker")
+        assert not task.done()
+        await proxy.resume()
+        await _until(lambda: worker.state == "ready", TIMEOUT, "the worker consumes")
+        result = await app.send_task("reconnect.add", (4, 5))
+        assert await result.get(timeout=TIMEOUT) == 9
+    finally:
+        worker.request_stop()
+        assert await asyncio.wait_for(task, TIMEOUT) == exitcodes.OK
+
+
+async def test_no_retry_on_startup_when_turned_off(worker_app: Celery, proxy: TcpProxy,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from aio_celery.worker import Worker, WorkerOptions
+
+    await proxy.pause()
+    worker_app.conf.broker_connection_retry_on_startup = False
+    worker = Worker(worker_app, WorkerOptions(concurrency=2, banner=False))
+    assert await asyncio.wait_for(worker.run(), TIMEOUT) == exitcodes.STARTUP_ERROR
+    assert "broker_connection_retry_on_startup is off" in caplog.text
+
+
+async def test_stop_while_waiting_for_the_broker_at_startup_is_clean(
+        worker_app: Celery, proxy: TcpProxy) -> None:
+    from aio_celery.worker import Worker, WorkerOptions
+
+    await proxy.pause()
+    worker = Worker(worker_app, WorkerOptions(concurrency=2, banner=False))
+    task = asyncio.create_task(worker.run())
+    await _until(lambda: worker.state == "waiting for broker", TIMEOUT, "waiting")
+    worker.request_stop()
+    assert await asyncio.wait_for(task, 5) == exitcodes.OK

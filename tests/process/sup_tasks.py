@@ -115,3 +115,15 @@ async def crash(self: Any) -> str:
         await asyncio.sleep(10)  # pragma: no cover - the signal arrives first
     await _done(task_id)
     return str(os.getpid())
+
+
+@app.task(name="sup.block_first", bind=True)
+async def block_first(self: Any, seconds: float, times: int) -> str:
+    """Blocks the event loop with ``time.sleep`` on its first ``times`` deliveries."""
+    task_id = str(self.request.id)
+    await _started(task_id)
+    delivery = await app.backend.client.incr(KEYS["first"] + "n:" + task_id)
+    if delivery <= times:
+        time.sleep(seconds)  # noqa: ASYNC251 - blocking the loop is the point
+    await _done(task_id)
+    return str(os.getpid())

@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -114,7 +115,9 @@ def test_status_round_trips_and_leaves_no_temporary_files(tmp_path: Path) -> Non
     assert read_status(str(path)) == status
     assert os.listdir(tmp_path) == ["status.json"]
     data = json.loads(path.read_text())
-    assert data["children"][1] == {"index": 2, "pid": 102, "state": "ready", "beat_age": 0.9}
+    assert data["children"][1] == {"index": 2, "pid": 102, "state": "ready", "beat_age": 0.9,
+                                   "broker_down": None}
+    assert data["updated_monotonic"] is None
 
 
 def test_write_status_to_a_missing_directory_raises_and_leaves_nothing(tmp_path: Path) -> None:
@@ -171,6 +174,17 @@ def test_health_fails_when_the_status_is_stale(status_file: Path) -> None:
     assert reason == "supervisor status is 36s old (pid 100 stuck or gone)"
 
 
+def test_health_ages_the_status_on_the_monotonic_clock(
+        status_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write(status_file, _status(updated_monotonic=500.0))
+    # The wall clock jumped an hour ahead since the write: still fresh.
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.0 + 3600)
+    assert check_health(str(status_file), ready=False, monotonic_now=501.0)[0] is True
+    healthy, reason = check_health(str(status_file), ready=False, monotonic_now=536.0)
+    assert not healthy
+    assert reason == "supervisor status is 36s old (pid 100 stuck or gone)"
+
+
 def test_health_fails_while_stopping(status_file: Path) -> None:
     _write(status_file, _status(state="stopping"))
     assert check_health(str(status_file), ready=False, now=1_000_001.0) == (
@@ -194,6 +208,22 @@ def test_readiness_needs_every_target_child_consuming(status_file: Path) -> None
     _write(status_file, _status(target=3))
     assert check_health(str(status_file), ready=True, now=1_000_001.0) == (
         False, "2/3 children consuming")
+
+
+def test_a_child_waiting_for_the_broker_is_alive_but_not_ready(status_file: Path) -> None:
+    _write(status_file, _status(children=[ChildStatus(1, 101, "waiting for broker", 0.2, 95.4),
+                                          ChildStatus(2, 102, "waiting for broker", 0.3, 12.0)]))
+    assert check_health(str(status_file), ready=False, now=1_000_001.0) == (
+        True, "ok: 2 children (1:waiting for broker, 2:waiting for broker)")
+    assert check_health(str(status_file), ready=True, now=1_000_001.0) == (
+        False, "0/2 children consuming; broker unreachable for 95s (child 1, child 2)")
+
+
+def test_a_status_file_without_broker_down_still_reads(status_file: Path) -> None:
+    status_file.write_text(json.dumps({
+        "pid": 1, "state": "running", "target": 1, "heartbeat_timeout": 30, "updated": 5.0,
+        "children": [{"index": 1, "pid": 2, "state": "ready", "beat_age": 0.5}]}))
+    assert read_status(str(status_file)).children == [ChildStatus(1, 2, "ready", 0.5)]
 
 
 # --- describe_exit --------------------------------------------------------------------------
@@ -247,46 +277,68 @@ def test_heartbeat_starts_as_starting_and_fresh(beat: heartbeat.HeartbeatFile,
 
 @pytest.mark.parametrize(("byte", "name"), [(heartbeat.STARTING, "starting"),
                                             (heartbeat.READY, "ready"),
-                                            (heartbeat.STOPPING, "stopping")])
+                                            (heartbeat.STOPPING, "stopping"),
+                                            (heartbeat.WAITING, "waiting for broker")])
 def test_heartbeat_records_the_state(beat: heartbeat.HeartbeatFile, byte: str,
                                      name: str) -> None:
     beat.beat(byte)
     assert beat.read()[0] == name
-    assert Path(beat.path).read_bytes() == byte.encode()
+    assert Path(beat.path).read_bytes()[:1] == byte.encode()
 
 
-def test_heartbeat_unknown_or_empty_state_reads_as_starting(
+def test_heartbeat_unknown_or_truncated_state_reads_as_starting(
         beat: heartbeat.HeartbeatFile) -> None:
-    beat.beat("zebra")  # one byte only is written
-    assert Path(beat.path).read_bytes() == b"z"
+    beat.beat("zebra")  # one byte of state only is written
+    assert Path(beat.path).read_bytes()[:1] == b"z"
     assert beat.read()[0] == "starting"
     os.ftruncate(beat.fd, 0)
-    assert beat.read()[0] == "starting"
+    assert beat.read() == ("starting", 0.0)
 
 
-def test_heartbeat_age_follows_the_mtime_and_a_beat_refreshes_it(
-        beat: heartbeat.HeartbeatFile) -> None:
-    past = time.time() - 42
-    os.utime(beat.path, (past, past))
-    state, age = beat.read()
-    assert state == "starting"
-    assert 41.0 <= age < 45.0
+def test_heartbeat_age_is_on_the_monotonic_clock(beat: heartbeat.HeartbeatFile) -> None:
     beat.beat(heartbeat.READY)
-    state, age = beat.read()
+    now = time.monotonic()
+    state, age = beat.read(now + 42)
     assert state == "ready"
-    assert age < 2.0
-    future = time.time() + 100  # a clock step backwards must not give a negative age
-    os.utime(beat.path, (future, future))
-    assert beat.read()[1] == 0.0
+    assert 42.0 <= age < 44.0
+    beat.beat(heartbeat.READY)
+    assert beat.read()[1] < 1.0
+    assert beat.read(now - 100)[1] == 0.0  # never negative
+
+
+def test_a_wall_clock_step_does_not_age_a_heartbeat(beat: heartbeat.HeartbeatFile,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NTP step or ``date -s``: the wall clock and the file's mtime jump by an hour both
+    ways; the beat's age does not move (it used to be ``time.time() - st_mtime``)."""
+    beat.beat(heartbeat.READY)
+    for step in (3600.0, -3600.0):
+        wall = time.time()
+        monkeypatch.setattr(time, "time", lambda wall=wall, step=step: wall + step)
+        os.utime(beat.path, (wall - step, wall - step))
+        state, age = beat.read()
+        assert (state, age < 1.0) == ("ready", True)
+        monkeypatch.undo()
+
+
+def test_heartbeat_carries_how_long_the_broker_is_gone(beat: heartbeat.HeartbeatFile) -> None:
+    now = time.monotonic()
+    beat.beat(heartbeat.WAITING, broker_lost_since=now - 95)
+    reading = beat.read_beat(now)
+    assert reading.state == "waiting for broker"
+    assert 95.0 <= reading.broker_down < 96.0  # type: ignore[operator]
+    beat.beat(heartbeat.READY)
+    assert beat.read_beat().broker_down is None
 
 
 def test_heartbeat_is_shared_through_the_descriptor(beat: heartbeat.HeartbeatFile) -> None:
     # The child writes through the descriptor it inherited; the parent reads its own.
-    other = os.open(beat.path, os.O_RDWR)
+    other_fd = os.open(beat.path, os.O_RDWR)
+    other = heartbeat.HeartbeatFile.__new__(heartbeat.HeartbeatFile)
+    other.fd = other_fd
     try:
-        os.pwrite(other, heartbeat.READY.encode(), 0)
+        other.beat(heartbeat.READY)
     finally:
-        os.close(other)
+        os.close(other_fd)
     assert beat.read()[0] == "ready"
 
 
@@ -429,3 +481,74 @@ def test_children_crashing_at_every_start_are_detected_within_the_crash_window(
         f"in 300 s ({len(sup._crashes)} crashes in the window at the end)")
     assert gave_up_after <= sup.options.crash_window
     assert sup._exit_code == exitcodes.CRASH_LOOP
+
+
+# --- heartbeat checks: monotonic ages, start-up limit, waiting for the broker ----------------
+
+@pytest.fixture
+def kills(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The signals the arbiter sends (recorded instead of sent)."""
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(arbiter, "_kill", lambda pid, signum: sent.append((pid, signum)))
+    return sent
+
+
+def test_a_wall_clock_step_kills_no_child(tmp_path: Path, kills: list[tuple[int, int]],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    sup = _supervisor(heartbeat_timeout=3.0)
+    record = _record(tmp_path, 1, 11)
+    record.started -= 100  # long since started
+    sup.children[record.pid] = record
+    record.beat.beat(heartbeat.READY)
+    wall = time.time()
+    monkeypatch.setattr(time, "time", lambda: wall + 3600)  # the wall clock jumps an hour
+    os.utime(record.beat.path, (wall - 3600, wall - 3600))
+    sup._check_heartbeats(time.monotonic())
+    assert kills == []
+    assert not record.killed
+    # ... while a beat that really is old (on the monotonic clock) is noticed.
+    sup._check_heartbeats(time.monotonic() + 4)
+    assert kills == [(11, signal.SIGUSR2)]
+    assert record.killed
+
+
+def test_a_child_waiting_for_the_broker_is_not_killed_for_a_slow_start(
+        tmp_path: Path, kills: list[tuple[int, int]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="aio_celery.supervisor")
+    sup = _supervisor(startup_timeout=10.0, heartbeat_timeout=3.0)
+    record = _record(tmp_path, 1, 11)
+    sup.children[record.pid] = record
+    # Forked two minutes ago, waiting for the broker since, beating all along.
+    record.started -= 120
+    record.startup_since -= 120
+    record.beat.beat(heartbeat.WAITING, broker_lost_since=time.monotonic() - 120)
+    sup._check_heartbeats(time.monotonic())
+    assert kills == []
+    # The broker is back: the child declares its queues; the start-up limit counts from the
+    # end of the wait, not from the fork.
+    record.beat.beat(heartbeat.STARTING)
+    sup._check_heartbeats(time.monotonic())
+    assert kills == []
+    assert sup._crashes == deque()
+    record.startup_since -= 11  # ... and 11 s later it still does not consume
+    record.beat.beat(heartbeat.STARTING)
+    sup._check_heartbeats(time.monotonic())
+    assert kills == [(11, signal.SIGUSR2)]
+    assert "did not start consuming within 10s" in caplog.text
+
+
+def test_a_child_killed_for_a_slow_start_counts_as_a_crash(
+        tmp_path: Path, kills: list[tuple[int, int]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="aio_celery.supervisor")
+    sup = _supervisor(startup_timeout=5.0, heartbeat_timeout=3.0)
+    record = _record(tmp_path, 1, 11)
+    sup.children[record.pid] = record
+    record.started -= 6
+    record.startup_since -= 6
+    record.beat.beat(heartbeat.STARTING)  # beating, never consuming
+    sup._check_heartbeats(time.monotonic())
+    assert kills == [(11, signal.SIGUSR2)]
+    assert len(sup._crashes) == 1
+    assert "did not start consuming within 5s (--startup-timeout)" in caplog.text
