@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from aio_celery import exitcodes
 from aio_celery.app import Celery
+from aio_celery.poison import Guard
 from aio_celery.worker.options import WorkerOptions
 from aio_celery.worker.worker import Worker, install_signal_handlers
 
@@ -16,17 +17,18 @@ logger = logging.getLogger("aio_celery.worker")
 
 
 def run_worker(app: Celery, options: WorkerOptions,
-               on_tick: Callable[[Worker], None] | None = None) -> int:
+               on_tick: Callable[[Worker], None] | None = None,
+               guard: Guard | None = None) -> int:
     """Run a worker on a fresh event loop until it stops; return its exit code."""
     try:
-        return asyncio.run(_serve(app, options, on_tick))
+        return asyncio.run(_serve(app, options, on_tick, guard))
     except Exception:
         logger.exception("Worker crashed")
         return exitcodes.INTERNAL_ERROR
 
 
 async def _serve(app: Celery, options: WorkerOptions,
-                 on_tick: Callable[[Worker], None] | None) -> int:
-    worker = Worker(app, options, on_tick=on_tick)
+                 on_tick: Callable[[Worker], None] | None, guard: Guard | None) -> int:
+    worker = Worker(app, options, on_tick=on_tick, guard=guard)
     install_signal_handlers(worker)
     return await worker.run()

@@ -293,6 +293,7 @@ MIRRORED = [
     exceptions.TimeLimitExceeded(30.0),
     exceptions.TimeoutError("slow"),
     exceptions.Retry("again", None, 5),
+    exceptions.WorkerLostError("Worker exited prematurely"),
 ]
 
 
