@@ -156,14 +156,19 @@ class Seat:
         base = seat * board.slots * ENTRY
         self._free = list(range(base + (board.slots - 1) * ENTRY, base - 1, -ENTRY))
 
-    def started(self, key: bytes) -> int:
-        """Write ``key`` into a free slot; its offset (-1 if none is free)."""
+    def started(self, task_id: str) -> int:
+        """Write the task's key into a free slot; its offset (-1 if none is free)."""
         if not self._free:
             return -1
+        raw = task_id.encode("utf-8", "surrogatepass")  # task_key(), without a copy
+        size = len(raw)
+        if size > KEY_MAX:
+            raw = task_key(task_id)[1:]
+            size = len(raw)
         offset = self._free.pop()
         # The length byte last: a slot is never seen with a partly written id.
-        self._area[offset + 1:offset + len(key)] = key[1:]
-        self._area[offset] = key[0]
+        self._area[offset + 1:offset + 1 + size] = raw
+        self._area[offset] = size
         return offset
 
     def finished(self, offset: int) -> None:

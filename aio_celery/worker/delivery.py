@@ -38,7 +38,7 @@ from aio_celery import protocol
 from aio_celery.amqpconn import Delivery
 from aio_celery.broker import ConsumerChannel, describe_error
 from aio_celery.exceptions import MessageDecodeError
-from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict, task_key
+from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.execution import Settle, TaskRunner
 from aio_celery.worker.options import WorkerOptions
@@ -291,7 +291,7 @@ class Session:
                 settle = await self.runner.run(message, job.delivery_info)
             else:
                 if self._seat is not None:  # the supervisor learns what ran if we die
-                    slot = self._seat.started(task_key(message.id))
+                    slot = self._seat.started(message.id)
                 settle = await self.runner.run(message, job.delivery_info)
         except Exception:
             # A bug of ours (task errors are handled by the runner). Requeue once; a

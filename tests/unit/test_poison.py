@@ -82,7 +82,7 @@ def test_a_seat_records_what_runs_and_forgets_what_ended(board: RunningBoard) ->
     assert seat_no is not None
     seat = Seat(board, seat_no)
     a, b = task_key("a-task"), task_key("b-task")
-    slot_a, slot_b = seat.started(a), seat.started(b)
+    slot_a, slot_b = seat.started("a-task"), seat.started("b-task")
     assert sorted(board.running(seat_no)) == sorted([a, b])
     assert board.holds(a) and board.holds(b)
     seat.finished(slot_a)
@@ -91,11 +91,17 @@ def test_a_seat_records_what_runs_and_forgets_what_ended(board: RunningBoard) ->
     assert board.running(seat_no) == []
 
 
+def test_a_long_id_is_written_as_its_key(board: RunningBoard) -> None:
+    long_id = "L" * 200
+    Seat(board, 0).started(long_id)
+    assert board.running(0) == [task_key(long_id)] and board.holds(task_key(long_id))
+
+
 def test_a_full_seat_records_nothing_more(board: RunningBoard) -> None:
     seat = Seat(board, 0)
-    slots = [seat.started(task_key(f"t{i}")) for i in range(4)]
+    slots = [seat.started(f"t{i}") for i in range(4)]
     assert all(slot >= 0 for slot in slots)
-    assert seat.started(task_key("fifth")) == -1
+    assert seat.started("fifth") == -1
     seat.finished(-1)  # nothing to clear
     assert len(board.running(0)) == 4
 
@@ -103,7 +109,7 @@ def test_a_full_seat_records_nothing_more(board: RunningBoard) -> None:
 def test_seats_are_apart_and_reused(board: RunningBoard) -> None:
     seats = [board.assign(), board.assign(), board.assign()]
     assert seats == [0, 1, 2] and board.assign() is None
-    Seat(board, 1).started(task_key("in-seat-1"))
+    Seat(board, 1).started("in-seat-1")
     assert board.running(0) == [] and board.running(2) == []
     board.release(1)
     assert board.running(1) == [] and not board.holds(task_key("in-seat-1"))
@@ -112,23 +118,23 @@ def test_seats_are_apart_and_reused(board: RunningBoard) -> None:
 
 def test_a_child_writes_and_the_parent_reads_across_fork(board: RunningBoard) -> None:
     """MAP_SHARED: what a forked child writes is what its parent reads after its death."""
-    key = task_key(str(uuid.uuid4()))
+    task_id = str(uuid.uuid4())
 
     def child() -> None:
         seat = Seat(board, 2)
-        seat.started(key)
-        seat.finished(seat.started(task_key("ended")))
+        seat.started(task_id)
+        seat.finished(seat.started("ended"))
         os._exit(0)  # dies with the task running, as a poison task would make it
 
     assert _in_child(child) == 0
-    assert board.running(2) == [key]
+    assert board.running(2) == [task_key(task_id)]
 
 
 def test_holds_ignores_bytes_that_match_across_two_slots(board: RunningBoard) -> None:
     seat = Seat(board, 0)
-    seat.started(task_key("a\x02cd"))  # holds the bytes of task_key("cd"), one byte in
+    seat.started("a\x02cd")  # holds the bytes of task_key("cd"), one byte in
     assert not board.holds(task_key("cd"))
-    seat.started(task_key("cd"))
+    seat.started("cd")
     assert board.holds(task_key("cd"))
 
 
@@ -216,8 +222,7 @@ def test_delivery_count(headers: dict[str, object] | None, count: int) -> None:
 def test_guard_waits_while_a_sibling_still_shows_the_task(board: RunningBoard,
                                                           deaths: DeathTable) -> None:
     guard = Guard(3, board, 0, deaths)
-    key = task_key("t")
-    Seat(board, 1).started(key)  # the sibling in seat 1 ran it and died
+    Seat(board, 1).started("t")  # the sibling in seat 1 ran it and died
     assert guard.verdict("t", None) is Verdict.WAIT
     assert guard.verdict("t", None, count_pending=False) is Verdict.RUN
     deaths.record(board.running(1))  # the parent counts, then clears the seat
@@ -268,7 +273,7 @@ def _play(limit: int, concurrency: int, innocents: int, seed: int) -> dict[str, 
                 batch.append(task_id)
             assert guard.seat is not None
             for task_id in batch:
-                guard.seat.started(task_key(task_id))
+                guard.seat.started(task_id)
                 runs[task_id] = runs.get(task_id, 0) + 1
             if "poison" in batch:  # the child dies: everything it ran comes back
                 table.record(board.running(seat_no))
@@ -321,9 +326,9 @@ def test_a_dead_childs_running_tasks_are_counted_before_its_seat_is_freed(
     record = _child(sup, tmp_path, 101)
     assert record.poison is not None
     seat = Seat(record.poison.board, record.poison.seat)
-    seat.started(task_key("poison-id"))
-    seat.finished(seat.started(task_key("finished-id")))
-    seat.started(task_key("neighbour-id"))
+    seat.started("poison-id")
+    seat.finished(seat.started("finished-id"))
+    seat.started("neighbour-id")
     sup._count_deaths(record)
     assert sup._deaths.lookup(task_key("poison-id")) == (1, False)
     assert sup._deaths.lookup(task_key("finished-id")) == (0, False)
@@ -334,7 +339,7 @@ def test_a_dead_childs_running_tasks_are_counted_before_its_seat_is_freed(
 
     alone = _child(sup, tmp_path, 102)
     assert alone.poison is not None
-    Seat(alone.poison.board, alone.poison.seat).started(task_key("poison-id"))
+    Seat(alone.poison.board, alone.poison.seat).started("poison-id")
     sup._count_deaths(alone)
     assert sup._deaths.lookup(task_key("poison-id")) == (2, True)
     assert "child 1 (pid 102) died while running alone: poison-id (death 2)" in caplog.text
@@ -345,7 +350,7 @@ def test_nothing_is_counted_while_the_supervisor_stops(tmp_path: Path) -> None:
     assert sup._board is not None and sup._deaths is not None
     record = _child(sup, tmp_path, 201)
     assert record.poison is not None
-    Seat(record.poison.board, record.poison.seat).started(task_key("long-task"))
+    Seat(record.poison.board, record.poison.seat).started("long-task")
     sup._stopping = "warm"  # our own SIGKILL at the shutdown timeout ended it
     sup._count_deaths(record)
     assert sup._deaths.lookup(task_key("long-task")) == (0, False)
@@ -357,7 +362,7 @@ def test_children_beyond_the_seats_get_a_board_of_their_own(tmp_path: Path) -> N
     records = [_child(sup, tmp_path, 300 + n) for n in range(7)]  # 6 seats
     extra = records[-1].poison
     assert extra is not None and extra.board is not sup._board
-    Seat(extra.board, extra.seat).started(task_key("x"))
+    Seat(extra.board, extra.seat).started("x")
     sup._count_deaths(records[-1])
     assert sup._deaths is not None and sup._deaths.lookup(task_key("x")) == (1, True)
     assert extra.board.area.closed
