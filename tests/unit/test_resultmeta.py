@@ -316,6 +316,18 @@ def test_mirrored_names_exist_in_celery(exc: BaseException) -> None:
     assert isinstance(getattr(celery.exceptions, type(exc).__name__), type)
 
 
+@pytest.mark.interop
+def test_a_celery_client_rebuilds_a_stored_worker_lost_error() -> None:
+    import celery
+    import celery.exceptions
+
+    app = celery.Celery(set_as_current=False)
+    stored = exception_to_dict(exceptions.WorkerLostError("Worker exited prematurely"))
+    rebuilt = app.backend.exception_to_python(json.loads(json.dumps(stored)))
+    assert isinstance(rebuilt, celery.exceptions.WorkerLostError)
+    assert rebuilt.args == ("Worker exited prematurely",)
+
+
 def test_celery_stored_mirrored_failure_reads_as_ours() -> None:
     back = exception_from_dict({"exc_type": "TimeLimitExceeded", "exc_message": [60.0],
                                 "exc_module": "celery.exceptions"})
