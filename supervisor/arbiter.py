@@ -253,7 +253,11 @@ class Supervisor:
         if spec.processes != self.target:  # scaled: new children are "i/<current target>"
             spec = dataclasses.replace(spec, processes=self.target)
         poison = self._take_seat()
-        pid = children.spawn(index, spec, beat, HANDLED, others, poison)
+        try:
+            pid = children.spawn(index, spec, beat, HANDLED, others, poison)
+        except BaseException:
+            self._free_seat(poison)
+            raise
         self.children[pid] = children.Child(index=index, pid=pid, beat=beat, poison=poison)
         logger.info("Started child %d (pid %d)", index, pid)
         return pid
@@ -284,10 +288,13 @@ class Supervisor:
                 f"{len(counted)} tasks, each of which runs alone when redelivered"
             logger.warning("child %d (pid %d) died while running %s: %s%s", record.index,
                            record.pid, what, shown, more)
+        self._free_seat(poison)
+        record.poison = None
+
+    def _free_seat(self, poison: children.PoisonSeat) -> None:
         poison.board.release(poison.seat)
         if poison.board is not self._board:
             poison.board.close()
-        record.poison = None
 
     def _reap(self) -> None:
         while True:
