@@ -51,6 +51,16 @@ async def exit_process(self: Any, after: float) -> None:
     os._exit(0)
 
 
+@app.task(name="poison.segfault", bind=True)
+async def segfault(self: Any, after: float) -> None:
+    """Crashes its worker process with SIGSEGV (as a broken C extension would)."""
+    import ctypes
+
+    await _ran(str(self.request.id))
+    await asyncio.sleep(after)
+    ctypes.string_at(0)  # reads address 0
+
+
 @app.task(name="poison.block", bind=True)
 async def block(self: Any, seconds: float) -> None:
     """Blocks the event loop until the supervisor's heartbeat check kills the process."""

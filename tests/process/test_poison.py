@@ -110,16 +110,20 @@ def results(redis_url: str, queue: str, ids: list[str]) -> list[Any]:
     return asyncio.run(fetch())
 
 
-def test_a_task_that_exits_its_process_is_retired_after_three_deaths(
-        supervise: Callable[..., Supervised], unique_name: str, redis_url: str,
-        dead_letters: str, runs: Callable[[str], dict[str, int]]) -> None:
+@pytest.mark.parametrize(("task", "death"), [
+    ("poison.exit", "exited by itself (exit code 0 (ok)) without being asked to: a crash"),
+    ("poison.segfault", "killed by SIGSEGV"),
+])
+def test_a_task_that_kills_its_process_is_retired_after_three_deaths(
+        task: str, death: str, supervise: Callable[..., Supervised], unique_name: str,
+        redis_url: str, dead_letters: str, runs: Callable[[str], dict[str, int]]) -> None:
     sup = supervise("--prefetch-multiplier", "1", processes=2, concurrency=4)
     sup.wait_ready(2)
     # Innocent tasks fill both children; the poison starts next to them and exits its
     # process while they run.
     innocents = publish(unique_name, redis_url, [("poison.ok", (1.0,))] * 6)
     wait_until(lambda: len(runs("runs")) >= 6, 15, "the innocent tasks run", sup.diagnostics)
-    [poison] = publish(unique_name, redis_url, [("poison.exit", (0.3,))])
+    [poison] = publish(unique_name, redis_url, [(task, (0.3,))])
     innocents += publish(unique_name, redis_url, [("poison.ok", (0.5,))] * 10)
 
     wait_until(lambda: queue_depth(dead_letters) == 1, 40, "the poison is dead-lettered",
@@ -136,12 +140,12 @@ def test_a_task_that_exits_its_process_is_retired_after_three_deaths(
     assert "died 3 times" in str(failure)
 
     log = sup.log
-    retired = lines_with(f"Task poison.exit[{poison}] retired", log)
+    retired = lines_with(f"Task {task}[{poison}] retired", log)
     assert len(retired) == 1, log
     assert "died 3 times" in retired[0] and f"queue {unique_name}" in retired[0]
     assert f"dead-lettered to exchange '' with routing key '{dead_letters}'" in retired[0]
-    # Each death was a crash (exit code 0 without being asked), blamed on what ran.
-    assert len(lines_with("without being asked to: a crash", log)) == 3, log
+    # Each death was a crash, blamed on what ran.
+    assert len(lines_with(death, log)) == 3, log
     blamed = lines_with("died while running", log)
     assert len(blamed) == 3, log
     assert all(f"{poison} (death {n})" in line for n, line in enumerate(blamed, 1)), blamed
