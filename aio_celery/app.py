@@ -156,6 +156,7 @@ class Celery:
             publish_timeout=settings.broker_publish_timeout,
             heartbeat=settings.broker_heartbeat,
             max_priority=settings.task_queue_max_priority,
+            queue_arguments=settings.task_queue_arguments,
             connection_name=f"aio_celery {self.main or ''} pid {os.getpid()}".strip(),
             lazy=lazy_broker,
         )

@@ -31,10 +31,14 @@ logger = logging.getLogger(__name__)
 _DEFAULT_EXCHANGE = ""
 
 
-def queue_arguments(max_priority: int | None) -> dict[str, Any] | None:
+def queue_arguments(max_priority: int | None,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The ``x-`` arguments Celery declares a queue with (it must match, or RabbitMQ answers
-    PRECONDITION_FAILED when both declare the same queue)."""
-    return {"x-max-priority": max_priority} if max_priority else None
+    PRECONDITION_FAILED when both declare the same queue), plus ``task_queue_arguments``."""
+    arguments = dict(extra or {})
+    if max_priority:
+        arguments["x-max-priority"] = max_priority
+    return arguments or None
 
 
 class Broker:
@@ -48,13 +52,14 @@ class Broker:
     def __init__(self, url: str, *, connection_timeout: float = 4.0,
                  publish_timeout: float | None = None, heartbeat: int = 60,
                  max_priority: int | None = None, connection_name: str = "aio_celery",
-                 lazy: bool = False) -> None:
+                 lazy: bool = False, queue_arguments: dict[str, Any] | None = None) -> None:
         self.url = url
         self.lazy = lazy
         self.connection_timeout = connection_timeout
         self.publish_timeout = publish_timeout
         self.heartbeat = heartbeat
         self.max_priority = max_priority
+        self.queue_arguments = queue_arguments
         self.connection_name = connection_name
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -152,7 +157,8 @@ class Broker:
 
         exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, durable=True)
         queue: AbstractRobustQueue = await channel.declare_queue(
-            name, durable=True, arguments=queue_arguments(self.max_priority))
+            name, durable=True,
+            arguments=queue_arguments(self.max_priority, self.queue_arguments))
         await queue.bind(exchange, routing_key=name)
         return queue
 
@@ -275,12 +281,14 @@ class ConsumerChannel:
 
     def __init__(self, url: str, *, prefetch_count: int, connection_timeout: float = 4.0,
                  heartbeat: int = 60, max_priority: int | None = None,
-                 connection_name: str = "aio_celery worker") -> None:
+                 connection_name: str = "aio_celery worker",
+                 queue_arguments: dict[str, Any] | None = None) -> None:
         self.url = url
         self.prefetch_count = prefetch_count
         self.connection_timeout = connection_timeout
         self.heartbeat = heartbeat
         self.max_priority = max_priority
+        self.queue_arguments = queue_arguments
         self.connection_name = connection_name
         self._connection: AMQPConnection | None = None
         self._consumer_tags: list[str] = []
@@ -329,7 +337,8 @@ class ConsumerChannel:
         connection = self.connection
         await connection.exchange_declare(queue, "direct", durable=True)
         await connection.queue_declare(queue, durable=True,
-                                       arguments=queue_arguments(self.max_priority))
+                                       arguments=queue_arguments(self.max_priority,
+                                                                 self.queue_arguments))
         await connection.queue_bind(queue, queue, routing_key=queue)
 
 

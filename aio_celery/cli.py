@@ -53,6 +53,10 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
               help="Exit (to be replaced) after this many tasks; 0: never.")
 @click.option("--max-memory-per-child", type=click.IntRange(min=0), default=0,
               help="Exit (to be replaced) above this resident memory in KiB; 0: never.")
+@click.option("--max-task-deaths", type=click.IntRange(min=1), default=None,
+              help="Retire a task (FAILURE WorkerLostError, message rejected to the queue's "
+                   "dead-letter exchange) after its worker process died this many times "
+                   "while it ran (default: worker_max_task_deaths, 3).")
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=1), default=30.0,
               show_default=True,
               help="Kill and replace a child whose event loop has not beaten for this long.")
@@ -72,7 +76,8 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
            queues: tuple[str, ...], loglevel: str, hostname: str | None,
            prefetch_multiplier: int | None, shutdown_timeout: float | None,
            eta_horizon: float, max_tasks_per_child: int, max_memory_per_child: int,
-           heartbeat_timeout: float, startup_timeout: float, status_file: str | None,
+           max_task_deaths: int | None, heartbeat_timeout: float, startup_timeout: float,
+           status_file: str | None,
            burst: bool, log_config: bool) -> None:
     """Run workers for APP (module:attribute, e.g. proj.tasks:app).
 
@@ -94,7 +99,7 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
         concurrency=concurrency, queues=queues, burst=burst,
         prefetch_multiplier=prefetch_multiplier, shutdown_timeout=shutdown_timeout,
         eta_horizon=eta_horizon, max_tasks=max_tasks_per_child,
-        max_memory_kib=max_memory_per_child)
+        max_memory_kib=max_memory_per_child, max_task_deaths=max_task_deaths)
     if hostname:
         options = dataclasses.replace(options, hostname=hostname)
     if pool == "processes":

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aio_celery.exceptions import ConfigurationError
+from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS
 
 #: A router: ``(name, args, kwargs, options, task=None, **kw) -> dict | str | None``
 RouterFn = Callable[..., Any]
@@ -50,6 +51,9 @@ class Settings:
     task_default_priority: int | None = None
     #: declare queues with ``x-max-priority`` (Celery's setting of the same name)
     task_queue_max_priority: int | None = None
+    #: more ``x-`` arguments every queue is declared with, e.g.
+    #: ``{"x-dead-letter-exchange": "dlx"}`` (whoever declares the queue must use the same)
+    task_queue_arguments: dict[str, Any] | None = None
     task_routes: Any = None
     task_create_missing_queues: bool = True
     task_ignore_result: bool = False
@@ -63,6 +67,9 @@ class Settings:
     worker_prefetch_multiplier: int = 4
     #: seconds running tasks get to finish on warm shutdown (fits a 30 s Kubernetes grace)
     worker_shutdown_timeout: float = 25.0
+    #: a task whose worker process died this many times while it ran is retired: FAILURE
+    #: WorkerLostError stored, message rejected to the queue's dead-letter exchange
+    worker_max_task_deaths: int = DEFAULT_MAX_TASK_DEATHS
     timezone: str = "UTC"
     enable_utc: bool = True
 

@@ -14,6 +14,7 @@
     ├── SoftTimeLimitExceeded                    raised inside a task at its soft time limit
     ├── TimeLimitExceeded                        stored when a task hits its hard time limit
     ├── ChordError                               a chord member failed: the body did not run
+    ├── WorkerLostError                          the task killed its worker process: retired
     └── RemoteTaskError                          a failure whose class is not known here
 
 The class names mirror ``celery.exceptions`` so that failures stored by either side are
@@ -115,6 +116,11 @@ class ChordError(AioCeleryError):
     """A task of a chord's header failed (or expired), so the chord's body did not run."""
 
 
+class WorkerLostError(AioCeleryError):
+    """The worker process died while running the task, often enough that the task was
+    retired instead of being run again (see the poison guard, :mod:`aio_celery.poison`)."""
+
+
 class RemoteTaskError(AioCeleryError):
     """A stored failure whose exception class is unknown or not importable here.
 
@@ -148,4 +154,5 @@ __all__ = [
     "TaskRevokedError",
     "TimeLimitExceeded",
     "TimeoutError",
+    "WorkerLostError",
 ]

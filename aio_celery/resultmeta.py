@@ -34,6 +34,7 @@ _MIRRORED = {
         exceptions.Retry,
         exceptions.TimeoutError,
         exceptions.ChordError,
+        exceptions.WorkerLostError,
     )
 }
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aio_celery import exitcodes
+from aio_celery.poison import DeathTable, RunningBoard, key_text
 from supervisor import child as children
 from supervisor import heartbeat
 from supervisor.notify import Notifier
@@ -40,6 +41,8 @@ COLD_GRACE = 5.0
 WARM_GRACE = 5.0
 #: seconds between the stack-dump signal and SIGKILL for a child with a stale heartbeat
 DUMP_GRACE = 0.5
+#: task ids named in the log line about a child that died while running them
+BLAME_SHOWN = 10
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,10 @@ class Supervisor:
         self._next_report = 0.0
         self._beat_dir = ""
         self._drained_slots: set[int] = set()  # burst mode: children done for good
+        # The poison guard's shared maps: created before the first fork, so every child
+        # inherits them (see aio_celery.poison).
+        self._board: RunningBoard | None = None
+        self._deaths: DeathTable | None = None
         self.notifier = Notifier()
 
     # --- signals: record only ---------------------------------------------------------------
@@ -107,6 +114,10 @@ class Supervisor:
                          spec.app_spec, what, code)
             return code
         self._beat_dir = tempfile.mkdtemp(prefix="aio_celery-beats-")
+        # Seats for a rolling restart's extra child and some scaling up; beyond that a
+        # child gets a board of its own (its siblings then cannot see what it ran).
+        self._board = RunningBoard(2 * self.target + 2, spec.worker.concurrency)
+        self._deaths = DeathTable()
         logger.info("Supervisor pid %d starting %d children for %s", os.getpid(), self.target,
                     spec.app_spec)
         try:
@@ -243,10 +254,49 @@ class Supervisor:
         spec = self.options.spec
         if spec.processes != self.target:  # scaled: new children are "i/<current target>"
             spec = dataclasses.replace(spec, processes=self.target)
-        pid = children.spawn(index, spec, beat, HANDLED, others)
-        self.children[pid] = children.Child(index=index, pid=pid, beat=beat)
+        poison = self._take_seat()
+        try:
+            pid = children.spawn(index, spec, beat, HANDLED, others, poison)
+        except BaseException:
+            self._free_seat(poison)
+            raise
+        self.children[pid] = children.Child(index=index, pid=pid, beat=beat, poison=poison)
         logger.info("Started child %d (pid %d)", index, pid)
         return pid
+
+    def _take_seat(self) -> children.PoisonSeat:
+        assert self._board is not None and self._deaths is not None
+        board, seat = self._board, self._board.assign()
+        if seat is None:
+            board = RunningBoard(1, self.options.spec.worker.concurrency)
+            seat = 0
+        return children.PoisonSeat(board, seat, self._deaths)
+
+    def _count_deaths(self, record: children.Child) -> None:
+        """After a child's death: one death for every task it was still running (unless we
+        are stopping: then our own SIGKILL may have ended them), then free its seat."""
+        poison = record.poison
+        if poison is None or self._deaths is None:
+            return
+        keys = poison.board.running(poison.seat)
+        if keys and not self._stopping:
+            # Counted before the seat is cleared: a sibling that got one of these messages
+            # back waits until the seat is clear, then reads the count.
+            counted = self._deaths.record(keys)
+            shown = ", ".join(f"{key_text(d.key)} (death {d.deaths})"
+                              for d in counted[:BLAME_SHOWN])
+            more = f" and {len(counted) - BLAME_SHOWN} more" if len(counted) > BLAME_SHOWN else ""
+            what = "alone" if len(counted) == 1 else \
+                f"{len(counted)} tasks, each of which runs alone when redelivered"
+            logger.warning("child %d (pid %d) died while running %s: %s%s", record.index,
+                           record.pid, what, shown, more)
+        self._free_seat(poison)
+        record.poison = None
+
+    def _free_seat(self, poison: children.PoisonSeat) -> None:
+        poison.board.release(poison.seat)
+        if poison.board is not self._board:
+            poison.board.close()
 
     def _reap(self) -> None:
         while True:
@@ -262,6 +312,7 @@ class Supervisor:
                 logger.debug("Reaped process %d (not one of ours)", pid)
                 continue
             record.beat.close()
+            self._count_deaths(record)
             self._on_child_exit(record, os.waitstatus_to_exitcode(status))
 
     def _on_child_exit(self, record: children.Child, code: int) -> None:
@@ -282,7 +333,10 @@ class Supervisor:
                 self.stop("warm")
             return
         if code == exitcodes.OK:
-            logger.warning("%s exited by itself (%s): replacing it", name, cause)
+            # Nobody asked it to stop: a task called os._exit(0), say.
+            logger.error("%s exited by itself (%s) without being asked to: a crash",
+                         name, cause)
+            self._record_crash()
             return
         if code in (exitcodes.APP_LOAD_ERROR, exitcodes.STARTUP_ERROR) and not self._ever_ready:
             logger.error("%s failed to start (%s) and no child ever started: stopping, "
@@ -473,6 +527,9 @@ class Supervisor:
     def _cleanup(self) -> None:
         for record in self.children.values():
             record.beat.close()
+        for table in (self._board, self._deaths):
+            if table is not None:
+                table.close()
         if self._beat_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(self._beat_dir)

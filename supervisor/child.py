@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aio_celery import exitcodes
+from aio_celery.poison import DeathTable, Guard, RunningBoard
 from supervisor import heartbeat
 
 if TYPE_CHECKING:
@@ -56,6 +57,17 @@ class Child:
     #: the start-up limit counts from here: the fork, or the end of a wait for the broker
     #: (a child waiting for the broker beats and is not slow to start)
     startup_since: float = field(default_factory=time.monotonic)
+    #: its seat on the poison guard's running board (the task ids it runs)
+    poison: PoisonSeat | None = None
+
+
+@dataclass(frozen=True)
+class PoisonSeat:
+    """Where a child records the tasks it runs, and the deaths table it reads."""
+
+    board: RunningBoard
+    seat: int
+    deaths: DeathTable
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,8 @@ class ChildSpec:
 
 
 def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
-          handled: Iterable[signal.Signals], close_fds: Iterable[int]) -> int:
+          handled: Iterable[signal.Signals], close_fds: Iterable[int],
+          poison: PoisonSeat) -> int:
     """Fork a child for slot ``index``; returns its pid (in the parent only)."""
     handled = list(handled)
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
@@ -85,7 +98,7 @@ def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
     code = exitcodes.INTERNAL_ERROR
     try:
         _reset_after_fork(handled, close_fds)
-        code = _child_main(index, spec, beat)
+        code = _child_main(index, spec, beat, poison)
     except BaseException:  # never let a child return into the parent's code
         import traceback
 
@@ -150,7 +163,8 @@ def _load_only(spec: ChildSpec) -> int:
     return exitcodes.OK
 
 
-def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile) -> int:
+def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
+                poison: PoisonSeat) -> int:
     from aio_celery import logs
     from aio_celery.loader import AppLoadError, load_app
     from aio_celery.worker.process import run_worker
@@ -167,7 +181,9 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile) -> i
         return exitcodes.APP_LOAD_ERROR
     name, _, host = spec.worker.hostname.partition("@")
     options = dataclasses.replace(spec.worker, hostname=f"{name}-{index}@{host}")
-    return run_worker(app, options, on_tick=_ticker(beat, os.getppid()),
+    guard = Guard(options.max_task_deaths or app.conf.settings.worker_max_task_deaths,
+                  poison.board, poison.seat, poison.deaths)
+    return run_worker(app, options, on_tick=_ticker(beat, os.getppid()), guard=guard,
                       retire_signal=STOP_SIGNAL)
 
 

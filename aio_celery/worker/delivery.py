@@ -18,6 +18,10 @@ cover it, and each tag is settled once (RabbitMQ closes the channel on an unknow
 
 Every task the session starts has a done callback that frees its slot and, if it was
 cancelled before it ever ran (a cold stop in the same loop turn), gives its message back.
+
+A redelivered message first meets the poison guard (:mod:`aio_celery.poison`): it may wait
+until a dead sibling's death is counted, run isolated (alone in this process), or be
+retired without running. Fresh messages skip it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from aio_celery import protocol
 from aio_celery.amqpconn import Delivery
 from aio_celery.broker import ConsumerChannel, HoldingQueueRefused, describe_error
 from aio_celery.exceptions import MessageDecodeError
+from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.execution import Settle, TaskRunner
 from aio_celery.worker.options import WorkerOptions
@@ -49,6 +54,12 @@ _CHANNEL_GONE = (ConnectionError,)
 #: _RELEASE_AT (it matters at high concurrency: 1000 slots prefetch 4000 messages).
 _HOLD_AT = 64
 _RELEASE_AT = 16
+
+#: a redelivered message whose id a sibling still shows as running waits this long at most
+#: for the supervisor to count that sibling's death (it takes milliseconds; a sibling that
+#: only lost its broker connection clears the slot itself as it cancels the task)
+_COUNT_WAIT = 10.0
+_COUNT_POLL = 0.02
 
 
 #: a park that failed is tried again after this many seconds, doubling up to PARK_MAX_RETRY
@@ -78,6 +89,8 @@ class _Job:
     tag: int
     delivery_info: dict[str, Any]
     acked: bool = False  # acked as it started (acks_late=False)
+    verdict: Verdict = Verdict.RUN  # the poison guard's, for a redelivered message
+    deaths: int = 0  # of its worker processes while it ran (redelivered messages only)
 
 
 @dataclasses.dataclass
@@ -90,8 +103,12 @@ class Session:
     """Consumes ``queues`` on one channel and settles every delivery exactly once."""
 
     def __init__(self, channel: ConsumerChannel, runner: TaskRunner, options: WorkerOptions,
-                 stats: Stats, on_task_done: Callable[[], None]) -> None:
+                 stats: Stats, on_task_done: Callable[[], None],
+                 guard: Guard | None = None) -> None:
         self.channel = channel
+        guard = guard or Guard(DEFAULT_MAX_TASK_DEATHS)
+        self._guard = guard
+        self._seat = guard.seat
         self.runner = runner
         self.options = options
         self.stats = stats
@@ -102,6 +119,7 @@ class Session:
         self._ready: collections.deque[_Job] = collections.deque()
         self._waiting: dict[asyncio.Task[None], _Job] = {}  # etas not due yet, or parking
         self._running: dict[asyncio.Task[None], _Job] = {}
+        self._alone: asyncio.Task[None] | None = None  # an isolated task is running
         self._flush_scheduled = False
         self._stopping = False
         self._draining = False
@@ -190,6 +208,14 @@ class Session:
                          "priority": message.priority, "redelivered": deliver.redelivered,
                          "queue": queue}
         job = _Job(queue, message, tag, delivery_info)
+        if deliver.redelivered and self._judge(job, props.headers):
+            self._wait(job, self._await_count(job, raw, props.headers), "suspect")
+            return
+        self._admit(job, raw)
+
+    def _admit(self, job: _Job, raw: Delivery) -> None:
+        """A decoded message joins the ready queue, or waits for its eta."""
+        message = job.message
         delay = 0.0 if message.eta is None else \
             (message.eta - self.runner.app.now()).total_seconds()
         if delay <= 0:
@@ -201,6 +227,31 @@ class Session:
             self._wait(job, self._park(job, raw, delay), "park")
         else:  # the wire bytes are not kept while it waits: only parking needs them
             self._wait(job, self._hold_until_due(job, delay), "eta")
+
+    def _judge(self, job: _Job, headers: dict[str, Any] | None,
+               count_pending: bool = True) -> bool:
+        """The poison guard's verdict on a redelivered message; True if it must wait for
+        a dead sibling's death to be counted first."""
+        verdict = self._guard.verdict(job.message.id, headers, count_pending)
+        if verdict is Verdict.WAIT:
+            return True
+        job.verdict = verdict
+        if verdict is not Verdict.RUN:
+            job.deaths = self._guard.deaths(job.message.id, headers)
+        return False
+
+    async def _await_count(self, job: _Job, raw: Delivery,
+                           headers: dict[str, Any] | None) -> None:
+        deadline = asyncio.get_running_loop().time() + _COUNT_WAIT
+        while self._judge(job, headers):
+            if asyncio.get_running_loop().time() > deadline:
+                logger.warning("Task %s[%s] was redelivered while another worker process "
+                               "still shows it running: running it anyway",
+                               job.message.task, job.message.id)
+                self._judge(job, headers, count_pending=False)
+                break
+            await asyncio.sleep(_COUNT_POLL)
+        self._admit(job, raw)
 
     def _wait(self, job: _Job, coro: Coroutine[Any, Any, None], what: str) -> None:
         task = asyncio.create_task(coro, name=f"{what} {job.message.task}[{job.message.id}]")
@@ -216,13 +267,20 @@ class Session:
     def _start_ready(self) -> None:
         """Start ready jobs while there are free slots (none once a stop was requested)."""
         ready = self._ready
-        while ready and self._free_slots and not self._draining and not self._stopping:
+        while (ready and self._free_slots and not self._draining and not self._stopping
+               and self._alone is None):
             job = ready.popleft()
+            isolated = job.verdict is Verdict.ISOLATE
+            if isolated and self._running:
+                ready.appendleft(job)  # it starts once the running tasks are done
+                break
             self._free_slots -= 1
             task = asyncio.create_task(self._run(job),
                                        name=f"{job.message.task}[{job.message.id}]")
             self._running[task] = job
             task.add_done_callback(self._run_done)
+            if isolated:  # nothing else starts while it runs: a death blames it alone
+                self._alone = task
         if len(ready) <= _RELEASE_AT:
             self.channel.release()
 
@@ -234,11 +292,18 @@ class Session:
 
     async def _run(self, job: _Job) -> None:
         message = job.message
+        slot = -1
         try:
-            if self.runner.acks_early(message):
+            if job.verdict is Verdict.RETIRE:
+                settle = await self.runner.retire(message, job.delivery_info, job.deaths)
+            elif self.runner.acks_early(message):
                 self._settle(job.tag, Settle.ACK)
                 job.acked = True
-            settle = await self.runner.run(message, job.delivery_info)
+                settle = await self.runner.run(message, job.delivery_info)
+            else:
+                if self._seat is not None:  # the supervisor learns what ran if we die
+                    slot = self._seat.started(message.id)
+                settle = await self.runner.run(message, job.delivery_info)
         except Exception:
             # A bug of ours (task errors are handled by the runner). Requeue once; a
             # message that fails like this again is rejected rather than looped.
@@ -246,6 +311,9 @@ class Session:
             logger.exception("Internal error while handling task %s[%s]: message %s",
                              message.task, message.id,
                              "rejected" if settle is Settle.REJECT else "requeued once")
+        finally:
+            if slot >= 0 and self._seat is not None:
+                self._seat.finished(slot)
         if not job.acked:
             self._settle(job.tag, settle)
         self.stats.finished += 1
@@ -254,6 +322,8 @@ class Session:
     def _run_done(self, task: asyncio.Task[None]) -> None:
         job = self._running.pop(task)
         self._free_slots += 1
+        if task is self._alone:
+            self._alone = None
         if task.cancelled():  # a stop or a lost connection: the message goes back
             self._outcome.cancelled += 1
             if not job.acked:

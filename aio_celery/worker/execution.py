@@ -27,6 +27,7 @@ from aio_celery.exceptions import (
     NotRegistered,
     Retry,
     TaskRevokedError,
+    WorkerLostError,
 )
 from aio_celery.protocol import TaskMessage
 from aio_celery.result import result_tuple
@@ -246,6 +247,41 @@ class TaskRunner:
             return Settle.REQUEUE
         await signals.task_revoked.send(sender=task, request=message, expired=True)
         return Settle.ACK
+
+    async def retire(self, message: TaskMessage, delivery_info: dict[str, Any],
+                     deaths: int) -> Settle:
+        """The poison guard's end for a task that killed its worker process ``deaths`` times:
+        not run again; FAILURE ``WorkerLostError`` stored (and errbacks and the chord told,
+        as for any failure); the message rejected without requeue."""
+        arguments = self.app.conf.settings.task_queue_arguments or {}
+        exchange = arguments.get("x-dead-letter-exchange")
+        if exchange is None:
+            where = ("dropped unless the queue has a dead-letter exchange (set by a policy, "
+                     "or task_queue_arguments={'x-dead-letter-exchange': ...})")
+        else:
+            key = arguments.get("x-dead-letter-routing-key", delivery_info["routing_key"])
+            where = f"dead-lettered to exchange {exchange!r} with routing key {key!r}"
+        logger.error("Task %s[%s] retired: its worker process died %d times while it ran "
+                     "(worker_max_task_deaths); stored as FAILURE WorkerLostError, message "
+                     "rejected from queue %s without requeue: %s", message.task, message.id,
+                     deaths, delivery_info["queue"], where)
+        error = resultmeta.exception_to_dict(WorkerLostError(
+            f"Worker exited prematurely: the process died {deaths} times while running "
+            f"{message.task}[{message.id}]; retired, not run again"))
+        task = self.app.tasks.get(message.task)
+        ignore = self._ignores_result(task, message) if task is not None else (
+            not self._has_backend or bool(message.ignore_result))
+        for errback in message.errbacks or ():
+            try:
+                await Signature(errback, app=self.app).apply_async((message.id,))
+            except Exception:
+                logger.exception("Task %s[%s]: could not send errback %r", message.task,
+                                 message.id, errback.get("task"))
+        if not ignore and not await self._store(message, states.FAILURE, error):
+            return Settle.REQUEUE  # retired again when it comes back (it never runs)
+        if not await self._chord_part(message, states.FAILURE, error):
+            return Settle.REQUEUE
+        return Settle.REJECT
 
     async def _chord_part(self, message: TaskMessage, state: str, result: Any) -> bool:
         """For a chord header task: Celery's ``on_chord_part_return`` (whether or not the

@@ -29,12 +29,17 @@ class WorkerOptions:
     max_tasks: int = 0
     #: stop when resident memory exceeds this many KiB (0: never), exit with RECYCLE
     max_memory_kib: int = 0
+    #: retire a task after this many deaths of its worker process while it ran (None:
+    #: ``worker_max_task_deaths``)
+    max_task_deaths: int | None = None
     #: print the start-up banner
     banner: bool = True
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.max_task_deaths is not None and self.max_task_deaths < 1:
+            raise ValueError(f"max_task_deaths must be at least 1, got {self.max_task_deaths}")
         if self.eta_horizon <= 0:
             raise ValueError("eta_horizon must be positive")
 

@@ -20,6 +20,7 @@ from aio_celery.app import Celery
 from aio_celery.broker import BrokerRefused, ConsumerChannel
 from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
+from aio_celery.poison import Guard
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
 from aio_celery.worker.execution import TaskRunner
@@ -45,12 +46,17 @@ class Worker:
     """Consumes the app's queues and runs its tasks, ``concurrency`` at a time."""
 
     def __init__(self, app: Celery, options: WorkerOptions | None = None, *,
-                 on_tick: Callable[[Worker], None] | None = None) -> None:
+                 on_tick: Callable[[Worker], None] | None = None,
+                 guard: Guard | None = None) -> None:
         """``on_tick(worker)`` is called from the event loop about once a second while the
-        worker runs (the supervisor's heartbeat: it proves the loop is not blocked)."""
+        worker runs (the supervisor's heartbeat: it proves the loop is not blocked).
+        ``guard``: the supervisor's poison guard tables (default: ``x-delivery-count``
+        only, for a worker without a supervisor)."""
         self.app = app
         self.options = options or WorkerOptions()
         self._on_tick = on_tick
+        self._guard = guard or Guard(self.options.max_task_deaths
+                                     or app.conf.settings.worker_max_task_deaths)
         self.stats = Stats()
         self._stop_requested: asyncio.Event | None = None
         self._cold = False
@@ -198,10 +204,11 @@ class Worker:
             connection_timeout=settings.broker_connection_timeout,
             heartbeat=settings.broker_heartbeat,
             max_priority=settings.task_queue_max_priority,
+            queue_arguments=settings.task_queue_arguments,
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
         session = Session(channel, TaskRunner(self.app, self.options.hostname), self.options,
-                          self.stats, on_task_done=self._on_task_done)
+                          self.stats, on_task_done=self._on_task_done, guard=self._guard)
         assert self.consuming is not None
         try:
             await session.start(self.queues, before_consume=self._attaching)

@@ -330,6 +330,7 @@ MIRRORED = [
     exceptions.TimeLimitExceeded(30.0),
     exceptions.TimeoutError("slow"),
     exceptions.Retry("again", None, 5),
+    exceptions.WorkerLostError("Worker exited prematurely"),
 ]
 
 
@@ -350,6 +351,18 @@ def test_mirrored_names_exist_in_celery(exc: BaseException) -> None:
     import celery.exceptions
 
     assert isinstance(getattr(celery.exceptions, type(exc).__name__), type)
+
+
+@pytest.mark.interop
+def test_a_celery_client_rebuilds_a_stored_worker_lost_error() -> None:
+    import celery
+    import celery.exceptions
+
+    app = celery.Celery(set_as_current=False)
+    stored = exception_to_dict(exceptions.WorkerLostError("Worker exited prematurely"))
+    rebuilt = app.backend.exception_to_python(json.loads(json.dumps(stored)))
+    assert isinstance(rebuilt, celery.exceptions.WorkerLostError)
+    assert rebuilt.args == ("Worker exited prematurely",)
 
 
 def test_celery_stored_mirrored_failure_reads_as_ours() -> None:
