@@ -311,11 +311,14 @@ class Supervisor:
                 # As PID 1 in a container we inherit orphans: reap them too.
                 logger.debug("Reaped process %d (not one of ours)", pid)
                 continue
+            last_state = record.beat.read()[0]
             record.beat.close()
             self._count_deaths(record)
-            self._on_child_exit(record, os.waitstatus_to_exitcode(status))
+            self._on_child_exit(record, os.waitstatus_to_exitcode(status), last_state)
 
-    def _on_child_exit(self, record: children.Child, code: int) -> None:
+    def _on_child_exit(self, record: children.Child, code: int, last_state: str) -> None:
+        """``last_state``: what the child last wrote to its heartbeat file ("stopping" once
+        its shutdown began, whoever asked for it)."""
         cause = describe_exit(code)
         name = f"child {record.index} (pid {record.pid})"
         if self._replacing is not None and record.pid in self._replacing:
@@ -332,8 +335,14 @@ class Supervisor:
             if len(self._drained_slots) >= self.target and not self.children:
                 self.stop("warm")
             return
+        if code == exitcodes.OK and last_state == "stopping":
+            # Someone signalled the child itself (kill <pid>), or the user's group-wide stop
+            # reached it before ours: a shutdown it went through, not a crash.
+            logger.warning("%s stopped on a signal sent to it, not by the supervisor (%s): "
+                           "replacing it", name, cause)
+            return
         if code == exitcodes.OK:
-            # Nobody asked it to stop: a task called os._exit(0), say.
+            # It exited 0 without going through a shutdown: a task called os._exit(0), say.
             logger.error("%s exited by itself (%s) without being asked to: a crash",
                          name, cause)
             self._record_crash()

@@ -157,9 +157,11 @@ class Worker:
                 logger.error("Worker start-up failed: %s", exc)
                 return exitcodes.STARTUP_ERROR
             if self._session is None:
+                self._beat()  # "stopping": the supervisor tells a requested exit by it
                 logger.info("Stopped while waiting for the broker: no task was taken")
                 return self._exit_code
             code = await self._consume_until_stopped()
+            self._beat()  # as above, even if the shutdown is over before the next tick
             await self._shutdown()
             await signals.worker_process_shutdown.send(sender=self, pid=os.getpid(),
                                                        exitcode=code)

@@ -430,6 +430,28 @@ def test_sigkilled_child_is_replaced_and_its_tasks_redelivered(
     assert sup.stop() == exitcodes.OK, sup.diagnostics()
 
 
+def test_a_child_stopped_by_a_signal_of_its_own_finishes_and_is_replaced_no_crash(
+        supervise: Callable[..., Supervised], unique_name: str, redis_url: str,
+        book: Book) -> None:
+    """``kill <child pid>`` (SIGTERM to one child, not the supervisor): the child finishes
+    its tasks, exits 0 through its own shutdown, and is replaced; an exit 0 like this is no
+    crash (one without a shutdown, a task's os._exit(0), is)."""
+    ids = publish(unique_name, redis_url, sleeps(4, 1.5))
+    sup = supervise("--prefetch-multiplier", "1", processes=2, concurrency=2)
+    pids = sup.wait_ready(2)
+    wait_until(lambda: len(book.started()) == 4, 15, "both children run tasks", sup.diagnostics)
+    victim = pids[1]
+    os.kill(victim, signal.SIGTERM)
+    sup.wait_for_log(rf"child 1 \(pid {victim}\) stopped on a signal sent to it", 15)
+    wait_until(lambda: sup.pids_by_index().get(1) not in (None, victim), 10,
+               "child 1 replaced", sup.diagnostics)
+    wait_until(lambda: len(book.done()) == len(ids), 15, "every task completed",
+               sup.diagnostics)
+    book.assert_exactly_once(ids)  # the victim finished its own: nothing ran twice
+    assert "a crash" not in sup.log and "crashes within" not in sup.log, sup.log
+    assert sup.stop() == exitcodes.OK, sup.diagnostics()
+
+
 # --- 3. children that cannot start --------------------------------------------------------------
 
 def test_app_context_failing_in_every_child_stops_with_startup_error(

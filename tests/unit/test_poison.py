@@ -375,7 +375,20 @@ def test_a_child_exiting_0_by_itself_is_a_crash(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     sup = _supervisor(tmp_path)
     sup._on_child_exit(Child(index=2, pid=401, beat=heartbeat.HeartbeatFile(str(tmp_path))),
-                       exitcodes.OK)
+                       exitcodes.OK, "ready")
     assert len(sup._crashes) == 1
     assert "child 2 (pid 401) exited by itself (exit code 0 (ok)) without being asked to" \
+        in caplog.text
+
+
+def test_a_child_exiting_0_after_its_own_shutdown_is_no_crash(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Signalled directly (kill <pid>), or reached by the user's group-wide stop before
+    the supervisor acted on its own copy: the child went through its shutdown (its last beat
+    says "stopping"), so its exit 0 is no crash; it is replaced."""
+    sup = _supervisor(tmp_path)
+    sup._on_child_exit(Child(index=2, pid=402, beat=heartbeat.HeartbeatFile(str(tmp_path))),
+                       exitcodes.OK, "stopping")
+    assert not sup._crashes
+    assert "child 2 (pid 402) stopped on a signal sent to it, not by the supervisor" \
         in caplog.text

@@ -377,13 +377,13 @@ def test_recycled_or_retired_children_are_not_crashes(tmp_path: Path, clock: Sim
                                                       caplog: pytest.LogCaptureFixture) -> None:
     sup = _supervisor()
     caplog.set_level(logging.INFO, logger="aio_celery.supervisor")
-    sup._on_child_exit(_record(tmp_path, 1, 11), exitcodes.RECYCLE)
+    sup._on_child_exit(_record(tmp_path, 1, 11), exitcodes.RECYCLE, "ready")
     retiring = _record(tmp_path, 2, 12)
     retiring.retiring = True
-    sup._on_child_exit(retiring, -signal.SIGKILL)
+    sup._on_child_exit(retiring, -signal.SIGKILL, "ready")
     killed = _record(tmp_path, 2, 13)
     killed.killed = True
-    sup._on_child_exit(killed, -signal.SIGKILL)
+    sup._on_child_exit(killed, -signal.SIGKILL, "ready")
     assert not sup._crashes and sup._stopping is None
     assert "child 1 (pid 11) recycled (exit code 6 (recycle)): replacing it" in caplog.text
     assert "child 2 (pid 12) exited: killed by SIGKILL" in caplog.text
@@ -392,7 +392,7 @@ def test_recycled_or_retired_children_are_not_crashes(tmp_path: Path, clock: Sim
 def test_sigkill_is_a_crash_with_an_out_of_memory_hint(
         tmp_path: Path, clock: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
     sup = _supervisor()
-    sup._on_child_exit(_record(tmp_path, 1, 21), -signal.SIGKILL)
+    sup._on_child_exit(_record(tmp_path, 1, 21), -signal.SIGKILL, "ready")
     assert len(sup._crashes) == 1 and sup._stopping is None
     assert "child 1 (pid 21) killed by SIGKILL: out of memory?" in caplog.text
     assert sup._respawn_at <= clock.now  # the first crash is replaced at once
@@ -401,7 +401,7 @@ def test_sigkill_is_a_crash_with_an_out_of_memory_hint(
 def test_startup_error_before_any_child_was_ready_stops_with_that_code(
         tmp_path: Path, clock: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
     sup = _supervisor()
-    sup._on_child_exit(_record(tmp_path, 1, 31), exitcodes.STARTUP_ERROR)
+    sup._on_child_exit(_record(tmp_path, 1, 31), exitcodes.STARTUP_ERROR, "ready")
     assert sup._stopping == "warm"
     assert sup._exit_code == exitcodes.STARTUP_ERROR
     assert "failed to start" in caplog.text
@@ -411,7 +411,7 @@ def test_startup_error_after_a_child_was_ready_is_only_a_crash(
         tmp_path: Path, clock: SimpleNamespace) -> None:
     sup = _supervisor()
     sup._ever_ready = True
-    sup._on_child_exit(_record(tmp_path, 1, 41), exitcodes.STARTUP_ERROR)
+    sup._on_child_exit(_record(tmp_path, 1, 41), exitcodes.STARTUP_ERROR, "ready")
     assert sup._stopping is None and len(sup._crashes) == 1
 
 
