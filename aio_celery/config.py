@@ -53,6 +53,10 @@ class Settings:
     worker_prefetch_multiplier: int = 4
     #: seconds running tasks get to finish on warm shutdown (fits a 30 s Kubernetes grace)
     worker_shutdown_timeout: float = 25.0
+    #: finished tasks that may wait, per worker process, for the result backend or the
+    #: broker to take their result, chord part or follow-up messages (their messages stay
+    #: unacknowledged meanwhile); no new task starts while this many wait
+    worker_max_pending_results: int = 1000
     timezone: str = "UTC"
     enable_utc: bool = True
 

@@ -18,6 +18,10 @@ cover it, and each tag is settled once (RabbitMQ closes the channel on an unknow
 
 Every task the session starts has a done callback that frees its slot and, if it was
 cancelled before it ever ran (a cold stop in the same loop turn), gives its message back.
+
+A finished task that waits for the result backend or the broker (see
+:mod:`aio_celery.worker.execution`) gives its slot up early, keeping its message
+unacknowledged; while ``worker_max_pending_results`` of them wait, no new task starts.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class _Job:
     tag: int
     delivery_info: dict[str, Any]
     acked: bool = False  # acked as it started (acks_late=False)
+    pending: bool = False  # over, its slot given up: waits for the backend or broker
 
 
 @dataclasses.dataclass
@@ -108,6 +113,10 @@ class Session:
         #: straight back: kept until stop() has cancelled the consumers
         self._returning: list[int] = []
         self._consumers_cancelled = False
+        #: finished tasks waiting for the backend or broker, and how many may wait
+        self._pending = 0
+        self._max_pending = max(1, runner.app.conf.settings.worker_max_pending_results)
+        runner.on_waiting = self._task_pending
 
     # --- start and state -----------------------------------------------------------------
 
@@ -205,7 +214,8 @@ class Session:
     def _start_ready(self) -> None:
         """Start ready jobs while there are free slots (none once a stop was requested)."""
         ready = self._ready
-        while ready and self._free_slots and not self._draining and not self._stopping:
+        while (ready and self._free_slots and self._pending < self._max_pending
+               and not self._draining and not self._stopping):
             job = ready.popleft()
             self._free_slots -= 1
             task = asyncio.create_task(self._run(job),
@@ -242,12 +252,30 @@ class Session:
 
     def _run_done(self, task: asyncio.Task[None]) -> None:
         job = self._running.pop(task)
-        self._free_slots += 1
+        if job.pending:
+            self._pending -= 1
+        else:
+            self._free_slots += 1
         if task.cancelled():  # a stop or a lost connection: the message goes back
             self._outcome.cancelled += 1
             if not job.acked:
                 self._give_back_when_stopped(job.tag)
         self._start_ready()  # nothing starts once a stop was requested
+
+    def _task_pending(self) -> None:
+        """The running task is over but waits for the backend or the broker: its slot is
+        free for the next one, unless too many wait already."""
+        job = self._running.get(asyncio.current_task())  # type: ignore[arg-type]
+        if job is None or job.pending:
+            return
+        job.pending = True
+        self._pending += 1
+        self._free_slots += 1
+        if self._pending == self._max_pending:
+            logger.warning("%d finished tasks wait for the result backend or the broker "
+                           "(worker_max_pending_results): no new task starts until they are "
+                           "recorded", self._pending)
+        self._start_ready()
 
     async def _hold_until_due(self, job: _Job, delay: float) -> None:
         """An eta within the horizon: wait without a slot (the prefetch window widened by
@@ -376,8 +404,9 @@ class Session:
         for task in list(self._waiting):
             task.cancel()
         if self._running and not cold:
-            logger.info("Waiting up to %.0fs for %d running task(s) to finish", timeout,
-                        len(self._running))
+            logger.info("Waiting up to %.0fs for %d running task(s) to finish (%d of them "
+                        "finished, waiting for the result backend or the broker)", timeout,
+                        len(self._running), self._pending)
             await asyncio.wait(set(self._running), timeout=timeout)
         if self._running:
             logger.warning("Cancelling %d task(s) still running: their messages go back to "
