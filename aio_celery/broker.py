@@ -194,7 +194,8 @@ class Broker:
             raise PublishRefusedError(
                 f"the broker {mask_url(self.url)} refused task {task_name}[{task_id}] for "
                 f"queue {queue!r}: {describe_error(exc)}") from exc
-        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError, TimeoutError) as exc:  # the channel closed: reconnecting
             raise BrokerConnectionError(
                 f"publishing task {task_name}[{task_id}] to {queue!r} on "
                 f"{mask_url(self.url)} failed: {describe_error(exc)}. The broker did not "
