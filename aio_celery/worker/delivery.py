@@ -37,6 +37,7 @@ from typing import Any
 from aio_celery import protocol
 from aio_celery.amqpconn import Delivery
 from aio_celery.broker import ConsumerChannel, describe_error
+from aio_celery.config import Settings
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.execution import Settle, TaskRunner
@@ -90,7 +91,11 @@ class Session:
     """Consumes ``queues`` on one channel and settles every delivery exactly once."""
 
     def __init__(self, channel: ConsumerChannel, runner: TaskRunner, options: WorkerOptions,
-                 stats: Stats, on_task_done: Callable[[], None]) -> None:
+                 stats: Stats, on_task_done: Callable[[], None], *,
+                 max_pending_results: int = Settings.worker_max_pending_results) -> None:
+        """``max_pending_results``: no task starts while this many finished ones wait for
+        the backend or the broker (the runner reports them: wire its ``on_waiting`` to
+        :meth:`task_pending`)."""
         self.channel = channel
         self.runner = runner
         self.options = options
@@ -115,8 +120,7 @@ class Session:
         self._consumers_cancelled = False
         #: finished tasks waiting for the backend or broker, and how many may wait
         self._pending = 0
-        self._max_pending = max(1, runner.app.conf.settings.worker_max_pending_results)
-        runner.on_waiting = self._task_pending
+        self._max_pending = max(1, max_pending_results)
 
     # --- start and state -----------------------------------------------------------------
 
@@ -262,7 +266,7 @@ class Session:
                 self._give_back_when_stopped(job.tag)
         self._start_ready()  # nothing starts once a stop was requested
 
-    def _task_pending(self) -> None:
+    def task_pending(self) -> None:
         """The running task is over but waits for the backend or the broker: its slot is
         free for the next one, unless too many wait already."""
         job = self._running.get(asyncio.current_task())  # type: ignore[arg-type]

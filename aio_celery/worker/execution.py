@@ -32,7 +32,7 @@ from typing import Any
 from aio_celery import resultmeta, signals, states
 from aio_celery.app import Celery
 from aio_celery.canvas import Signature, send_signature
-from aio_celery.config import first_set, mask_url
+from aio_celery.config import first_set
 from aio_celery.exceptions import (
     BackendError,
     BrokerConnectionError,
@@ -73,16 +73,15 @@ class TaskRunner:
         #: backend or the broker (at most once per task counts): the session frees its slot
         self.on_waiting: Callable[[], None] = _nothing
         self.backend_outage = Outage(
-            f"The result backend {mask_url(settings.result_backend)}",
-            "Check that Redis runs and is reachable. No new task starts once "
-            f"worker_max_pending_results ({settings.worker_max_pending_results}) wait; "
-            "a warm shutdown gives them the shutdown timeout, then returns their messages.",
+            "The result backend",
+            f"No new task starts while worker_max_pending_results "
+            f"({settings.worker_max_pending_results}) wait; a warm shutdown waits for them "
+            "up to its timeout, then returns their messages to the queue.",
             errors=(BackendError,))
         self.broker_outage = Outage(
-            f"Publishing follow-up messages (chain steps, callbacks, retries) to "
-            f"{mask_url(settings.broker_url)}",
-            "Check that RabbitMQ runs and accepts publishes (a full disk or memory alarm "
-            "blocks them).", errors=(BrokerConnectionError,))
+            "Publishing follow-up messages (chain steps, callbacks, retries)",
+            "Check that RabbitMQ runs and accepts publishes (a disk or memory alarm blocks "
+            "them).", errors=(BrokerConnectionError,))
 
     async def run(self, message: TaskMessage, delivery_info: dict[str, Any]) -> Settle:
         task = self.app.tasks.get(message.task)
@@ -167,12 +166,15 @@ class TaskRunner:
                         outcome: BaseException | None, value: Any, ignore: bool,
                         runtime: float) -> tuple[Settle, str]:
         """Send the follow-ups, record the outcome; returns how to settle, and the state."""
+        refused: PublishRefusedError | None = None
+        chain_lost = False  # the chain's next step will never be sent
         if request.unsent:  # retry() could not publish: sent now that the body is over
-            outcome = await self._send_unsent(task, message, request, outcome)
-        refused = False
-        if outcome is None and (message.chain or message.callbacks):
-            outcome = await self._send_followers(task, message, value)
-            refused = outcome is not None
+            refused = await self._send_unsent(task, message, request)
+            chain_lost = refused is not None  # the retry carried the chain
+        if outcome is None and refused is None and (message.chain or message.callbacks):
+            refused, chain_lost = await self._send_followers(task, message, value)
+        if refused is not None:
+            outcome = refused
         if outcome is None:
             settle = await self._on_success(task, request, message, value, ignore, runtime)
             state = states.SUCCESS
@@ -181,7 +183,7 @@ class TaskRunner:
             state = states.RETRY
         else:
             settle = await self._on_failure(task, message, outcome, ignore, runtime,
-                                            refused=refused)
+                                            logged=refused is not None, chain_lost=chain_lost)
             state = states.FAILURE
         return settle, state
 
@@ -195,23 +197,27 @@ class TaskRunner:
 
     # --- follow-up messages ----------------------------------------------------------------
 
-    async def _send_unsent(self, task: Task, message: TaskMessage, request: Context,
-                           outcome: BaseException | None) -> BaseException | None:
-        """Publish what ``retry()`` handed over; a refusal becomes the task's outcome."""
+    async def _send_unsent(self, task: Task, message: TaskMessage,
+                           request: Context) -> PublishRefusedError | None:
+        """Publish what ``retry()`` handed over; returns the refusal, if any (it becomes
+        the task's outcome)."""
         unsent, request.unsent = request.unsent, []
         for item in unsent:
             try:
                 await self._publish(message, item.what, item.send, item.error)
             except PublishRefusedError as exc:
-                logger.error("Task %s[%s]: %s; the task is stored as failed", task.name,
+                logger.error("Task %s[%s]: %s; the task is stored as failed and its message "
+                             "acknowledged (nothing retries a refusal)", task.name,
                              message.id, exc)
                 return exc
-        return outcome
+        return None
 
     async def _send_followers(self, task: Task, message: TaskMessage,
-                              value: Any) -> PublishRefusedError | None:
+                              value: Any) -> tuple[PublishRefusedError | None, bool]:
         """The next chain step (last of the stack) and ``link`` callbacks get the result.
-        Returns the refusal, if the broker refused one for good (the rest is not sent)."""
+        Returns the refusal if the broker refused one for good (the rest is not sent), and
+        whether that left the chain's next step unsent."""
+        chain_sent = not message.chain
         try:
             if message.chain:
                 stack = list(message.chain)
@@ -223,6 +229,7 @@ class TaskRunner:
                 else:
                     send = functools.partial(step.apply_async, (value,), chain=rest)
                 await self._publish(message, f"chain step {_label(step)}", send)
+                chain_sent = True
             for callback in message.callbacks or ():
                 sig = _with_id(Signature(callback, app=self.app))
                 await self._publish(message, f"link callback {_label(sig)}",
@@ -231,8 +238,8 @@ class TaskRunner:
             logger.error("Task %s[%s] succeeded, but %s; the task is stored as failed and "
                          "its message acknowledged (nothing retries a refusal)", task.name,
                          message.id, exc)
-            return exc
-        return None
+            return exc, not chain_sent
+        return None, False
 
     async def _publish(self, message: TaskMessage, what: str,
                        send: Callable[[], Awaitable[Any]],
@@ -249,6 +256,9 @@ class TaskRunner:
                     raise
                 except BrokerConnectionError as exc:
                     error = exc
+                finally:
+                    if error is None and self.broker_outage.down:
+                        self.broker_outage.answered()
             await self._until_through(self.broker_outage, error, message.task, message.id,
                                       what, send)
         except PublishRefusedError as exc:
@@ -282,12 +292,13 @@ class TaskRunner:
         return Settle.ACK
 
     async def _on_failure(self, task: Task, message: TaskMessage, exc: BaseException,
-                          ignore: bool, runtime: float, refused: bool = False) -> Settle:
-        """``refused``: the task succeeded but a follow-up was refused (logged already);
-        every later step of its chain is stored as failed too, or nothing would ever
-        complete the chain."""
+                          ignore: bool, runtime: float, *, logged: bool = False,
+                          chain_lost: bool = False) -> Settle:
+        """``logged``: a follow-up was refused (and logged); ``chain_lost``: the chain's
+        next step was not sent, so every later step with an id is stored as failed too, or
+        nothing would ever complete the chain (Celery's ``mark_as_failure`` does so)."""
         tb = _format_tb(exc)
-        if not refused:
+        if not logged:
             logger.error("Task %s[%s] raised unexpected: %r (after %.3fs)\n%s", task.name,
                          message.id, exc, runtime, tb.rstrip())
         for errback in message.errbacks or ():
@@ -304,7 +315,7 @@ class TaskRunner:
         if not ignore:
             await self._store(message, states.FAILURE, error, traceback_text=tb)
         await self._chord_part(message, states.FAILURE, error)
-        await self._fail_chain_steps(message, error, tb, every_step=refused)
+        await self._fail_chain_steps(message, error, tb, every_step=chain_lost)
         await signals.task_failure.send(sender=task, task_id=message.id, exception=exc,
                                         args=message.args, kwargs=message.kwargs,
                                         traceback=tb)

@@ -48,7 +48,8 @@ class Outage:
         self._since = time.monotonic()
         logger.warning("%s failed: %s. Finished tasks wait for it with their messages "
                        "unacknowledged (they do not run again) and try again every %.0fs at "
-                       "most. %s", self.name, error, self.max_delay, self.advice)
+                       "most. %s", self.name, str(error).rstrip("."), self.max_delay,
+                       self.advice)
 
     def answered(self) -> None:
         """A call got through: an outage is over."""

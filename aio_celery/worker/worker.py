@@ -153,8 +153,11 @@ class Worker:
             max_priority=settings.task_queue_max_priority,
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
-        session = Session(channel, TaskRunner(self.app, self.options.hostname), self.options,
-                          self.stats, on_task_done=self._on_task_done)
+        runner = TaskRunner(self.app, self.options.hostname)
+        session = Session(channel, runner, self.options, self.stats,
+                          on_task_done=self._on_task_done,
+                          max_pending_results=settings.worker_max_pending_results)
+        runner.on_waiting = session.task_pending  # a finished task waits: its slot is free
         try:
             await session.start(self.queues)
         except (BrokerConnectionError, ConnectionError, OSError) as exc:
