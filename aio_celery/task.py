@@ -55,7 +55,7 @@ class Context:
     is_eager: bool = False
     #: messages ``retry()`` could not publish (the broker was unreachable): the worker
     #: sends them once the task body is over
-    unsent: list[Unsent] = dataclasses.field(default_factory=list, repr=False)
+    unsent: list[Unsent] | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +210,8 @@ class Task:
         except BrokerConnectionError as error:
             if not request.delivery_info:  # not run by a worker: nobody would send it later
                 raise
-            request.unsent.append(Unsent(f"retry of {self.name}[{request.id}]", send, error))
+            unsent = Unsent(f"retry of {self.name}[{request.id}]", send, error)
+            request.unsent = [*(request.unsent or ()), unsent]
         when: Any = eta if eta is not None else countdown
         retry = Retry(exc=exc, when=when)
         if throw:

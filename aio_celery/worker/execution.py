@@ -201,7 +201,7 @@ class TaskRunner:
                            request: Context) -> PublishRefusedError | None:
         """Publish what ``retry()`` handed over; returns the refusal, if any (it becomes
         the task's outcome)."""
-        unsent, request.unsent = request.unsent, []
+        unsent, request.unsent = request.unsent or [], None
         for item in unsent:
             try:
                 await self._publish(message, item.what, item.send, item.error)
