@@ -65,6 +65,38 @@ async def test_a_refused_chain_step_is_stored_as_failure_naming_it(
     assert len(_worker_lines(caplog, "PRECONDITION_FAILED")) == 1
 
 
+async def test_a_refused_link_callback_fails_the_task_but_not_the_chain_step_already_sent(
+        app: Celery, start_worker, channel: AbstractChannel, unique_name: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    other = f"{unique_name}-other"
+    await channel.declare_queue(other, durable=True, arguments={"x-max-priority": 7})
+    runs: collections.Counter[str] = collections.Counter()
+
+    @app.task
+    async def first() -> int:
+        runs["first"] += 1
+        return 1
+
+    @app.task
+    async def second(value: int) -> int:
+        runs["second"] += 1
+        return value + 1
+
+    @app.task(queue=other)
+    async def audit(value: int) -> None:
+        runs["audit"] += 1
+
+    last = await chain(first.s().set(link=audit.s()), second.s()).apply_async()
+    handle = await start_worker(concurrency=1, burst=True)
+    assert await handle.wait(timeout=15) == exitcodes.OK
+    assert runs == {"first": 1, "second": 1}
+    assert await last.get(timeout=5) == 2  # the step was sent before the refusal
+    assert last.parent is not None
+    with pytest.raises(PublishRefusedError, match=r"link callback .*audit"):
+        await last.parent.get(timeout=5)
+    assert len(_worker_lines(caplog, "PRECONDITION_FAILED")) == 1
+
+
 @pytest.fixture
 async def publish_proxy() -> AsyncIterator[TcpProxy]:
     parts = urlsplit(AMQP_URL)
