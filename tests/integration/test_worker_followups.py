@@ -193,3 +193,37 @@ async def test_a_retry_that_cannot_be_published_is_sent_after_the_body_without_r
     assert await ready_count(amqp, unique_name) == 0
 
 
+
+
+async def test_a_link_error_waits_for_the_broker_and_the_failed_task_runs_once(
+        publishing_via_proxy: Celery, publish_proxy: TcpProxy, start_worker,
+        amqp: AbstractConnection, unique_name: str) -> None:
+    app = publishing_via_proxy
+    runs: collections.Counter[str] = collections.Counter()
+    release = asyncio.Event()
+
+    @app.task
+    async def boom() -> None:
+        runs["boom"] += 1
+        await release.wait()
+        raise ValueError("broken")
+
+    @app.task
+    async def on_error(task_id: str) -> str:
+        runs["on_error"] += 1
+        return task_id
+
+    result = await boom.apply_async(link_error=on_error.s())
+    handle = await start_worker(app, concurrency=2, burst=True)
+    await eventually(lambda: runs["boom"] == 1, what="the task running")
+    publish_proxy.cut()
+    await publish_proxy.pause()
+    release.set()
+    session = handle.worker._session
+    await eventually(lambda: session._pending == 1, timeout=10, what="the errback waiting")
+    await publish_proxy.resume()
+    assert await handle.wait(timeout=30) == exitcodes.OK
+    assert runs == {"boom": 1, "on_error": 1}
+    with pytest.raises(ValueError, match="broken"):
+        await result.get(timeout=5)
+    assert await ready_count(amqp, unique_name) == 0
