@@ -216,7 +216,8 @@ class Session:
             self._give_back_when_stopped(job.tag)
 
     def _start_ready(self) -> None:
-        """Start ready jobs while there are free slots (none once a stop was requested)."""
+        """Start ready jobs while there are free slots (none once a stop was requested, nor
+        while ``worker_max_pending_results`` finished tasks wait)."""
         ready = self._ready
         while (ready and self._free_slots and self._pending < self._max_pending
                and not self._draining and not self._stopping):
