@@ -45,8 +45,8 @@ from aio_celery.protocol import TaskMessage
 from aio_celery.result import result_tuple
 from aio_celery.task import Context, Task, current_request, current_task, retry_countdown
 from aio_celery.worker import chord
+from aio_celery.worker.dependency import DependencyOutage
 from aio_celery.worker.limits import run_with_limits
-from aio_celery.worker.outage import Outage
 
 logger = logging.getLogger("aio_celery.worker")
 
@@ -72,13 +72,13 @@ class TaskRunner:
         #: called from a finished task's own asyncio task when it starts waiting for the
         #: backend or the broker (at most once per task counts): the session frees its slot
         self.on_waiting: Callable[[], None] = _nothing
-        self.backend_outage = Outage(
+        self.backend_outage = DependencyOutage(
             "The result backend",
             f"No new task starts while worker_max_pending_results "
             f"({settings.worker_max_pending_results}) wait; a warm shutdown waits for them "
             "up to its timeout, then returns their messages to the queue.",
             errors=(BackendError,))
-        self.broker_outage = Outage(
+        self.broker_outage = DependencyOutage(
             "Publishing follow-up messages (chain steps, callbacks, retries)",
             "Check that RabbitMQ runs and accepts publishes (a disk or memory alarm blocks "
             "them).", errors=(BrokerConnectionError,))
@@ -440,7 +440,7 @@ class TaskRunner:
         if outage.down:
             outage.answered()
 
-    async def _until_through(self, outage: Outage, error: BaseException, name: str,
+    async def _until_through(self, outage: DependencyOutage, error: BaseException, name: str,
                              task_id: str, what: str,
                              operation: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Try ``operation`` again at each of the outage's tries until it gets through (a

@@ -7,11 +7,11 @@ import logging
 
 import pytest
 
-from aio_celery.worker.outage import Outage
+from aio_celery.worker.dependency import DependencyOutage
 
 
-def _outage(**kwargs: float) -> Outage:
-    return Outage("The thing", "Fix the thing.", errors=(ConnectionError,), **kwargs)
+def _outage(**kwargs: float) -> DependencyOutage:
+    return DependencyOutage("The thing", "Fix the thing.", errors=(ConnectionError,), **kwargs)
 
 
 async def test_waiters_try_again_together_with_capped_backoff() -> None:

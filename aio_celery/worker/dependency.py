@@ -20,7 +20,7 @@ FIRST_DELAY = 0.5
 MAX_DELAY = 5.0
 
 
-class Outage:
+class DependencyOutage:
     """The state of one dependency, as the tasks waiting for it see it."""
 
     def __init__(self, name: str, advice: str, *, errors: tuple[type[Exception], ...],
