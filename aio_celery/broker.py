@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from aio_celery.amqpconn import AMQPConnection, ConnectionClosed, DeliveryCallback
 from aio_celery.amqpwire import EncodedProperties
 from aio_celery.config import BROKER_SCHEMES, mask_url, url_problem
-from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
+from aio_celery.exceptions import BrokerConnectionError, ConfigurationError, PublishRefusedError
 from aio_celery.protocol import Envelope
 
 if TYPE_CHECKING:
@@ -199,18 +199,23 @@ class Broker:
 
     async def publish(self, envelope: Envelope, queue: str) -> None:
         """Publish to ``queue`` through the default exchange (as Celery 5 does) and wait for
-        the broker's confirm."""
+        the broker's confirm.
+
+        Raises :class:`PublishRefusedError` when the broker refuses for good (a channel
+        error: the queue exists with other arguments, no permission, ...) and
+        :class:`BrokerConnectionError` for what may pass (connection lost or not made, a
+        nack, ``broker_publish_timeout`` reached)."""
         import aiormq
 
         body, properties = envelope.body, EncodedProperties(envelope)
         task_name, task_id = envelope.headers.get("task"), envelope.correlation_id
         del envelope  # the header dict is not needed past this point
-        if self._channel is None and self.lazy:
-            await self._connect_once()
-        declared = self._declared.get(queue)
-        if declared is None or not declared.done():
-            await self.declare_queue(queue)  # waits for a declaration already under way too
         try:
+            if self._channel is None and self.lazy:
+                await self._connect_once()
+            declared = self._declared.get(queue)
+            if declared is None or not declared.done():
+                await self.declare_queue(queue)  # waits for a declaration under way too
             raw = await self._publisher().get_underlay_channel()
             assert isinstance(raw, aiormq.Channel)
             # wait=False: do not hold aiormq's channel lock until the socket drains; the
@@ -223,11 +228,27 @@ class Broker:
                 timeout=self.publish_timeout,
                 wait=False,
             )
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        except BrokerConnectionError:
+            raise  # the lazy connect said what went wrong already
+        except _refusals() as exc:
+            raise PublishRefusedError(
+                f"the broker {mask_url(self.url)} refused task {task_name}[{task_id}] for "
+                f"queue {queue!r}: {describe_error(exc)}") from exc
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError, TimeoutError) as exc:  # the channel closed: reconnecting
             raise BrokerConnectionError(
                 f"publishing task {task_name}[{task_id}] to {queue!r} on "
                 f"{mask_url(self.url)} failed: {describe_error(exc)}. The broker did not "
                 "confirm it; it may or may not have been queued.") from exc
+
+
+def _refusals() -> tuple[type[BaseException], ...]:
+    """aiormq's channel errors that no retry can fix (aiormq is loaded by then)."""
+    import aiormq
+
+    errors = aiormq.exceptions
+    return (errors.ChannelPreconditionFailed, errors.ChannelAccessRefused,
+            errors.ChannelNotFoundEntity, errors.ChannelLockedResource)
 
 
 def describe_error(exc: BaseException) -> str:

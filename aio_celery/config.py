@@ -70,6 +70,10 @@ class Settings:
     #: a task whose worker process died this many times while it ran is retired: FAILURE
     #: WorkerLostError stored, message rejected to the queue's dead-letter exchange
     worker_max_task_deaths: int = DEFAULT_MAX_TASK_DEATHS
+    #: finished tasks that may wait, per worker process, for the result backend or the
+    #: broker to take their result, chord part or follow-up messages (their messages stay
+    #: unacknowledged meanwhile); no new task starts while this many wait
+    worker_max_pending_results: int = 1000
     timezone: str = "UTC"
     enable_utc: bool = True
 

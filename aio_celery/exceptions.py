@@ -4,6 +4,7 @@
     ├── ConfigurationError (ValueError)          unknown setting, bad option value
     ├── MessageDecodeError (ValueError)          not a Celery protocol v2 JSON message
     ├── BrokerConnectionError (ConnectionError)  RabbitMQ unreachable or refused us
+    │   └── PublishRefusedError                  a publish refused for good (channel error)
     ├── BackendError                             the result backend is missing or failed
     │   └── BackendConnectionError (ConnectionError)
     ├── TimeoutError (builtins.TimeoutError)     AsyncResult.get(timeout=...) ran out
@@ -56,6 +57,12 @@ class MessageDecodeError(AioCeleryError, ValueError):
 
 class BrokerConnectionError(AioCeleryError, ConnectionError):
     """The broker could not be reached, or refused the connection."""
+
+
+class PublishRefusedError(BrokerConnectionError):
+    """The broker refused a publish for good: a channel error such as PRECONDITION_FAILED
+    (the target queue exists with other arguments), ACCESS_REFUSED or NOT_FOUND. Trying
+    again will not help; the other errors of :class:`BrokerConnectionError` are transient."""
 
 
 class BackendError(AioCeleryError):
@@ -148,6 +155,7 @@ __all__ = [
     "MaxRetriesExceededError",
     "MessageDecodeError",
     "NotRegistered",
+    "PublishRefusedError",
     "RemoteTaskError",
     "Retry",
     "SoftTimeLimitExceeded",

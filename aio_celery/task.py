@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from aio_celery.exceptions import MaxRetriesExceededError, Retry
+from aio_celery.exceptions import (
+    BrokerConnectionError,
+    MaxRetriesExceededError,
+    PublishRefusedError,
+    Retry,
+)
 
 if TYPE_CHECKING:
     from aio_celery.app import Celery
@@ -47,6 +53,19 @@ class Context:
     #: results of tasks this task started (e.g. the next step of its chain)
     children: list[AsyncResult] = dataclasses.field(default_factory=list)
     is_eager: bool = False
+    #: messages ``retry()`` could not publish (the broker was unreachable): the worker
+    #: sends them once the task body is over
+    unsent: list[Unsent] | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsent:
+    """A message that could not be published yet, and how to try again."""
+
+    #: what it is, for the log ("retry of tasks.add[<id>]")
+    what: str
+    send: Callable[[], Awaitable[Any]]
+    error: BaseException
 
 
 #: The request of the task running in the current asyncio task (None outside tasks).
@@ -150,6 +169,16 @@ class Task:
         :class:`Retry` (or return it with ``throw=False``).
 
         Past ``max_retries`` raises ``exc`` when given, else MaxRetriesExceededError.
+
+        If the broker cannot be reached (connection lost, a nack, a publish timeout), the
+        retry is still raised (or returned) as if it had been sent: the message is handed
+        to the worker (``request.unsent``), which publishes it once this run is over,
+        trying again with backoff while the task's own message stays unacknowledged. The
+        body has done its work up to here, so it must not run again just because the
+        broker was away for a moment; and retrying in here would count against the task's
+        time limits and hold its concurrency slot. A refusal that no retry can fix
+        (:class:`~aio_celery.exceptions.PublishRefusedError`) is raised here: the task
+        fails with it.
         """
         request = self.request
         if request.id is None:
@@ -163,7 +192,8 @@ class Task:
                 f"kwargs:{request.kwargs}")
         if eta is None and countdown is None:
             countdown = self.default_retry_delay
-        await self.app.send_task(
+        send = functools.partial(
+            self.app.send_task,
             self.name,
             request.args if args is None else args,
             request.kwargs if kwargs is None else kwargs,
@@ -173,6 +203,15 @@ class Task:
             eta=eta,
             **options,
         )
+        try:
+            await send()
+        except PublishRefusedError:
+            raise
+        except BrokerConnectionError as error:
+            if not request.delivery_info:  # not run by a worker: nobody would send it later
+                raise
+            unsent = Unsent(f"retry of {self.name}[{request.id}]", send, error)
+            request.unsent = [*(request.unsent or ()), unsent]
         when: Any = eta if eta is not None else countdown
         retry = Retry(exc=exc, when=when)
         if throw:

@@ -22,6 +22,10 @@ cancelled before it ever ran (a cold stop in the same loop turn), gives its mess
 A redelivered message first meets the poison guard (:mod:`aio_celery.poison`): it may wait
 until a dead sibling's death is counted, run isolated (alone in this process), or be
 retired without running. Fresh messages skip it.
+
+A finished task that waits for the result backend or the broker (see
+:mod:`aio_celery.worker.execution`) gives its slot up early, keeping its message
+unacknowledged; while ``worker_max_pending_results`` of them wait, no new task starts.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 from aio_celery import protocol
 from aio_celery.amqpconn import Delivery
 from aio_celery.broker import ConsumerChannel, HoldingQueueRefused, describe_error
+from aio_celery.config import Settings
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
 from aio_celery.worker.acks import AckTracker
@@ -91,6 +96,7 @@ class _Job:
     acked: bool = False  # acked as it started (acks_late=False)
     verdict: Verdict = Verdict.RUN  # the poison guard's, for a redelivered message
     deaths: int = 0  # of its worker processes while it ran (redelivered messages only)
+    pending: bool = False  # over, its slot given up: waits for the backend or broker
 
 
 @dataclasses.dataclass
@@ -103,8 +109,12 @@ class Session:
     """Consumes ``queues`` on one channel and settles every delivery exactly once."""
 
     def __init__(self, channel: ConsumerChannel, runner: TaskRunner, options: WorkerOptions,
-                 stats: Stats, on_task_done: Callable[[], None],
-                 guard: Guard | None = None) -> None:
+                 stats: Stats, on_task_done: Callable[[], None], *,
+                 guard: Guard | None = None,
+                 max_pending_results: int = Settings.worker_max_pending_results) -> None:
+        """``max_pending_results``: no task starts while this many finished ones wait for
+        the backend or the broker (the runner reports them: wire its ``on_waiting`` to
+        :meth:`task_pending`)."""
         self.channel = channel
         guard = guard or Guard(DEFAULT_MAX_TASK_DEATHS)
         self._guard = guard
@@ -133,6 +143,9 @@ class Session:
         self._consumers_cancelled = False
         #: holding queues the broker refused to declare: their etas wait in memory
         self._refused_holding_queues: set[str] = set()
+        #: finished tasks waiting for the backend or broker, and how many may wait
+        self._pending = 0
+        self._max_pending = max(1, max_pending_results)
 
     # --- start and state -----------------------------------------------------------------
 
@@ -265,10 +278,11 @@ class Session:
             self._give_back_when_stopped(job.tag)
 
     def _start_ready(self) -> None:
-        """Start ready jobs while there are free slots (none once a stop was requested)."""
+        """Start ready jobs while there are free slots (none once a stop was requested, nor
+        while ``worker_max_pending_results`` finished tasks wait)."""
         ready = self._ready
-        while (ready and self._free_slots and not self._draining and not self._stopping
-               and self._alone is None):
+        while (ready and self._free_slots and self._pending < self._max_pending
+               and not self._draining and not self._stopping and self._alone is None):
             job = ready.popleft()
             isolated = job.verdict is Verdict.ISOLATE
             if isolated and self._running:
@@ -321,7 +335,10 @@ class Session:
 
     def _run_done(self, task: asyncio.Task[None]) -> None:
         job = self._running.pop(task)
-        self._free_slots += 1
+        if job.pending:
+            self._pending -= 1
+        else:
+            self._free_slots += 1
         if task is self._alone:
             self._alone = None
         if task.cancelled():  # a stop or a lost connection: the message goes back
@@ -329,6 +346,21 @@ class Session:
             if not job.acked:
                 self._give_back_when_stopped(job.tag)
         self._start_ready()  # nothing starts once a stop was requested
+
+    def task_pending(self) -> None:
+        """The running task is over but waits for the backend or the broker: its slot is
+        free for the next one, unless too many wait already."""
+        job = self._running.get(asyncio.current_task())  # type: ignore[arg-type]
+        if job is None or job.pending:
+            return
+        job.pending = True
+        self._pending += 1
+        self._free_slots += 1
+        if self._pending == self._max_pending:
+            logger.warning("%d finished tasks wait for the result backend or the broker "
+                           "(worker_max_pending_results): no new task starts until they are "
+                           "recorded", self._pending)
+        self._start_ready()
 
     async def _hold_until_due(self, job: _Job, delay: float) -> None:
         """An eta within the horizon: wait without a slot (the prefetch window widened by
@@ -528,8 +560,9 @@ class Session:
         for task in list(self._waiting):
             task.cancel()
         if self._running and not cold:
-            logger.info("Waiting up to %.0fs for %d running task(s) to finish", timeout,
-                        len(self._running))
+            logger.info("Waiting up to %.0fs for %d running task(s) to finish (%d of them "
+                        "finished, waiting for the result backend or the broker)", timeout,
+                        len(self._running), self._pending)
             await asyncio.wait(set(self._running), timeout=timeout)
         if self._running:
             logger.warning("Cancelling %d task(s) still running: their messages go back to "

@@ -4,12 +4,23 @@ Order of events, as in Celery: expiry check, STARTED (if tracked), ``task_prerun
 under its time limits, then on success the next chain step and callbacks are sent, the
 result is stored (with those ``children``), a chord header task reports its part (see
 :mod:`aio_celery.worker.chord`), and only then the message is acknowledged.
+
+A finished task never runs again because the result backend or the broker is away: if a
+result, a chord part or a follow-up message (chain step, callback, errback, a ``retry()``
+that could not be published) does not get through, the task waits for it, in order, with
+its message unacknowledged; it tells the session (:attr:`TaskRunner.on_waiting`), which
+frees its concurrency slot and bounds how many may wait (``worker_max_pending_results``).
+Only a shutdown gives such a message back. A publish the broker refuses for good
+(PRECONDITION_FAILED, ACCESS_REFUSED, NOT_FOUND) is not retried: the task's result is then
+a FAILURE naming the follow-up and the cause. Intermediate states (STARTED, RETRY) are
+tried once: the next state replaces them anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import os
 import time
@@ -24,7 +35,9 @@ from aio_celery.canvas import Signature, send_signature
 from aio_celery.config import first_set
 from aio_celery.exceptions import (
     BackendError,
+    BrokerConnectionError,
     NotRegistered,
+    PublishRefusedError,
     Retry,
     TaskRevokedError,
     WorkerLostError,
@@ -33,12 +46,10 @@ from aio_celery.protocol import TaskMessage
 from aio_celery.result import result_tuple
 from aio_celery.task import Context, Task, current_request, current_task, retry_countdown
 from aio_celery.worker import chord
+from aio_celery.worker.dependency import DependencyOutage
 from aio_celery.worker.limits import run_with_limits
 
 logger = logging.getLogger("aio_celery.worker")
-
-#: how long a result that cannot be stored is retried before the message is requeued
-STORE_RETRY_SECONDS = 10.0
 
 
 class Settle(enum.Enum):
@@ -59,6 +70,19 @@ class TaskRunner:
         self._has_backend = bool(settings.result_backend)
         self._ignore_default = settings.task_ignore_result
         self._track_started = settings.task_track_started
+        #: called from a finished task's own asyncio task when it starts waiting for the
+        #: backend or the broker (at most once per task counts): the session frees its slot
+        self.on_waiting: Callable[[], None] = _nothing
+        self.backend_outage = DependencyOutage(
+            "The result backend",
+            f"No new task starts while worker_max_pending_results "
+            f"({settings.worker_max_pending_results}) wait; a warm shutdown waits for them "
+            "up to its timeout, then returns their messages to the queue.",
+            errors=(BackendError,))
+        self.broker_outage = DependencyOutage(
+            "Publishing follow-up messages (chain steps, callbacks, retries)",
+            "Check that RabbitMQ runs and accepts publishes (a disk or memory alarm blocks "
+            "them).", errors=(BrokerConnectionError,))
 
     async def run(self, message: TaskMessage, delivery_info: dict[str, Any]) -> Settle:
         task = self.app.tasks.get(message.task)
@@ -110,8 +134,8 @@ class TaskRunner:
         ignore = self._ignores_result(task, message)
         track = task.track_started if task.track_started is not None else self._track_started
         if track and not ignore:
-            await self._store(message, states.STARTED, {"pid": os.getpid(),
-                                                        "hostname": self.hostname})
+            await self._store_passing(message, states.STARTED, {"pid": os.getpid(),
+                                                                "hostname": self.hostname})
         if signals.task_prerun.receivers:  # hot path: no coroutine when unused
             await signals.task_prerun.send(sender=task, task_id=message.id, task=task,
                                            args=message.args, kwargs=message.kwargs)
@@ -135,6 +159,27 @@ class TaskRunner:
             # requests reach a task as cancellation, never as these.
             outcome = exc
         runtime = time.monotonic() - started
+        settle, state = await self._conclude(task, request, message, outcome,
+                                             None if outcome is not None else value, ignore,
+                                             runtime)
+        if signals.task_postrun.receivers:  # hot path: no coroutine when unused
+            await signals.task_postrun.send(sender=task, task_id=message.id, task=task,
+                                            args=message.args, kwargs=message.kwargs, state=state)
+        return settle
+
+    async def _conclude(self, task: Task, request: Context, message: TaskMessage,
+                        outcome: BaseException | None, value: Any, ignore: bool,
+                        runtime: float) -> tuple[Settle, str]:
+        """Send the follow-ups, record the outcome; returns how to settle, and the state."""
+        refused: PublishRefusedError | None = None
+        chain_lost = False  # the chain's next step will never be sent
+        if request.unsent:  # retry() could not publish: sent now that the body is over
+            refused = await self._send_unsent(task, message, request)
+            chain_lost = refused is not None  # the retry carried the chain
+        if outcome is None and refused is None and (message.chain or message.callbacks):
+            refused, chain_lost = await self._send_followers(task, message, value)
+        if refused is not None:
+            outcome = refused
         if outcome is None:
             settle = await self._on_success(task, request, message, value, ignore, runtime)
             state = states.SUCCESS
@@ -142,12 +187,10 @@ class TaskRunner:
             settle = await self._on_retry(task, message, outcome, ignore)
             state = states.RETRY
         else:
-            settle = await self._on_failure(task, message, outcome, ignore, runtime)
+            settle = await self._on_failure(task, message, outcome, ignore, runtime,
+                                            logged=refused is not None, chain_lost=chain_lost)
             state = states.FAILURE
-        if signals.task_postrun.receivers:  # hot path: no coroutine when unused
-            await signals.task_postrun.send(sender=task, task_id=message.id, task=task,
-                                            args=message.args, kwargs=message.kwargs, state=state)
-        return settle
+        return settle, state
 
     async def _autoretry(self, task: Task, request: Context, exc: Exception) -> BaseException:
         """Send the retry for an ``autoretry_for`` exception; returns the outcome: ``exc``
@@ -160,71 +203,136 @@ class TaskRunner:
         except Exception as final:  # max retries exceeded: the original exception
             return final
 
+    # --- follow-up messages ----------------------------------------------------------------
+
+    async def _send_unsent(self, task: Task, message: TaskMessage,
+                           request: Context) -> PublishRefusedError | None:
+        """Publish what ``retry()`` handed over; returns the refusal, if any (it becomes
+        the task's outcome)."""
+        unsent, request.unsent = request.unsent or [], None
+        for item in unsent:
+            try:
+                await self._publish(message, item.what, item.send, item.error)
+            except PublishRefusedError as exc:
+                logger.error("Task %s[%s]: %s; the task is stored as failed and its message "
+                             "acknowledged (nothing retries a refusal)", task.name,
+                             message.id, exc)
+                return exc
+        return None
+
+    async def _send_followers(self, task: Task, message: TaskMessage,
+                              value: Any) -> tuple[PublishRefusedError | None, bool]:
+        """The next chain step (last of the stack) and ``link`` callbacks get the result.
+        Returns the refusal if the broker refused one for good (the rest is not sent), and
+        whether that left the chain's next step unsent."""
+        chain_sent = not message.chain
+        try:
+            if message.chain:
+                stack = list(message.chain)
+                step = _with_id(Signature(stack.pop(), app=self.app))
+                rest = stack or None
+                if "chord" in step.options:  # the last step of a chain in a chord header
+                    send = functools.partial(send_signature, self.app, step.clone((value,)),
+                                             chain=rest, add_to_parent=True, lenient=True)
+                else:
+                    send = functools.partial(step.apply_async, (value,), chain=rest)
+                await self._publish(message, f"chain step {_label(step)}", send)
+                chain_sent = True
+            for callback in message.callbacks or ():
+                sig = _with_id(Signature(callback, app=self.app))
+                await self._publish(message, f"link callback {_label(sig)}",
+                                    functools.partial(sig.apply_async, (value,)))
+        except PublishRefusedError as exc:
+            logger.error("Task %s[%s] succeeded, but %s; the task is stored as failed and "
+                         "its message acknowledged (nothing retries a refusal)", task.name,
+                         message.id, exc)
+            return exc, not chain_sent
+        return None, False
+
+    async def _publish(self, message: TaskMessage, what: str,
+                       send: Callable[[], Awaitable[Any]],
+                       error: BaseException | None = None) -> None:
+        """Publish a follow-up; while the broker cannot take it, the task waits and tries
+        again (its message stays unacknowledged). A refusal for good raises
+        PublishRefusedError naming ``what``. ``error``: the first try failed already."""
+        try:
+            if error is None:
+                try:
+                    await send()
+                    return
+                except PublishRefusedError:
+                    raise
+                except BrokerConnectionError as exc:
+                    error = exc
+                finally:
+                    if error is None and self.broker_outage.down:
+                        self.broker_outage.answered()
+            await self._until_through(self.broker_outage, error, message.task, message.id,
+                                      what, send)
+        except PublishRefusedError as exc:
+            raise PublishRefusedError(f"{what} could not be published: {exc}") from exc
+
+    # --- outcomes ----------------------------------------------------------------------------
+
     async def _on_success(self, task: Task, request: Context, message: TaskMessage,
                           value: Any, ignore: bool, runtime: float) -> Settle:
-        await self._send_followers(message, value)
         if logger.isEnabledFor(logging.INFO):
             logger.info("Task %s[%s] succeeded in %.3fs: %s", task.name, message.id, runtime,
                         _short(value))
         if not ignore:
             children = [result_tuple(child) for child in request.children]
-            if not await self._store(message, states.SUCCESS, value, children=children):
-                return Settle.REQUEUE
-        if not await self._chord_part(message, states.SUCCESS, value):
-            return Settle.REQUEUE
+            await self._store(message, states.SUCCESS, value, children=children)
+        await self._chord_part(message, states.SUCCESS, value)
         if signals.task_success.receivers:  # hot path: no coroutine when unused
             await signals.task_success.send(sender=task, result=value, task_id=message.id)
         return Settle.ACK
-
-    async def _send_followers(self, message: TaskMessage, value: Any) -> None:
-        """The next chain step (last of the stack) and ``link`` callbacks get the result."""
-        if message.chain:
-            stack = list(message.chain)
-            step = Signature(stack.pop(), app=self.app)
-            if "chord" in step.options:  # the last step of a chain in a chord header
-                await send_signature(self.app, step.clone((value,)), chain=stack or None,
-                                     add_to_parent=True, lenient=True)
-            else:
-                await step.apply_async((value,), chain=stack or None)
-        for callback in message.callbacks or ():
-            await Signature(callback, app=self.app).apply_async((value,))
 
     async def _on_retry(self, task: Task, message: TaskMessage, retry: Retry,
                         ignore: bool) -> Settle:
         logger.info("Task %s[%s] retry: %s", task.name, message.id, retry)
         if not ignore:
             reason = retry.exc if retry.exc is not None else retry
-            if not await self._store(message, states.RETRY,
-                                     resultmeta.exception_to_dict(reason),
-                                     traceback_text=_format_tb(reason)):
-                return Settle.REQUEUE
+            await self._store_passing(message, states.RETRY,
+                                      resultmeta.exception_to_dict(reason),
+                                      traceback_text=_format_tb(reason))
         await signals.task_retry.send(sender=task, request=current_request.get(),
                                       reason=retry.exc or retry)
         return Settle.ACK
 
     async def _on_failure(self, task: Task, message: TaskMessage, exc: BaseException,
-                          ignore: bool, runtime: float) -> Settle:
+                          ignore: bool, runtime: float, *, logged: bool = False,
+                          chain_lost: bool = False) -> Settle:
+        """``logged``: a follow-up was refused (and logged); ``chain_lost``: the chain's
+        next step was not sent, so every later step with an id is stored as failed too, or
+        nothing would ever complete the chain (Celery's ``mark_as_failure`` does so)."""
         tb = _format_tb(exc)
-        logger.error("Task %s[%s] raised unexpected: %r (after %.3fs)\n%s", task.name,
-                     message.id, exc, runtime, tb.rstrip())
-        for errback in message.errbacks or ():
-            try:
-                await Signature(errback, app=self.app).apply_async((message.id,))
-            except Exception:
-                logger.exception("Task %s[%s]: could not send errback %r", task.name,
-                                 message.id, errback.get("task"))
+        if not logged:
+            logger.error("Task %s[%s] raised unexpected: %r (after %.3fs)\n%s", task.name,
+                         message.id, exc, runtime, tb.rstrip())
+        await self._send_errbacks(message)
         error = resultmeta.exception_to_dict(exc)
-        if not ignore and not await self._store(message, states.FAILURE, error,
-                                                traceback_text=tb):
-            return Settle.REQUEUE
-        if not await self._chord_part(message, states.FAILURE, error):
-            return Settle.REQUEUE
-        if not await self._fail_chord_steps(message, error, tb):
-            return Settle.REQUEUE
+        if not ignore:
+            await self._store(message, states.FAILURE, error, traceback_text=tb)
+        await self._chord_part(message, states.FAILURE, error)
+        await self._fail_chain_steps(message, error, tb, every_step=chain_lost)
         await signals.task_failure.send(sender=task, task_id=message.id, exception=exc,
                                         args=message.args, kwargs=message.kwargs,
                                         traceback=tb)
         return Settle.ACK
+
+    async def _send_errbacks(self, message: TaskMessage) -> None:
+        """``link_error`` callbacks get the task id (waiting while the broker is away; one
+        the broker refuses is logged and skipped)."""
+        for errback in message.errbacks or ():
+            sig = _with_id(Signature(errback, app=self.app))
+            try:
+                await self._publish(message, f"link_error {_label(sig)}",
+                                    functools.partial(sig.apply_async, (message.id,)))
+            except PublishRefusedError as refusal:
+                logger.error("Task %s[%s]: %s (not sent)", message.task, message.id, refusal)
+            except Exception:
+                logger.exception("Task %s[%s]: could not send errback %r", message.task,
+                                 message.id, errback.get("task"))
 
     async def _unknown(self, message: TaskMessage) -> Settle:
         logger.error(
@@ -243,8 +351,7 @@ class TaskRunner:
         error = resultmeta.exception_to_dict(TaskRevokedError("expired"))
         if not self._ignores_result(task, message):
             await self._store(message, states.REVOKED, error)
-        if not await self._chord_part(message, states.REVOKED, error):
-            return Settle.REQUEUE
+        await self._chord_part(message, states.REVOKED, error)
         await signals.task_revoked.send(sender=task, request=message, expired=True)
         return Settle.ACK
 
@@ -252,7 +359,8 @@ class TaskRunner:
                      deaths: int) -> Settle:
         """The poison guard's end for a task that killed its worker process ``deaths`` times:
         not run again; FAILURE ``WorkerLostError`` stored (and errbacks and the chord told,
-        as for any failure); the message rejected without requeue."""
+        as for any failure; each waits while Redis or the broker is away); the message
+        rejected without requeue."""
         arguments = self.app.conf.settings.task_queue_arguments or {}
         exchange = arguments.get("x-dead-letter-exchange")
         if exchange is None:
@@ -271,34 +379,30 @@ class TaskRunner:
         task = self.app.tasks.get(message.task)
         ignore = self._ignores_result(task, message) if task is not None else (
             not self._has_backend or bool(message.ignore_result))
-        for errback in message.errbacks or ():
-            try:
-                await Signature(errback, app=self.app).apply_async((message.id,))
-            except Exception:
-                logger.exception("Task %s[%s]: could not send errback %r", message.task,
-                                 message.id, errback.get("task"))
-        if not ignore and not await self._store(message, states.FAILURE, error):
-            return Settle.REQUEUE  # retired again when it comes back (it never runs)
-        if not await self._chord_part(message, states.FAILURE, error):
-            return Settle.REQUEUE
+        await self._send_errbacks(message)
+        if not ignore:
+            await self._store(message, states.FAILURE, error)
+        await self._chord_part(message, states.FAILURE, error)
         return Settle.REJECT
 
-    async def _chord_part(self, message: TaskMessage, state: str, result: Any) -> bool:
+    # --- chords ------------------------------------------------------------------------------
+
+    async def _chord_part(self, message: TaskMessage, state: str, result: Any) -> None:
         """For a chord header task: Celery's ``on_chord_part_return`` (whether or not the
-        result itself is stored). False if the backend stayed unreachable: the message is
-        then requeued, and the part is counted once however often it comes back."""
+        result itself is stored). Waits while the backend is unreachable; a part is
+        counted once however often it is reported."""
         if not message.chord or not message.group:
-            return True
-        return await self._report_part(message.task, message.id, message.group,
-                                       message.group_index, message.chord, state, result)
+            return
+        await self._report_part(message.task, message.id, message.group,
+                                message.group_index, message.chord, state, result)
 
     async def _report_part(self, name: str, task_id: str, group_id: str,
                            group_index: int | None, body: dict[str, Any], state: str,
-                           result: Any) -> bool:
+                           result: Any) -> None:
         if not self._has_backend:
             logger.error("Task %s[%s] is part of chord %s but no result_backend is "
                          "configured: the chord cannot complete", name, task_id, group_id)
-            return True
+            return
         token = uuid.uuid4().hex  # the same for every attempt: a claim we took is ours
 
         async def report() -> None:
@@ -306,54 +410,36 @@ class TaskRunner:
                 self.app, task_id=task_id, group_id=group_id, group_index=group_index,
                 body=body, state=state, result=result, claim_token=token)
 
-        return await self._with_backend_retries(name, task_id, "chord part", report)
+        await self._record(name, task_id, "chord part", report)
 
-    async def _fail_chord_steps(self, message: TaskMessage, error: dict[str, Any],
-                                tb: str) -> bool:
-        """A chain in a chord header failed before its last step: that step (the chord's
-        member) is stored as failed and reports its part, as Celery's ``_fail_chain``
-        does, so that the chord does not wait for it forever."""
+    async def _fail_chain_steps(self, message: TaskMessage, error: dict[str, Any], tb: str,
+                                every_step: bool) -> None:
+        """The steps of the chain after a failed task will not run. A chord member among
+        them (the last step of a chain in a chord header) is stored as failed and reports
+        its part, as Celery's ``_fail_chain`` does, so that the chord does not wait for it
+        forever; with ``every_step`` every step with an id is stored as failed."""
+        if not self._has_backend:
+            return
         for step in message.chain or ():
             options = step.get("options") or {}
             task_id, group_id = options.get("task_id"), options.get("group_id")
-            if "chord" not in options or not task_id or not group_id or not self._has_backend:
+            member = "chord" in options and bool(group_id)
+            if not task_id or not (member or every_step):
                 continue
             meta = resultmeta.build_meta(task_id, states.FAILURE, error, now=self.app.now(),
                                          traceback=tb, parent_id=options.get("parent_id"),
                                          group_id=group_id)
-            if not await self._store_meta(message, meta):
-                return False
-            if not await self._report_part(str(step.get("task")), task_id, group_id,
-                                           options.get("group_index"), options["chord"],
-                                           states.FAILURE, error):
-                return False
-        return True
+            await self._record(str(step.get("task")), task_id, "result",
+                               self.app.backend.store, meta)
+            if member:
+                await self._report_part(str(step.get("task")), task_id, str(group_id),
+                                        options.get("group_index"), options["chord"],
+                                        states.FAILURE, error)
 
-    async def _with_backend_retries(self, name: str, task_id: str, what: str,
-                                    operation: Callable[[], Awaitable[None]]) -> bool:
-        """Run ``operation``, retrying for a while if the backend is down; False if it never
-        got through."""
-        deadline = time.monotonic() + STORE_RETRY_SECONDS
-        delay = 0.2
-        while True:
-            try:
-                await operation()
-                return True
-            except BackendError as exc:
-                if time.monotonic() + delay > deadline:
-                    logger.error("Task %s[%s]: %s not recorded (%s); the message goes back to "
-                                 "the queue", name, task_id, what, exc)
-                    return False
-                logger.warning("Task %s[%s]: result backend error (%s), retrying in %.1fs",
-                               name, task_id, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+    # --- the result backend ------------------------------------------------------------------
 
-    async def _store(self, message: TaskMessage, state: str, result: Any, *,
-                     traceback_text: str | None = None,
-                     children: list[Any] | None = None) -> bool:
-        """Store a result, retrying for a while if the backend is down; False if it never
-        got through (the caller then keeps the message for redelivery)."""
+    def _meta(self, message: TaskMessage, state: str, result: Any,
+              traceback_text: str | None, children: list[Any] | None) -> dict[str, Any]:
         meta = resultmeta.build_meta(message.id, state, result, now=self.app.now(),
                                      traceback=traceback_text, children=children,
                                      parent_id=message.parent_id, group_id=message.group)
@@ -364,26 +450,78 @@ class TaskRunner:
                 message.id, states.FAILURE,
                 resultmeta.exception_to_dict(TypeError(f"result is not JSON serializable: {exc}")),
                 now=self.app.now(), parent_id=message.parent_id, group_id=message.group)
-        return await self._store_meta(message, meta)
+        return meta
 
-    async def _store_meta(self, message: TaskMessage, meta: dict[str, Any]) -> bool:
-        deadline = time.monotonic() + STORE_RETRY_SECONDS
-        delay = 0.2
-        while True:
-            try:
-                await self.app.backend.store(meta)
-                return True
-            except BackendError as exc:
-                if time.monotonic() + delay > deadline:
-                    logger.error(
-                        "Task %s[%s]: result %s not stored (%s); the message goes back to the "
-                        "queue and the task will run again once the backend answers",
-                        message.task, message.id, meta["status"], exc)
-                    return False
-                logger.warning("Task %s[%s]: result backend error (%s), retrying in %.1fs",
-                               message.task, message.id, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+    async def _store(self, message: TaskMessage, state: str, result: Any, *,
+                     traceback_text: str | None = None,
+                     children: list[Any] | None = None) -> None:
+        """Store a final result; while the backend is unreachable the task waits for it."""
+        meta = self._meta(message, state, result, traceback_text, children)
+        await self._record(message.task, message.id, "result", self.app.backend.store, meta)
+
+    async def _store_passing(self, message: TaskMessage, state: str, result: Any, *,
+                             traceback_text: str | None = None) -> None:
+        """Store an intermediate state (STARTED, RETRY) if the backend answers: tried once,
+        since the next state replaces it anyway."""
+        meta = self._meta(message, state, result, traceback_text, None)
+        try:
+            await self.app.backend.store(meta)
+        except BackendError as exc:
+            self.backend_outage.failed(exc)
+            logger.debug("Task %s[%s]: state %s not stored (%s)", message.task, message.id,
+                         state, exc)
+
+    async def _record(self, name: str, task_id: str, what: str,
+                      operation: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a backend write; while the backend is unreachable, the task waits for it."""
+        outage = self.backend_outage
+        try:
+            await operation(*args)
+        except BackendError as exc:
+            await self._until_through(outage, exc, name, task_id, what, operation, *args)
+            return
+        if outage.down:
+            outage.answered()
+
+    async def _until_through(self, outage: DependencyOutage, error: BaseException, name: str,
+                             task_id: str, what: str,
+                             operation: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Try ``operation`` again at each of the outage's tries until it gets through (a
+        PublishRefusedError is not retried). The task is over: the session frees its slot."""
+        self.on_waiting()
+        outage.failed(error)
+        logger.debug("Task %s[%s]: %s waits for %s (%s)", name, task_id, what, outage.name,
+                     error)
+        outage.waiting += 1
+        try:
+            while True:
+                await outage.next_try()
+                try:
+                    await operation(*args)
+                except PublishRefusedError:
+                    raise
+                except outage.errors as exc:
+                    outage.failed(exc)
+                    continue
+                outage.answered()
+                return
+        finally:
+            outage.waiting -= 1
+
+
+def _nothing() -> None:
+    pass
+
+
+def _with_id(sig: Signature) -> Signature:
+    """The signature with a task id, so that every try sends the same task."""
+    if not sig["options"].get("task_id"):
+        sig.set(task_id=str(uuid.uuid4()))
+    return sig
+
+
+def _label(sig: Signature) -> str:
+    return f"{sig.name}[{sig['options'].get('task_id')}]"
 
 
 def _being_cancelled() -> bool:

@@ -209,8 +209,11 @@ class Worker:
             queue_arguments=settings.task_queue_arguments,
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
-        session = Session(channel, TaskRunner(self.app, self.options.hostname), self.options,
-                          self.stats, on_task_done=self._on_task_done, guard=self._guard)
+        runner = TaskRunner(self.app, self.options.hostname)
+        session = Session(channel, runner, self.options, self.stats,
+                          on_task_done=self._on_task_done, guard=self._guard,
+                          max_pending_results=settings.worker_max_pending_results)
+        runner.on_waiting = session.task_pending  # a finished task waits: its slot is free
         assert self.consuming is not None
         try:
             await session.start(self.queues, before_consume=self._attaching)
