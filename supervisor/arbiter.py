@@ -393,9 +393,13 @@ class Supervisor:
                 record.kill_at = None
 
     def _missing_slots(self) -> list[int]:
+        # A child that stops by itself (max tasks or memory, a signal of its own) is
+        # replaced as soon as it says so, not when it exits; in burst mode it stops because
+        # its queues are drained, and is not replaced at all.
+        early = not self.options.spec.worker.burst
         serving = {record.index for record in self.children.values()
                    if not record.retiring and not record.killed
-                   and record.beat.read()[0] != "stopping"}
+                   and not (early and record.beat.read()[0] == "stopping")}
         return [index for index in range(1, self.target + 1)
                 if index not in serving and index not in self._drained_slots]
 

@@ -552,3 +552,20 @@ def test_a_child_killed_for_a_slow_start_counts_as_a_crash(
     assert kills == [(11, signal.SIGUSR2)]
     assert len(sup._crashes) == 1
     assert "did not start consuming within 5s (--startup-timeout)" in caplog.text
+
+
+def test_a_stopping_child_is_replaced_early_except_in_burst_mode(tmp_path: Path) -> None:
+    """A child that says "stopping" (recycling) gets its replacement before it exits; in
+    burst mode a stopping child has drained its queues and must not get one (it used to, when
+    its exit was reaped one loop turn after a sibling's)."""
+    normal = _supervisor()
+    burst_spec = ChildSpec(app_spec="proj.tasks:app", worker=WorkerOptions(burst=True),
+                           loglevel="INFO", log_config=False, processes=2)
+    burst = Supervisor(SupervisorOptions(spec=burst_spec, processes=2))
+    for sup in (normal, burst):
+        for index in (1, 2):
+            record = _record(tmp_path, index, 100 + index)
+            record.beat.beat(heartbeat.READY if index == 1 else heartbeat.STOPPING)
+            sup.children[record.pid] = record
+    assert normal._missing_slots() == [2]
+    assert burst._missing_slots() == []
