@@ -97,6 +97,7 @@ class _Job:
     verdict: Verdict = Verdict.RUN  # the poison guard's, for a redelivered message
     deaths: int = 0  # of its worker processes while it ran (redelivered messages only)
     pending: bool = False  # over, its slot given up: waits for the backend or broker
+    board_slot: int = -1  # where the poison guard's running board shows it running
 
 
 @dataclasses.dataclass
@@ -285,7 +286,7 @@ class Session:
                and not self._draining and not self._stopping and self._alone is None):
             job = ready.popleft()
             isolated = job.verdict is Verdict.ISOLATE
-            if isolated and self._running:
+            if isolated and len(self._running) > self._pending:
                 ready.appendleft(job)  # it starts once the running tasks are done
                 break
             self._free_slots -= 1
@@ -306,7 +307,6 @@ class Session:
 
     async def _run(self, job: _Job) -> None:
         message = job.message
-        slot = -1
         try:
             if job.verdict is Verdict.RETIRE:
                 settle = await self.runner.retire(message, job.delivery_info, job.deaths)
@@ -316,7 +316,7 @@ class Session:
                 settle = await self.runner.run(message, job.delivery_info)
             else:
                 if self._seat is not None:  # the supervisor learns what ran if we die
-                    slot = self._seat.started(message.id)
+                    job.board_slot = self._seat.started(message.id)
                 settle = await self.runner.run(message, job.delivery_info)
         except Exception:
             # A bug of ours (task errors are handled by the runner). Requeue once; a
@@ -326,8 +326,7 @@ class Session:
                              message.task, message.id,
                              "rejected" if settle is Settle.REJECT else "requeued once")
         finally:
-            if slot >= 0 and self._seat is not None:
-                self._seat.finished(slot)
+            self._off_the_board(job)
         if not job.acked:
             self._settle(job.tag, settle)
         self.stats.finished += 1
@@ -347,6 +346,11 @@ class Session:
                 self._give_back_when_stopped(job.tag)
         self._start_ready()  # nothing starts once a stop was requested
 
+    def _off_the_board(self, job: _Job) -> None:
+        if job.board_slot >= 0 and self._seat is not None:
+            self._seat.finished(job.board_slot)
+            job.board_slot = -1
+
     def task_pending(self) -> None:
         """The running task is over but waits for the backend or the broker: its slot is
         free for the next one, unless too many wait already."""
@@ -354,6 +358,9 @@ class Session:
         if job is None or job.pending:
             return
         job.pending = True
+        self._off_the_board(job)  # its body is over: a death from now on is not its fault
+        if self._alone is asyncio.current_task():
+            self._alone = None  # an isolated task that only waits holds nothing back
         self._pending += 1
         self._free_slots += 1
         if self._pending == self._max_pending:

@@ -20,6 +20,8 @@ from helpers import AMQP_URL, REDIS_HOST_URL, eventually, ready_count, stays
 from tcp_proxy import TcpProxy
 
 from aio_celery import Celery, exitcodes, states
+from aio_celery.poison import DeathTable, Guard, task_key
+from aio_celery.worker import Worker, WorkerOptions
 
 #: how long Redis stays away in the long test (the issue asks for 30 s)
 OUTAGE_SECONDS = 30.0
@@ -181,3 +183,42 @@ async def test_a_warm_shutdown_gives_waiting_results_their_time(
     assert sorted(runs) == [0, 1, 2]
     assert [(await r.refresh()).state for r in results] == [states.SUCCESS] * 3
     assert await ready_count(amqp, unique_name) == 0
+
+
+async def test_finished_tasks_waiting_for_redis_do_not_hold_back_an_isolated_suspect(
+        proxied_app: Celery, redis_proxy: TcpProxy, amqp: AbstractConnection,
+        unique_name: str) -> None:
+    """A redelivered task that died before runs alone: it waits for the *running* tasks.
+    Tasks whose body is over and that only wait for Redis are not running any more: the
+    suspect starts while Redis is still away (it used to wait for Redis to come back)."""
+    started: list[str] = []
+
+    @proxied_app.task(name="mark", bind=True)
+    async def mark(self: object) -> None:
+        started.append(str(self.request.id))  # type: ignore[attr-defined]
+
+    innocent = [await mark.delay() for _ in range(2)]
+    suspect = await mark.delay()
+    channel = await amqp.channel()  # take all three unacked, then give them back: redelivered
+    queue = await channel.get_queue(unique_name, ensure=False)
+    for _ in range(3):
+        await queue.get(no_ack=False)
+    await channel.close()
+    deaths = DeathTable(capacity=16)
+    deaths.record([task_key(suspect.id), task_key("a-neighbour")])  # died with another
+    await redis_proxy.pause()
+    worker = Worker(proxied_app, WorkerOptions(concurrency=5, burst=True, banner=False),
+                    guard=Guard(3, None, None, deaths))
+    run = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: suspect.id in started, timeout=5,
+                         what="the suspect started while two results wait for Redis")
+        assert set(started) == {r.id for r in innocent} | {suspect.id}
+        await redis_proxy.resume()
+        assert await asyncio.wait_for(run, 30) == exitcodes.OK
+    finally:
+        if not run.done():
+            worker.request_stop(cold=True)
+            await asyncio.wait_for(run, 10)
+        deaths.close()
+    assert [(await r.refresh()).state for r in (*innocent, suspect)] == [states.SUCCESS] * 3
