@@ -129,7 +129,11 @@ async def start_worker(app: Celery) -> AsyncIterator[Callable[..., Awaitable[Wor
         options.setdefault("banner", False)
         worker = Worker(app_ or app, WorkerOptions(**options))  # type: ignore[arg-type]
         task = asyncio.create_task(worker.run())
-        while worker.consuming is None or not worker.consuming.is_set():
+        # ``consuming`` is set right before basic.consume (the supervisor's heartbeat must
+        # see "ready" before a first task can block the loop), a moment before the session
+        # is the worker's: tests use both.
+        while (worker.consuming is None or not worker.consuming.is_set()
+               or worker._session is None):
             if task.done():
                 raise RuntimeError(f"worker exited during start-up with {task.result()}")
             await asyncio.sleep(0.01)
