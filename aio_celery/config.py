@@ -70,6 +70,13 @@ class Settings:
     #: a task whose worker process died this many times while it ran is retired: FAILURE
     #: WorkerLostError stored, message rejected to the queue's dead-letter exchange
     worker_max_task_deaths: int = DEFAULT_MAX_TASK_DEATHS
+    #: seconds since delivery after which a message still waiting to start (ready, held
+    #: back, or an eta in memory) is given back to the queue, and a running task that is
+    #: still unacknowledged is warned about. RabbitMQ closes the channel (3.x) or cancels
+    #: the consumer (4.x quorum queues) once a delivery stays unacknowledged past its
+    #: ``consumer_timeout`` (30 min by default): keep this below it (25 min fits the
+    #: default). None or 0: off (for a broker whose consumer_timeout is off)
+    worker_unacked_max_age: float | None = 1500.0
     timezone: str = "UTC"
     enable_utc: bool = True
 

@@ -16,6 +16,10 @@ Rejects are written at once; acks are gathered and written once per loop turn. A
 tag leaves the tracker with its reject already on the wire, so no later ``multiple`` ack can
 cover it, and each tag is settled once (RabbitMQ closes the channel on an unknown tag).
 
+Unacknowledged deliveries age (RabbitMQ's ``consumer_timeout``): each is stamped as it
+arrives and a periodic sweep gives back those that waited unstarted too long and warns
+about long runs (:mod:`aio_celery.worker.aging`).
+
 Every task the session starts has a done callback that frees its slot and, if it was
 cancelled before it ever ran (a cold stop in the same loop turn), gives its message back.
 
@@ -31,6 +35,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -39,6 +44,7 @@ from aio_celery.amqpconn import Delivery
 from aio_celery.broker import ConsumerChannel, HoldingQueueRefused, describe_error
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
+from aio_celery.worker import aging
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.execution import Settle, TaskRunner
 from aio_celery.worker.options import WorkerOptions
@@ -88,9 +94,11 @@ class _Job:
     message: protocol.TaskMessage
     tag: int
     delivery_info: dict[str, Any]
+    arrived: float  # time.monotonic() at delivery (see aging)
     acked: bool = False  # acked as it started (acks_late=False)
     verdict: Verdict = Verdict.RUN  # the poison guard's, for a redelivered message
     deaths: int = 0  # of its worker processes while it ran (redelivered messages only)
+    aged: bool = False  # the aging sweep gave it back (while waiting) or warned (running)
 
 
 @dataclasses.dataclass
@@ -104,7 +112,8 @@ class Session:
 
     def __init__(self, channel: ConsumerChannel, runner: TaskRunner, options: WorkerOptions,
                  stats: Stats, on_task_done: Callable[[], None],
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, unacked_max_age: float | None = None) -> None:
+        """``unacked_max_age``: see :mod:`aio_celery.worker.aging` (None: no sweep)."""
         self.channel = channel
         guard = guard or Guard(DEFAULT_MAX_TASK_DEATHS)
         self._guard = guard
@@ -133,6 +142,13 @@ class Session:
         self._consumers_cancelled = False
         #: holding queues the broker refused to declare: their etas wait in memory
         self._refused_holding_queues: set[str] = set()
+        self._max_age = unacked_max_age
+        self._sweeper: asyncio.Task[None] | None = None
+        #: when the deliveries now held back undecoded began to be held (None: none are)
+        self._holding_since: float | None = None
+        #: the stamp of deliveries handed over since a release, until the next sweep: they
+        #: may have been held since then
+        self._stamp_floor: float | None = None
 
     # --- start and state -----------------------------------------------------------------
 
@@ -146,6 +162,9 @@ class Session:
         before_consume()
         for queue in queues:
             await self.channel.consume(queue, self._receiver(queue))
+        if self._max_age is not None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(self._max_age),
+                                                name="unacked max age sweep")
 
     @property
     def consumer_count(self) -> int:
@@ -207,7 +226,9 @@ class Session:
         delivery_info = {"exchange": deliver.exchange, "routing_key": deliver.routing_key,
                          "priority": message.priority, "redelivered": deliver.redelivered,
                          "queue": queue}
-        job = _Job(queue, message, tag, delivery_info)
+        floor = self._stamp_floor
+        job = _Job(queue, message, tag, delivery_info,
+                   time.monotonic() if floor is None else floor)
         if deliver.redelivered and self._judge(job, props.headers):
             self._wait(job, self._await_count(job, raw, props.headers), "suspect")
             return
@@ -222,7 +243,7 @@ class Session:
             self._ready.append(job)
             self._start_ready()
             if len(self._ready) >= _HOLD_AT:
-                self.channel.hold()
+                self._hold()
         elif delay > self.options.eta_horizon:
             self._wait(job, self._park(job, raw, delay), "park")
         else:  # the wire bytes are not kept while it waits: only parking needs them
@@ -260,8 +281,9 @@ class Session:
 
     def _wait_done(self, task: asyncio.Task[None]) -> None:
         job = self._waiting.pop(task)
-        if task.cancelled():  # a stop or a lost connection: the message goes back
-            self._outcome.returned += 1
+        if task.cancelled():  # a stop, a lost connection or its age: the message goes back
+            if not job.aged:
+                self._outcome.returned += 1
             self._give_back_when_stopped(job.tag)
 
     def _start_ready(self) -> None:
@@ -282,6 +304,8 @@ class Session:
             if isolated:  # nothing else starts while it runs: a death blames it alone
                 self._alone = task
         if len(ready) <= _RELEASE_AT:
+            if self._holding_since is not None:
+                self._note_release()
             self.channel.release()
 
     def _return_ready(self) -> None:
@@ -455,6 +479,61 @@ class Session:
             with contextlib.suppress(*_CHANNEL_GONE):
                 await self.channel.set_prefetch(self._prefetch_applied)
 
+    # --- aging: RabbitMQ's consumer_timeout (see aging) ----------------------------------
+
+    def _hold(self) -> None:
+        """Hold deliveries back (undecoded, unstamped) from now on. After a recent release
+        the connection may still have older ones coming (read from the socket late): they
+        keep the floor's stamp."""
+        if self._holding_since is None:
+            floor = self._stamp_floor
+            self._holding_since = time.monotonic() if floor is None else floor
+        self.channel.hold()
+
+    def _note_release(self) -> None:
+        """Deliveries held back are handed over from now on: stamped with the hold's start
+        until the next sweep (they arrived after it, they may be that old)."""
+        self._stamp_floor = self._holding_since
+        self._holding_since = None
+
+    async def _sweep_forever(self, max_age: float) -> None:
+        period = aging.sweep_period(max_age)
+        while True:
+            await asyncio.sleep(period)
+            self._sweep(max_age, period)
+
+    def _sweep(self, max_age: float, period: float) -> None:
+        """Give back what waited unstarted for ``max_age - period`` or longer (the next
+        sweep would come too late); warn once about each task running that long."""
+        now = time.monotonic()
+        cutoff = now - (max_age - period)
+        self._stamp_floor = None  # stamps are exact again, unless released below
+        if self._stopping or self._draining:
+            return  # stop() gives back everything that has not started
+        aged = aging.take_aged(self._ready, cutoff)
+        for job in aged:
+            job.aged = True
+            self._give_back(job.tag)
+        waiting = [task for task, job in self._waiting.items()
+                   if job.arrived <= cutoff and not job.aged]
+        for task in waiting:  # its done callback gives it back
+            self._waiting[task].aged = True
+            task.cancel()
+        for job in self._running.values():
+            if job.arrived <= cutoff and not job.aged and not job.acked:
+                job.aged = True
+                aging.warn_running(job.message.task, job.message.id, job.queue,
+                                   now - job.arrived, max_age)
+        holding = self._holding_since
+        if holding is not None and holding <= cutoff + period:
+            # what is held back would be past the cut-off at the next sweep: decoded and
+            # stamped now, it is given back then
+            self._note_release()
+            self.channel.release()
+        if aged or waiting:
+            aging.log_returned(len(aged) + len(waiting), len(waiting), max_age,
+                               len(self._running), self.options.concurrency)
+
     # --- settlement ----------------------------------------------------------------------
 
     def _settle(self, tag: int, settle: Settle) -> None:
@@ -558,6 +637,8 @@ class Session:
     async def close(self) -> None:
         if self._prefetch_task is not None:
             self._prefetch_task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.channel.close()
 
 

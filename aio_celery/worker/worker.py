@@ -169,7 +169,7 @@ class Worker:
 
     async def _startup(self, stack: contextlib.AsyncExitStack) -> None:
         try:
-            preflight.check(self.app.conf.settings)
+            preflight.check(self.app.conf.settings, self.options)
         except ConfigurationError as exc:
             raise StartupError(f"configuration error: {exc}") from exc
         try:
@@ -210,7 +210,8 @@ class Worker:
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
         session = Session(channel, TaskRunner(self.app, self.options.hostname), self.options,
-                          self.stats, on_task_done=self._on_task_done, guard=self._guard)
+                          self.stats, on_task_done=self._on_task_done, guard=self._guard,
+                          unacked_max_age=self.options.max_age(settings.worker_unacked_max_age))
         assert self.consuming is not None
         try:
             await session.start(self.queues, before_consume=self._attaching)
