@@ -23,8 +23,12 @@ arrives, and a periodic sweep, not per-message work, compares the stamps with
 
 Messages held back undecoded carry no stamp: they all arrived after the hold began
 (deliveries come in order and the socket is read without pause until then), so they are
-stamped with the hold's start when they are finally handed over, and the sweep releases
-the hold before that start gets older than the sweep's cut-off.
+stamped with the hold's start when they are finally handed over (until the next sweep),
+and a sweep that finds the hold as old as its cut-off releases it, holds nothing back
+until the next sweep (what is still in the socket is as old) and gives them back then.
+A delivery still in the socket when a release is followed by a new hold is stamped with
+the new hold's start: that happens only while tasks start (the ready queue moves), so it
+is near the front of the line by then.
 """
 
 from __future__ import annotations
@@ -80,12 +84,13 @@ def problem(max_age: float | None, eta_horizon: float) -> str | None:
 
 def log_returned(count: int, waiting: int, max_age: float, running: int,
                  concurrency: int) -> None:
+    etas = f" ({waiting} of them waiting for their eta)" if waiting else ""
     logger.warning(
-        "Gave back %d message(s) that waited unstarted (%d of them for an eta) for nearly "
-        "worker_unacked_max_age (%.0fs) with %d of %d slots running: RabbitMQ hands them to "
-        "a free consumer, or back here. Left unacknowledged past RabbitMQ's consumer_timeout "
-        "they would close this worker's channel and cancel every running task.",
-        count, waiting, max_age, running, concurrency)
+        "Gave back %d message(s) that waited unstarted%s for nearly worker_unacked_max_age "
+        "(%.0fs) while %d of %d slots ran: RabbitMQ hands them to a free consumer, or back "
+        "here. Left unacknowledged past RabbitMQ's consumer_timeout they would close this "
+        "worker's channel and cancel every running task.", count, etas, max_age, running,
+        concurrency)
 
 
 def warn_running(task: str, task_id: str, queue: str, age: float, max_age: float) -> None:

@@ -149,6 +149,9 @@ class Session:
         #: the stamp of deliveries handed over since a release, until the next sweep: they
         #: may have been held since then
         self._stamp_floor: float | None = None
+        #: the sweep released deliveries held too long: none is held back until the next
+        #: sweep (see _sweep)
+        self._hold_suspended = False
 
     # --- start and state -----------------------------------------------------------------
 
@@ -482,12 +485,12 @@ class Session:
     # --- aging: RabbitMQ's consumer_timeout (see aging) ----------------------------------
 
     def _hold(self) -> None:
-        """Hold deliveries back (undecoded, unstamped) from now on. After a recent release
-        the connection may still have older ones coming (read from the socket late): they
-        keep the floor's stamp."""
+        """Hold deliveries back (undecoded, unstamped) from now on: they arrive after this
+        moment (the socket is read without pause until then)."""
+        if self._hold_suspended:
+            return
         if self._holding_since is None:
-            floor = self._stamp_floor
-            self._holding_since = time.monotonic() if floor is None else floor
+            self._holding_since = time.monotonic()
         self.channel.hold()
 
     def _note_release(self) -> None:
@@ -508,6 +511,7 @@ class Session:
         now = time.monotonic()
         cutoff = now - (max_age - period)
         self._stamp_floor = None  # stamps are exact again, unless released below
+        self._hold_suspended = False
         if self._stopping or self._draining:
             return  # stop() gives back everything that has not started
         aged = aging.take_aged(self._ready, cutoff)
@@ -526,9 +530,11 @@ class Session:
                                    now - job.arrived, max_age)
         holding = self._holding_since
         if holding is not None and holding <= cutoff + period:
-            # what is held back would be past the cut-off at the next sweep: decoded and
-            # stamped now, it is given back then
+            # What is held back would be past the cut-off at the next sweep: all of it is
+            # decoded now, stamped with the hold's start, and given back then. Not held
+            # again until then: what is still in the socket is as old.
             self._note_release()
+            self._hold_suspended = True
             self.channel.release()
         if aged or waiting:
             aging.log_returned(len(aged) + len(waiting), len(waiting), max_age,
