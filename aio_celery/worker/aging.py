@@ -4,7 +4,7 @@ RabbitMQ times every delivery from the moment it sends it until it is acknowledg
 the queue's consumer timeout (``consumer_timeout`` in rabbitmq.conf, 30 min by default; per
 queue since RabbitMQ 3.11.15 with the ``x-consumer-timeout`` argument or a ``consumer-timeout``
 policy) it closes the whole channel (3.x: ``PRECONDITION_FAILED - delivery acknowledgement
-on channel 1 timed out``) or, on 4.x quorum queues, cancels the consumer. For this worker
+on channel 1 timed out``) or, on 4.3+ quorum queues, cancels the consumer. For this worker
 that is a lost connection: every running task is cancelled and redelivered, and the same
 thing happens again half an hour later.
 
@@ -97,7 +97,7 @@ def warn_running(task: str, task_id: str, queue: str, age: float, max_age: float
     logger.warning(
         "Task %s[%s] from queue %s has run unacknowledged for %.0fs (worker_unacked_max_age "
         "%.0fs). When a delivery stays unacknowledged past RabbitMQ's consumer_timeout (30 "
-        "min by default) RabbitMQ closes the channel (3.x) or cancels the consumer (4.x "
+        "min by default) RabbitMQ closes the channel (3.x) or cancels the consumer (4.3+ "
         "quorum queues): every task running in this worker process is then cancelled and "
         "runs again. A running task cannot be given back: raise the timeout for this queue "
         "above its longest run (the x-consumer-timeout queue argument or a consumer-timeout "
