@@ -454,11 +454,10 @@ class Session:
             return
         self._refused_holding_queues.add(name)
         logger.error("%s. Tasks with an eta more than %.0fs away now wait in this worker's "
-                     "memory instead, unacknowledged: RabbitMQ's consumer_timeout (30 min by "
-                     "default) may then close the channel for those further away. Let the "
-                     "worker's user configure queues named like %r, or raise "
-                     "--eta-horizon past your longest eta.", exc, self.options.eta_horizon,
-                     name)
+                     "memory instead, unacknowledged: they go back to the queue and come "
+                     "again every worker_unacked_max_age until due, so that RabbitMQ's "
+                     "consumer_timeout does not close the channel. Let the worker's user "
+                     "configure queues named like %r.", exc, self.options.eta_horizon, name)
 
     async def _wait_in_memory(self, job: _Job, name: str) -> None:
         remaining = self._until_due(job)
