@@ -502,7 +502,10 @@ class Session:
         period = aging.sweep_period(max_age)
         while True:
             await asyncio.sleep(period)
-            self._sweep(max_age, period)
+            try:
+                self._sweep(max_age, period)
+            except Exception:  # a bug of ours: the next sweep must still come
+                logger.exception("The unacked max age sweep failed")
 
     def _sweep(self, max_age: float, period: float) -> None:
         """Give back what waited unstarted for ``max_age - period`` or longer (the next
@@ -513,15 +516,7 @@ class Session:
         self._hold_suspended = False
         if self._stopping or self._draining:
             return  # stop() gives back everything that has not started
-        aged = aging.take_aged(self._ready, cutoff)
-        for job in aged:
-            job.aged = True
-            self._give_back(job.tag)
-        waiting = [task for task, job in self._waiting.items()
-                   if job.arrived <= cutoff and not job.aged]
-        for task in waiting:  # its done callback gives it back
-            self._waiting[task].aged = True
-            task.cancel()
+        returned, etas = self._give_back_aged(cutoff)
         for job in self._running.values():
             if job.arrived <= cutoff and not job.aged and not job.acked:
                 job.aged = True
@@ -535,9 +530,22 @@ class Session:
             self._note_release()
             self._hold_suspended = True
             self.channel.release()
-        if aged or waiting:
-            aging.log_returned(len(aged) + len(waiting), len(waiting), max_age,
-                               len(self._running), self.options.concurrency)
+        if returned:
+            aging.log_returned(returned, etas, max_age, len(self._running),
+                               self.options.concurrency)
+
+    def _give_back_aged(self, cutoff: float) -> tuple[int, int]:
+        """Give back the jobs that arrived by ``cutoff`` and have not started; returns how
+        many, and how many of them were waiting (for their eta)."""
+        aged = aging.take_aged(self._ready, cutoff)
+        for job in aged:
+            self._give_back(job.tag)
+        waiting = [task for task, job in self._waiting.items()
+                   if job.arrived <= cutoff and not job.aged]
+        for task in waiting:  # its done callback gives it back
+            self._waiting[task].aged = True
+            task.cancel()
+        return len(aged) + len(waiting), len(waiting)
 
     # --- settlement ----------------------------------------------------------------------
 
