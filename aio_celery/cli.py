@@ -48,7 +48,12 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("--eta-horizon", type=click.FloatRange(min=0.1), default=600.0,
               show_default=True,
               help="Tasks due further away than this many seconds wait on the broker in a "
-                   "holding queue instead of in memory.")
+                   "holding queue instead of in memory (below --unacked-max-age).")
+@click.option("--unacked-max-age", type=click.FloatRange(min=0), default=None,
+              help="Give back a message still waiting to start this many seconds after its "
+                   "delivery, and warn about a task running unacknowledged this long; keep "
+                   "it below RabbitMQ's consumer_timeout (default: worker_unacked_max_age, "
+                   "1500; 0: off).")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=0), default=0,
               help="Exit (to be replaced) after this many tasks; 0: never.")
 @click.option("--max-memory-per-child", type=click.IntRange(min=0), default=0,
@@ -75,7 +80,8 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 def worker(app: str, processes: int | None, pool: str, concurrency: int,
            queues: tuple[str, ...], loglevel: str, hostname: str | None,
            prefetch_multiplier: int | None, shutdown_timeout: float | None,
-           eta_horizon: float, max_tasks_per_child: int, max_memory_per_child: int,
+           eta_horizon: float, unacked_max_age: float | None, max_tasks_per_child: int,
+           max_memory_per_child: int,
            max_task_deaths: int | None, heartbeat_timeout: float, startup_timeout: float,
            status_file: str | None,
            burst: bool, log_config: bool) -> None:
@@ -98,7 +104,8 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
     options = WorkerOptions(
         concurrency=concurrency, queues=queues, burst=burst,
         prefetch_multiplier=prefetch_multiplier, shutdown_timeout=shutdown_timeout,
-        eta_horizon=eta_horizon, max_tasks=max_tasks_per_child,
+        eta_horizon=eta_horizon, unacked_max_age=unacked_max_age,
+        max_tasks=max_tasks_per_child,
         max_memory_kib=max_memory_per_child, max_task_deaths=max_task_deaths)
     if hostname:
         options = dataclasses.replace(options, hostname=hostname)

@@ -74,6 +74,13 @@ class Settings:
     #: broker to take their result, chord part or follow-up messages (their messages stay
     #: unacknowledged meanwhile); no new task starts while this many wait
     worker_max_pending_results: int = 1000
+    #: seconds since delivery after which a message still waiting to start (ready, held
+    #: back, or an eta in memory) is given back to the queue, and a running task that is
+    #: still unacknowledged is warned about. RabbitMQ closes the channel (3.x) or cancels
+    #: the consumer (4.3+ quorum queues) once a delivery stays unacknowledged past its
+    #: ``consumer_timeout`` (30 min by default): keep this below it (25 min fits the
+    #: default). None or 0: off (for a broker whose consumer_timeout is off)
+    worker_unacked_max_age: float | None = 1500.0
     timezone: str = "UTC"
     enable_utc: bool = True
 

@@ -9,13 +9,21 @@ worker runs it again at its own start-up (also with ``-P solo``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aio_celery.config import BACKEND_SCHEMES, BROKER_SCHEMES, Settings, mask_url, url_problem
 from aio_celery.exceptions import ConfigurationError
 
+if TYPE_CHECKING:
+    from aio_celery.worker.options import WorkerOptions
 
-def check(settings: Settings) -> None:
-    """Raise ConfigurationError for the first problem found; return if there is none."""
+
+def check(settings: Settings, options: WorkerOptions | None = None) -> None:
+    """Raise ConfigurationError for the first problem found; return if there is none.
+    ``options``: the worker's, checked together with the settings they complete."""
     _check_url("broker_url", settings.broker_url, BROKER_SCHEMES)
+    if options is not None:
+        _check_max_age(settings, options)
     if settings.result_backend:
         _check_url("result_backend", settings.result_backend, BACKEND_SCHEMES)
         try:
@@ -32,3 +40,16 @@ def _check_url(setting: str, url: object, schemes: tuple[str, ...]) -> None:
     problem = url_problem(url, schemes)
     if problem is not None:
         raise ConfigurationError(f"{setting} {mask_url(url)}: {problem}")
+
+
+def _check_max_age(settings: Settings, options: WorkerOptions) -> None:
+    from aio_celery.worker import aging
+
+    value = settings.worker_unacked_max_age
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or value < 0):
+        raise ConfigurationError(f"worker_unacked_max_age must be a number of seconds (0 or "
+                                 f"None: off), not {value!r}")
+    problem = aging.problem(options.max_age(value), options.eta_horizon)
+    if problem is not None:
+        raise ConfigurationError(problem)

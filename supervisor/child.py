@@ -156,7 +156,7 @@ def _load_only(spec: ChildSpec) -> int:
         sys.stderr.write(f"Error: cannot load the app: {exc}\n")
         return exitcodes.APP_LOAD_ERROR
     try:
-        preflight.check(app.conf.settings)
+        preflight.check(app.conf.settings, spec.worker)
     except ConfigurationError as exc:
         sys.stderr.write(f"Error: configuration error: {exc}\n")
         return exitcodes.STARTUP_ERROR

@@ -16,6 +16,10 @@ Rejects are written at once; acks are gathered and written once per loop turn. A
 tag leaves the tracker with its reject already on the wire, so no later ``multiple`` ack can
 cover it, and each tag is settled once (RabbitMQ closes the channel on an unknown tag).
 
+Unacknowledged deliveries age (RabbitMQ's ``consumer_timeout``): each is stamped as it
+arrives and a periodic sweep gives back those that waited unstarted too long and warns
+about long runs (:mod:`aio_celery.worker.aging`).
+
 Every task the session starts has a done callback that frees its slot and, if it was
 cancelled before it ever ran (a cold stop in the same loop turn), gives its message back.
 
@@ -35,6 +39,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -44,6 +49,7 @@ from aio_celery.broker import ConsumerChannel, HoldingQueueRefused, describe_err
 from aio_celery.config import Settings
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
+from aio_celery.worker import aging
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.execution import Settle, TaskRunner
 from aio_celery.worker.options import WorkerOptions
@@ -93,11 +99,13 @@ class _Job:
     message: protocol.TaskMessage
     tag: int
     delivery_info: dict[str, Any]
+    arrived: float  # time.monotonic() at delivery (see aging)
     acked: bool = False  # acked as it started (acks_late=False)
     verdict: Verdict = Verdict.RUN  # the poison guard's, for a redelivered message
     deaths: int = 0  # of its worker processes while it ran (redelivered messages only)
     pending: bool = False  # over, its slot given up: waits for the backend or broker
     board_slot: int = -1  # where the poison guard's running board shows it running
+    aged: bool = False  # the aging sweep gave it back (while waiting) or warned (running)
 
 
 @dataclasses.dataclass
@@ -112,10 +120,12 @@ class Session:
     def __init__(self, channel: ConsumerChannel, runner: TaskRunner, options: WorkerOptions,
                  stats: Stats, on_task_done: Callable[[], None], *,
                  guard: Guard | None = None,
-                 max_pending_results: int = Settings.worker_max_pending_results) -> None:
+                 max_pending_results: int = Settings.worker_max_pending_results,
+                 unacked_max_age: float | None = None) -> None:
         """``max_pending_results``: no task starts while this many finished ones wait for
         the backend or the broker (the runner reports them: wire its ``on_waiting`` to
-        :meth:`task_pending`)."""
+        :meth:`task_pending`). ``unacked_max_age``: see :mod:`aio_celery.worker.aging`
+        (None: no sweep)."""
         self.channel = channel
         guard = guard or Guard(DEFAULT_MAX_TASK_DEATHS)
         self._guard = guard
@@ -147,6 +157,16 @@ class Session:
         #: finished tasks waiting for the backend or broker, and how many may wait
         self._pending = 0
         self._max_pending = max(1, max_pending_results)
+        self._max_age = unacked_max_age
+        self._sweeper: asyncio.Task[None] | None = None
+        #: when the deliveries now held back undecoded began to be held (None: none are)
+        self._holding_since: float | None = None
+        #: the stamp of deliveries handed over since a release, until the next sweep: they
+        #: may have been held since then
+        self._stamp_floor: float | None = None
+        #: the sweep released deliveries held too long: none is held back until the next
+        #: sweep (see _sweep)
+        self._hold_suspended = False
 
     # --- start and state -----------------------------------------------------------------
 
@@ -160,6 +180,9 @@ class Session:
         before_consume()
         for queue in queues:
             await self.channel.consume(queue, self._receiver(queue))
+        if self._max_age is not None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(self._max_age),
+                                                name="unacked max age sweep")
 
     @property
     def consumer_count(self) -> int:
@@ -221,7 +244,9 @@ class Session:
         delivery_info = {"exchange": deliver.exchange, "routing_key": deliver.routing_key,
                          "priority": message.priority, "redelivered": deliver.redelivered,
                          "queue": queue}
-        job = _Job(queue, message, tag, delivery_info)
+        floor = self._stamp_floor
+        job = _Job(queue, message, tag, delivery_info,
+                   time.monotonic() if floor is None else floor)
         if deliver.redelivered and self._judge(job, props.headers):
             self._wait(job, self._await_count(job, raw, props.headers), "suspect")
             return
@@ -236,7 +261,7 @@ class Session:
             self._ready.append(job)
             self._start_ready()
             if len(self._ready) >= _HOLD_AT:
-                self.channel.hold()
+                self._hold()
         elif delay > self.options.eta_horizon:
             self._wait(job, self._park(job, raw, delay), "park")
         else:  # the wire bytes are not kept while it waits: only parking needs them
@@ -274,8 +299,9 @@ class Session:
 
     def _wait_done(self, task: asyncio.Task[None]) -> None:
         job = self._waiting.pop(task)
-        if task.cancelled():  # a stop or a lost connection: the message goes back
-            self._outcome.returned += 1
+        if task.cancelled():  # a stop, a lost connection or its age: the message goes back
+            if not job.aged:
+                self._outcome.returned += 1
             self._give_back_when_stopped(job.tag)
 
     def _start_ready(self) -> None:
@@ -297,6 +323,8 @@ class Session:
             if isolated:  # nothing else starts while it runs: a death blames it alone
                 self._alone = task
         if len(ready) <= _RELEASE_AT:
+            if self._holding_since is not None:
+                self._note_release()
             self.channel.release()
 
     def _return_ready(self) -> None:
@@ -466,11 +494,10 @@ class Session:
             return
         self._refused_holding_queues.add(name)
         logger.error("%s. Tasks with an eta more than %.0fs away now wait in this worker's "
-                     "memory instead, unacknowledged: RabbitMQ's consumer_timeout (30 min by "
-                     "default) may then close the channel for those further away. Let the "
-                     "worker's user configure queues named like %r, or raise "
-                     "--eta-horizon past your longest eta.", exc, self.options.eta_horizon,
-                     name)
+                     "memory instead, unacknowledged: they go back to the queue and come "
+                     "again every worker_unacked_max_age until due, so that RabbitMQ's "
+                     "consumer_timeout does not close the channel. Let the worker's user "
+                     "configure queues named like %r.", exc, self.options.eta_horizon, name)
 
     async def _wait_in_memory(self, job: _Job, name: str) -> None:
         remaining = self._until_due(job)
@@ -493,6 +520,72 @@ class Session:
             self._prefetch_applied = self.prefetch_count + self._held
             with contextlib.suppress(*_CHANNEL_GONE):
                 await self.channel.set_prefetch(self._prefetch_applied)
+
+    # --- aging: RabbitMQ's consumer_timeout (see aging) ----------------------------------
+
+    def _hold(self) -> None:
+        """Hold deliveries back (undecoded, unstamped) from now on: they arrive after this
+        moment (the socket is read without pause until then)."""
+        if self._hold_suspended:
+            return
+        if self._holding_since is None:
+            self._holding_since = time.monotonic()
+        self.channel.hold()
+
+    def _note_release(self) -> None:
+        """Deliveries held back are handed over from now on: stamped with the hold's start
+        until the next sweep (they arrived after it, they may be that old)."""
+        self._stamp_floor = self._holding_since
+        self._holding_since = None
+
+    async def _sweep_forever(self, max_age: float) -> None:
+        period = aging.sweep_period(max_age)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self._sweep(max_age, period)
+            except Exception:  # a bug of ours: the next sweep must still come
+                logger.exception("The unacked max age sweep failed")
+
+    def _sweep(self, max_age: float, period: float) -> None:
+        """Give back what waited unstarted for ``max_age - period`` or longer (the next
+        sweep would come too late); warn once about each task running that long."""
+        now = time.monotonic()
+        cutoff = now - (max_age - period)
+        self._stamp_floor = None  # stamps are exact again, unless released below
+        self._hold_suspended = False
+        if self._stopping or self._draining:
+            return  # stop() gives back everything that has not started
+        returned, etas = self._give_back_aged(cutoff)
+        for job in self._running.values():
+            if job.arrived <= cutoff and not job.aged and not job.acked:
+                job.aged = True
+                warn = aging.warn_pending if job.pending else aging.warn_running
+                warn(job.message.task, job.message.id, job.queue, now - job.arrived, max_age)
+        holding = self._holding_since
+        if holding is not None and holding <= cutoff + period:
+            # What is held back would be past the cut-off at the next sweep: all of it is
+            # decoded now, stamped with the hold's start, and given back then. Not held
+            # again until then: what is still in the socket is as old.
+            self._note_release()
+            self._hold_suspended = True
+            self.channel.release()
+        if returned:
+            aging.log_returned(returned, etas, max_age, len(self._running),
+                               self.options.concurrency)
+
+    def _give_back_aged(self, cutoff: float) -> tuple[int, int]:
+        """Give back the jobs that arrived by ``cutoff`` and have not started; returns how
+        many, and how many of them were waiting (for their eta)."""
+        aged = aging.take_aged(self._ready, cutoff)
+        for job in aged:
+            self._give_back(job.tag)
+        waiting = [task for task, job in self._waiting.items()
+                   if job.arrived <= cutoff and not job.aged]
+        for task in waiting:  # its done callback gives it back
+            self._waiting[task].aged = True
+            task.cancel()
+        return len(aged) + len(waiting), len(waiting)
 
     # --- settlement ----------------------------------------------------------------------
 
@@ -598,6 +691,8 @@ class Session:
     async def close(self) -> None:
         if self._prefetch_task is not None:
             self._prefetch_task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.channel.close()
 
 

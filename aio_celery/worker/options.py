@@ -25,6 +25,10 @@ class WorkerOptions:
     #: an eta further away than this (seconds) waits in a holding queue on the broker, not
     #: in memory, so that RabbitMQ's consumer_timeout (30 min by default) never trips
     eta_horizon: float = 600.0
+    #: a message that waited unstarted this many seconds since it was delivered is given
+    #: back to the queue, and a task running this long unacknowledged is warned about:
+    #: keep it below RabbitMQ's consumer_timeout (None: ``worker_unacked_max_age``; 0: off)
+    unacked_max_age: float | None = None
     #: stop after this many tasks (0: never), then exit with the RECYCLE code
     max_tasks: int = 0
     #: stop when resident memory exceeds this many KiB (0: never), exit with RECYCLE
@@ -42,6 +46,15 @@ class WorkerOptions:
             raise ValueError(f"max_task_deaths must be at least 1, got {self.max_task_deaths}")
         if self.eta_horizon <= 0:
             raise ValueError("eta_horizon must be positive")
+        if self.unacked_max_age is not None and self.unacked_max_age < 0:
+            raise ValueError(f"unacked_max_age must be 0 (off) or positive, got "
+                             f"{self.unacked_max_age}")
+
+    def max_age(self, setting: float | None) -> float | None:
+        """The unacked max age in effect: this option, else the app's
+        ``worker_unacked_max_age``; None when it is off (0 or None)."""
+        value = self.unacked_max_age if self.unacked_max_age is not None else setting
+        return float(value) if value else None
 
     def prefetch_count(self, default_multiplier: int) -> int:
         """Celery's rule: multiplier x concurrency, at most 65535 (AMQP's limit)."""

@@ -169,7 +169,7 @@ class Worker:
 
     async def _startup(self, stack: contextlib.AsyncExitStack) -> None:
         try:
-            preflight.check(self.app.conf.settings)
+            preflight.check(self.app.conf.settings, self.options)
         except ConfigurationError as exc:
             raise StartupError(f"configuration error: {exc}") from exc
         try:
@@ -212,7 +212,8 @@ class Worker:
         runner = TaskRunner(self.app, self.options.hostname)
         session = Session(channel, runner, self.options, self.stats,
                           on_task_done=self._on_task_done, guard=self._guard,
-                          max_pending_results=settings.worker_max_pending_results)
+                          max_pending_results=settings.worker_max_pending_results,
+                          unacked_max_age=self.options.max_age(settings.worker_unacked_max_age))
         runner.on_waiting = session.task_pending  # a finished task waits: its slot is free
         assert self.consuming is not None
         try:

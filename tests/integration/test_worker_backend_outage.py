@@ -222,3 +222,27 @@ async def test_finished_tasks_waiting_for_redis_do_not_hold_back_an_isolated_sus
             await asyncio.wait_for(run, 10)
         deaths.close()
     assert [(await r.refresh()).state for r in (*innocent, suspect)] == [states.SUCCESS] * 3
+
+
+async def test_a_result_waiting_past_the_unacked_max_age_is_warned_about_as_waiting(
+        proxied_app: Celery, redis_proxy: TcpProxy, start_worker,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The aging sweep warns about deliveries unacknowledged for worker_unacked_max_age. A
+    task that finished and only waits for Redis gets the warning that fits it (bring the
+    backend back), not the one for a long run (raise consumer_timeout or ack early)."""
+    caplog.set_level(logging.WARNING, logger="aio_celery.worker")
+
+    @proxied_app.task
+    async def quick() -> int:
+        return 1
+
+    await redis_proxy.pause()
+    handle = await start_worker(proxied_app, concurrency=2, unacked_max_age=1.0,
+                                eta_horizon=0.5)
+    await quick.delay()
+    await eventually(lambda: any("finished but its result or follow-up messages still wait"
+                                 in r.getMessage() for r in caplog.records),
+                     timeout=5, what="the waiting result warned about")
+    assert not any("has run unacknowledged" in r.getMessage() for r in caplog.records)
+    await redis_proxy.resume()
+    assert await handle.stop(timeout=20) == exitcodes.OK

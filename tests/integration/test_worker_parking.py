@@ -187,3 +187,31 @@ async def test_a_refused_holding_queue_is_one_error_and_etas_wait_in_memory(
         assert handle.worker.consuming.is_set()
     finally:
         assert await handle.stop() == 0
+
+
+async def test_an_eta_waiting_in_memory_goes_back_before_it_ages_and_runs_once(
+        restricted_app: Celery, start_worker, caplog: pytest.LogCaptureFixture) -> None:
+    """No holding queue, so an eta beyond the horizon waits in memory, unacknowledged: it
+    is given back before worker_unacked_max_age (RabbitMQ's consumer_timeout would close
+    the channel), comes back, waits again, and runs once when it is due."""
+    caplog.set_level(logging.INFO, logger="aio_celery.worker")
+    ran: list[float] = []
+
+    @restricted_app.task(name="parking.much_later")
+    async def much_later() -> str:
+        ran.append(time.monotonic())
+        return "due"
+
+    sent = time.monotonic()
+    result = await much_later.apply_async(countdown=3.0)
+    handle = await start_worker(restricted_app, concurrency=1, eta_horizon=0.5,
+                                unacked_max_age=1.0)
+    try:
+        assert await result.get(timeout=10) == "due"
+        assert len(ran) == 1 and ran[0] - sent >= 2.9
+        given_back = _logged(caplog, "Gave back 1 message(s) that waited unstarted (1 of "
+                                     "them waiting for their eta)")
+        assert 2 <= len(given_back) <= 4  # once per 0.9-1 s while it waited 3 s
+        assert not _logged(caplog, "Lost the broker connection")
+    finally:
+        assert await handle.stop() == 0

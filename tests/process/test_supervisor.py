@@ -530,6 +530,22 @@ def test_a_configuration_error_is_one_line_and_exit_4(
     assert "ready: consuming" not in log, log
 
 
+@pytest.mark.parametrize("pool", ["processes", "solo"])
+def test_an_eta_horizon_past_the_unacked_max_age_is_one_line_and_exit_4(
+        supervise: Callable[..., Supervised], pool: str) -> None:
+    """An eta in memory could outlive worker_unacked_max_age (given back before it is
+    due): refused before any child starts."""
+    sup = supervise("-P", pool, "--eta-horizon", "900", "--unacked-max-age", "600",
+                    processes=2)
+    assert sup.wait(20) == exitcodes.STARTUP_ERROR, sup.diagnostics()
+    log = sup.log
+    errors = lines_with("--eta-horizon (900s) must be below worker_unacked_max_age (600s)", log)
+    assert len(errors) == 1, log
+    assert "configuration error" in errors[0] and "consumer_timeout" in errors[0], errors
+    assert "Traceback" not in log, log
+    assert "Started child" not in log and "ready: consuming" not in log, log
+
+
 @pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["sigterm-to-the-supervisor", "ctrl-c-to-the-process-group"])
 def test_a_stop_while_the_app_is_loading_stops_at_once(

@@ -15,7 +15,8 @@ from aio_celery.exceptions import AioCeleryError, ConfigurationError
 #: settings aio-celery adds that Celery does not have (everything else uses Celery's name)
 AIO_ONLY_SETTINGS = {"broker_publish_timeout", "task_default_retry_delay",
                      "worker_shutdown_timeout", "worker_max_task_deaths",
-                     "task_queue_arguments", "worker_max_pending_results"}
+                     "task_queue_arguments", "worker_max_pending_results",
+                     "worker_unacked_max_age"}
 
 
 def test_update_with_celery_names() -> None:
