@@ -390,6 +390,15 @@ def _properties(data: bytes, offset: int) -> Properties:
     return Properties(encoded, **values)
 
 
+def negotiate(client: int, server: int) -> int:
+    """A tuned limit (``heartbeat``, ``frame_max``, ``channel_max``) as AMQP 0-9-1 says:
+    the lower of the two values where both are non-zero, else the non-zero one (0 means
+    "no limit", or no heartbeat, only when both sides say 0)."""
+    if client and server:
+        return min(client, server)
+    return client or server
+
+
 # --- frames of the hot path --------------------------------------------------------------------
 
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8

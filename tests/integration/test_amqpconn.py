@@ -53,6 +53,7 @@ from aio_celery.amqpconn import (
     Delivery,
     Endpoint,
     Returned,
+    aio_pika_url,
 )
 from aio_celery.amqpwire import Deliver, Properties
 
@@ -161,7 +162,8 @@ def test_endpoint_tls_options_and_repr() -> None:
     endpoint = Endpoint.from_url("amqps://u:s3cret@h/?cafile=/ca.pem&certfile=/c.pem"
                                  "&keyfile=/k.pem&no_verify_ssl=1&heartbeat=9&other=x")
     assert endpoint.tls_options == (("cafile", "/ca.pem"), ("certfile", "/c.pem"),
-                                    ("keyfile", "/k.pem"), ("no_verify_ssl", "1"))
+                                    ("keyfile", "/k.pem"))
+    assert not endpoint.verify
     assert endpoint.heartbeat == 9
     assert "s3cret" not in repr(endpoint) and endpoint.password == "s3cret"
     assert "s3cret" not in repr(AMQPConnection("amqp://u:s3cret@h/").endpoint)
@@ -175,6 +177,61 @@ def test_endpoint_tls_options_and_repr() -> None:
     assert unverified.verify_mode == ssl.CERT_NONE and not unverified.check_hostname
     still_verified = Endpoint.from_url("amqps://h/?no_verify_ssl=0").ssl_context()
     assert still_verified is not None and still_verified.verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize(("value", "verify"), [
+    ("1", False), ("true", False), ("TRUE", False), ("yes", False), ("on", False),
+    ("0", True), ("false", True), ("False", True), ("no", True), ("off", True), ("", True),
+])
+def test_no_verify_ssl_turns_verification_off_only_when_explicitly_true(
+        value: str, verify: bool) -> None:
+    endpoint = Endpoint.from_url(f"amqps://h/?no_verify_ssl={value}")
+    assert endpoint.verify is verify
+    context = endpoint.ssl_context()
+    assert context is not None
+    assert context.check_hostname is verify
+    assert (context.verify_mode == ssl.CERT_REQUIRED) is verify
+    # aio-pika (the publisher) reads any value but "0" as "off": it gets 1 or nothing
+    pika_query = urlsplit(aio_pika_url(f"amqps://h/?no_verify_ssl={value}&cafile=/x")).query
+    assert pika_query == ("cafile=%2Fx" if verify else "cafile=%2Fx&no_verify_ssl=1")
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "ture"])
+def test_an_unclear_no_verify_ssl_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="no_verify_ssl= must be 1/true/yes/on"):
+        Endpoint.from_url(f"amqps://u:pw9@h/?no_verify_ssl={value}")
+
+
+def test_amqps_verifies_by_default() -> None:
+    endpoint = Endpoint.from_url("amqps://h/")
+    assert endpoint.verify
+    assert aio_pika_url("amqps://u:p%2F@h:5671/v?heartbeat=5") == \
+        "amqps://u:p%2F@h:5671/v?heartbeat=5"
+
+
+@pytest.mark.parametrize(("query", "mechanism", "response"), [
+    ("", "PLAIN", "\0u\0pw"),
+    ("?auth=plain", "PLAIN", "\0u\0pw"),
+    ("?auth=external", "EXTERNAL", ""),
+    ("?auth=EXTERNAL", "EXTERNAL", ""),
+    ("?auth_mechanism=EXTERNAL", "EXTERNAL", ""),
+    ("?auth_mechanism=external&auth=external", "EXTERNAL", ""),
+])
+def test_login_mechanisms(query: str, mechanism: str, response: str) -> None:
+    endpoint = Endpoint.from_url(f"amqps://u:pw@h/{query}")
+    assert endpoint.login() == (mechanism, response)
+    # the publisher (aiormq) reads ``auth``
+    expected = "auth=external" if mechanism == "EXTERNAL" else ""
+    assert urlsplit(aio_pika_url(f"amqps://u:pw@h/{query}")).query == expected
+
+
+@pytest.mark.parametrize(("query", "says"), [
+    ("?auth=amqplain", "auth='amqplain' is not one of plain, external"),
+    ("?auth=plain&auth_mechanism=external", "auth= and auth_mechanism= disagree"),
+])
+def test_unknown_login_mechanisms_are_refused(query: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        Endpoint.from_url(f"amqps://u:pw@h/{query}")
 
 
 def test_heartbeat_from_url_overrides_the_argument() -> None:
@@ -511,15 +568,18 @@ async def test_publish_to_a_missing_exchange_fails(conn: AMQPConnection,
 
 
 async def test_queue_deleted_while_consuming(
-        conn: AMQPConnection, channel: AbstractChannel, unique_name: str) -> None:
+        conn: AMQPConnection, channel: AbstractChannel, unique_name: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """RabbitMQ sends basic.cancel (we announce consumer_cancel_notify): the reason is
+    logged with the queue, and the connection ends for its owner to consume again."""
     await asyncio.wait_for(conn.queue_declare(unique_name, durable=False), TIMEOUT)
     tag = await asyncio.wait_for(conn.consume(unique_name, Collector()), TIMEOUT)
-    assert tag in conn._consumers
     await channel.queue_delete(unique_name)
     reason = await asyncio.wait_for(conn.closed(), 2)
-    assert "cancelled consumer" in reason and tag in reason
+    assert "cancelled consumer" in reason and tag in reason and unique_name in reason
     assert not conn.is_open
-    assert conn._consumers == {}
+    assert f"The broker cancelled the consumer of queue {unique_name!r}" in caplog.text
+    assert "the queue was deleted, its quorum leader moved" in caplog.text
 
 
 # --- holding deliveries back ------------------------------------------------------------------

@@ -429,3 +429,14 @@ def test_heartbeat_and_frame_constants_are_pamqps() -> None:
         amqpwire.FRAME_HEARTBEAT, amqpwire.FRAME_END)
     assert amqpwire.FRAME_HEAD.size == constants.FRAME_HEADER_SIZE
     assert (commands.Basic.frame_id, commands.Basic.Deliver.frame_id) == amqpwire.BASIC_DELIVER
+
+
+@pytest.mark.parametrize(("client", "server", "agreed"), [
+    (60, 60, 60), (5, 60, 5), (60, 5, 5),  # the lower of two non-zero values
+    (0, 60, 60), (60, 0, 60),  # 0 from one side: the other's value
+    (0, 0, 0),  # none only when neither side wants one
+    (131072, 4096, 4096), (131072, 0, 131072),  # frame_max: 0 is "no limit"
+])
+def test_tuned_limits_are_negotiated_as_amqp_says(client: int, server: int,
+                                                   agreed: int) -> None:
+    assert amqpwire.negotiate(client, server) == agreed
