@@ -169,15 +169,23 @@ def encode_properties(envelope: Envelope) -> bytes:
 class EncodedProperties(commands.Basic.Properties):
     """Basic properties whose wire form was computed up front by :func:`encode_properties`.
 
-    aiormq only reads ``message_id`` (for confirms) and calls :meth:`marshal`; skipping
-    pamqp's constructor and generic encoder is what makes publishing cheap.
+    Built through pamqp's public constructor (every attribute is set, as aiormq or pamqp may
+    read any), with only :meth:`marshal` overridden: pamqp's content header frames a
+    message by calling it, and its generic field table encoder is what made publishing
+    expensive. ``tests/unit/test_amqpwire.py`` fails if a pamqp release stops calling it;
+    pyproject.toml pins pamqp to the 4.0 series it was checked against.
     """
 
     __slots__ = ("_encoded",)
 
-    def __init__(self, envelope: Envelope) -> None:  # deliberately no super().__init__()
+    def __init__(self, envelope: Envelope) -> None:
         self._encoded = encode_properties(envelope)
-        self.message_id = envelope.correlation_id
+        super().__init__(content_type=envelope.content_type,
+                         content_encoding=envelope.content_encoding,
+                         headers=envelope.headers, delivery_mode=envelope.delivery_mode,
+                         priority=envelope.priority, correlation_id=envelope.correlation_id,
+                         reply_to=envelope.reply_to or None, expiration=envelope.expiration,
+                         message_id=envelope.correlation_id)
 
     def marshal(self) -> bytes:
         return self._encoded

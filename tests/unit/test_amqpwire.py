@@ -328,6 +328,15 @@ def assert_encodes_like_pamqp(envelope: protocol.Envelope) -> None:
     encoded = amqpwire.EncodedProperties(envelope)
     assert isinstance(encoded, commands.Basic.Properties)  # what aiormq takes
     assert encoded.message_id == envelope.correlation_id
+    # every attribute pamqp has, as pamqp's own would hold it (aiormq may read any)
+    pamqps = commands.Basic.Properties(
+        content_type=envelope.content_type, content_encoding=envelope.content_encoding,
+        headers=envelope.headers, delivery_mode=envelope.delivery_mode,
+        priority=envelope.priority, correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to or None, expiration=envelope.expiration,
+        message_id=envelope.correlation_id)
+    for name in commands.Basic.Properties.__slots__:
+        assert getattr(encoded, name) == getattr(pamqps, name), name
     # pamqp (as aiormq drives it) frames EncodedProperties with our bytes
     wire = frame.marshal(header.ContentHeader(0, len(envelope.body), encoded), 1)
     assert wire[7 + 12:-1] == ours
