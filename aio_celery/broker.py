@@ -271,21 +271,20 @@ class Broker:
         try:
             raw = await publisher.get_underlay_channel()
             assert isinstance(raw, aiormq.Channel)
-            # wait=False: do not hold aiormq's channel lock until the socket drains; the
-            # publisher confirm awaited here is what proves the broker has the message.
-            await raw.basic_publish(
-                body,
-                exchange=_DEFAULT_EXCHANGE,
-                routing_key=queue,
-                properties=properties,
-                timeout=self.publish_timeout,
-                wait=False,
-            )
+            async with asyncio.timeout(self.publish_timeout):
+                # While the broker blocks publishing (a resource alarm) the message stays
+                # here: sent, it would only wait in the socket, unconfirmed.
+                await raw.connection.ready()
+                # wait=False: do not hold aiormq's channel lock until the socket drains;
+                # the publisher confirm awaited here proves the broker has the message.
+                await raw.basic_publish(body, exchange=_DEFAULT_EXCHANGE, routing_key=queue,
+                                        properties=properties, wait=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             why = describe_error(exc)
             if isinstance(exc, TimeoutError):
-                why = (f"no confirm within {self.publish_timeout:g}s (broker_publish_timeout; "
-                       "is the broker blocking publishers under a resource alarm?)")
+                why = (f"no confirm within {self.publish_timeout:g}s (broker_publish_timeout),"
+                       " or the broker blocked publishing that long (a resource alarm: see "
+                       "`rabbitmq-diagnostics alarms`)")
             raise BrokerConnectionError(
                 f"publishing task {task_name}[{task_id}] to {queue!r} on "
                 f"{self.failover.masked} failed: {why}. The broker did not confirm it; it "

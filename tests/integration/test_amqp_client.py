@@ -37,7 +37,9 @@ from tcp_proxy import TcpProxy
 
 from aio_celery import Celery, amqpwire, exitcodes
 from aio_celery.amqpconn import AMQPConnection, ConnectionClosed, Delivery
-from aio_celery.broker import ConsumerChannel
+from aio_celery.broker import Broker, ConsumerChannel
+from aio_celery.exceptions import BrokerConnectionError
+from aio_celery.protocol import Envelope
 
 TIMEOUT = 15.0
 StartWorker = Callable[..., Awaitable[Any]]
@@ -279,7 +281,10 @@ class FakeBroker:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         await reader.readexactly(8)  # the protocol header
-        self.send(commands.Connection.Start(mechanisms="PLAIN", locales="en_US"))
+        capabilities = {"publisher_confirms": True, "connection.blocked": True,
+                        "consumer_cancel_notify": True, "basic.nack": True}
+        self.send(commands.Connection.Start(server_properties={"capabilities": capabilities},
+                                            mechanisms="PLAIN", locales="en_US"))
         buffer = b""
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
@@ -298,7 +303,11 @@ class FakeBroker:
                    commands.Connection.Open: (commands.Connection.OpenOk(), 0),
                    commands.Channel.Open: (commands.Channel.OpenOk(), 1),
                    commands.Confirm.Select: (commands.Confirm.SelectOk(), 1),
-                   commands.Connection.Close: (commands.Connection.CloseOk(), 0)}
+                   commands.Connection.Close: (commands.Connection.CloseOk(), 0),
+                   commands.Exchange.Declare: (commands.Exchange.DeclareOk(), 1),
+                   commands.Queue.Declare: (commands.Queue.DeclareOk(
+                       queue="q", message_count=0, consumer_count=0), 1),
+                   commands.Queue.Bind: (commands.Queue.BindOk(), 1)}
         reply = replies.get(type(method))
         if reply is not None:
             self.send(*reply)
@@ -334,6 +343,32 @@ async def test_a_blocked_connection_holds_publishes_until_unblocked(
     finally:
         await asyncio.wait_for(connection.close(), TIMEOUT)
         await broker.close()
+
+
+async def test_a_blocked_publisher_holds_publishes_until_unblocked(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The same for the publisher (aio-pika): bounded by broker_publish_timeout."""
+    fake = FakeBroker()
+    await fake.start()
+    publisher = Broker(f"amqp://guest:guest@127.0.0.1:{fake.port}/", publish_timeout=0.3)
+    envelope = Envelope(b"[[], {}, {}]", {"task": "t", "id": "i"}, "i")
+    try:
+        await asyncio.wait_for(publisher.connect(), TIMEOUT)
+        fake.send(commands.Connection.Blocked(reason="low on memory"))
+        await publisher.declare_queue("q")  # answered after the block: the block is seen
+        with pytest.raises(BrokerConnectionError, match="blocked publishing that long"):
+            await publisher.publish(envelope, "q")
+        publisher.publish_timeout = TIMEOUT
+        waiting = asyncio.ensure_future(publisher.publish(envelope, "q"))
+        await stays(lambda: not fake.methods(commands.Basic.Publish) and not waiting.done())
+
+        fake.send(commands.Connection.Unblocked())
+        await eventually(lambda: len(fake.methods(commands.Basic.Publish)) == 1, TIMEOUT)
+        fake.send(commands.Basic.Ack(delivery_tag=1), 1)
+        await asyncio.wait_for(waiting, TIMEOUT)
+    finally:
+        await asyncio.wait_for(publisher.close(), TIMEOUT)
+        await fake.close()
 
 
 # --- the broker cancels the consumer ----------------------------------------------------------
