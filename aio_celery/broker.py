@@ -71,6 +71,8 @@ class Broker:
         self.max_priority = max_priority
         self.queue_arguments = queue_arguments
         self.connection_name = connection_name
+        #: seconds the broker gets to answer a declaration
+        self.rpc_timeout = RPC_TIMEOUT
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._declared: dict[str, asyncio.Future[AbstractQueue]] = {}
@@ -186,7 +188,9 @@ class Broker:
         connection, self._connection, self._channel = self._connection, None, None
         self._declared.clear()
         if connection is not None:
-            await connection.close()
+            # bounded: a stalled broker never answers connection.close
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(connection.close(), self.connection_timeout)
 
     async def channel(self, prefetch_count: int = 0) -> AbstractChannel:
         """A new channel on this connection (e.g. one for consuming)."""
@@ -216,11 +220,19 @@ class Broker:
     async def _declare(self, name: str, channel: AbstractChannel) -> AbstractQueue:
         import aio_pika
 
-        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, durable=True)
-        queue: AbstractQueue = await channel.declare_queue(
-            name, durable=True,
-            arguments=queue_arguments(self.max_priority, self.queue_arguments))
-        await queue.bind(exchange, routing_key=name)
+        timeout = self.rpc_timeout
+        try:
+            exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT,
+                                                      durable=True, timeout=timeout)
+            queue: AbstractQueue = await channel.declare_queue(
+                name, durable=True,
+                arguments=queue_arguments(self.max_priority, self.queue_arguments),
+                timeout=timeout)
+            await queue.bind(exchange, routing_key=name, timeout=timeout)
+        except TimeoutError:
+            raise BrokerConnectionError(f"the broker {self.failover.masked} did not answer "
+                                        f"the declaration of queue {name!r} within "
+                                        f"{timeout:g}s") from None
         return queue
 
     async def declare_holding_queue(self, name: str, target: str, ttl_ms: int) -> None:
@@ -234,17 +246,18 @@ class Broker:
         try:
             publisher = await (await self._publisher_ready()).get_underlay_channel()
             assert isinstance(publisher, aiormq.Channel)
-            channel = await publisher.connection.channel()
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            channel = await publisher.connection.channel(timeout=self.rpc_timeout)
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerConnectionError(f"cannot open a channel to declare {name!r}: "
                                         f"{describe_error(exc)}") from exc
         try:
             await channel.queue_declare(name, durable=True,
-                                        arguments=holding_queue_arguments(target, ttl_ms))
+                                        arguments=holding_queue_arguments(target, ttl_ms),
+                                        timeout=self.rpc_timeout)
         except aiormq.exceptions.ChannelClosed as exc:
             raise HoldingQueueRefused(f"the broker refused to declare the holding queue "
                                       f"{name!r}: {describe_error(exc)}") from exc
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerConnectionError(f"declaring the holding queue {name!r} failed: "
                                         f"{describe_error(exc)}") from exc
         finally:

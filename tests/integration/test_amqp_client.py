@@ -246,6 +246,24 @@ async def test_shutdown_with_a_stalled_broker_is_bounded(
     await asyncio.wait_for(consumer.close(), 1)
 
 
+async def test_the_publisher_against_a_stalled_broker_is_bounded(
+        proxies: tuple[TcpProxy, TcpProxy], unique_name: str) -> None:
+    proxy = proxies[0]
+    publisher = Broker(proxy_url(proxy), connection_timeout=0.5, publish_timeout=0.5)
+    publisher.rpc_timeout = 0.5
+    envelope = Envelope(b"[[], {}, {}]", {"task": "t", "id": "i"}, "i")
+    await asyncio.wait_for(publisher.connect(), TIMEOUT)
+    await publisher.declare_queue(unique_name)
+    proxy.stall()
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError, match=r"no confirm within 0\.5s"):
+        await publisher.publish(envelope, unique_name)
+    with pytest.raises(BrokerConnectionError, match="did not answer the declaration"):
+        await publisher.publish(envelope, unique_name + "-new")
+    await publisher.close()
+    assert time.monotonic() - started < 3
+
+
 # --- connection.blocked -----------------------------------------------------------------------
 
 
