@@ -282,6 +282,21 @@ class AMQPConnection(asyncio.Protocol):
         return self._transport is not None and self._ended is not None \
             and not self._ended.done()
 
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes sent whose confirm (or return) has not come yet."""
+        return len(self._confirms)
+
+    @property
+    def reading_paused(self) -> bool:
+        """Held deliveries filled the buffer: the socket is not read for now."""
+        return self._reading_paused
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed over (held deliveries, a partial frame)."""
+        return len(self._buffer)
+
     async def connect(self) -> None:
         """Connect, log in, open the channel in confirm mode; ConnectionClosed or OSError if
         that cannot be done within ``connect_timeout``."""

@@ -434,7 +434,7 @@ async def test_publish_is_confirmed_and_byte_identical(
         await asyncio.wait_for(
             conn.publish(original.body, original.properties.encoded, target), TIMEOUT)
         conn.ack(original.deliver.delivery_tag)
-    assert conn._confirms == {}
+    assert conn.unconfirmed == 0
     # encoded properties as they are, none at all included
     await asyncio.wait_for(conn.publish(b"bare", b"\x00\x00", target), TIMEOUT)
 
@@ -457,7 +457,7 @@ async def test_publish_is_confirmed_and_byte_identical(
     await channel.declare_queue(many)
     await asyncio.wait_for(asyncio.gather(
         *(conn.publish(b"%d" % i, b"\x00\x00", many) for i in range(300))), TIMEOUT)
-    assert conn._confirms == {}
+    assert conn.unconfirmed == 0
     assert await ready_count(amqp, many) == 300
 
 
@@ -563,7 +563,7 @@ async def test_publish_to_a_missing_exchange_fails(conn: AMQPConnection,
                                                    unique_name: str) -> None:
     with pytest.raises(ConnectionClosed, match="NOT_FOUND"):
         await asyncio.wait_for(conn.publish(b"x", b"\x00\x00", "rk", exchange=unique_name), 2)
-    assert conn._confirms == {}
+    assert conn.unconfirmed == 0
     assert not conn.is_open
 
 
@@ -608,10 +608,10 @@ async def test_hold_and_release(conn: AMQPConnection, amqp: AbstractConnection,
 
     await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while not conn._reading_paused:  # the bytes keep coming until 64 KiB wait
+    while not conn.reading_paused:  # the bytes keep coming until 64 KiB wait
         assert time.monotonic() < deadline, "reading never paused"
         await asyncio.sleep(0.01)
-    assert len(conn._buffer) > _PAUSE_READING_AT
+    assert conn.buffered > _PAUSE_READING_AT
     assert conn._incoming is None and conn._buffer[0] == 1  # a basic.deliver is next
     await asyncio.sleep(0.2)
     assert len(received) == hold_at
@@ -632,7 +632,7 @@ async def test_hold_and_release(conn: AMQPConnection, amqp: AbstractConnection,
     while len(received) < count:
         assert time.monotonic() < deadline, f"only {len(received)} of {count} arrived"
         await asyncio.sleep(0.01)
-    assert not conn._reading_paused
+    assert not conn.reading_paused
     check(received)
     assert len(received) == count
     conn.ack(count, multiple=True)
@@ -661,7 +661,7 @@ async def test_request_while_held_with_large_messages(
 
     await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while not conn._reading_paused:
+    while not conn.reading_paused:
         assert time.monotonic() < deadline, "reading never paused"
         await asyncio.sleep(0.01)
     assert len(received) == 1
@@ -704,7 +704,7 @@ async def test_publish_while_held_is_confirmed(
 
     await asyncio.wait_for(conn.consume(source, callback), TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while not conn._reading_paused:
+    while not conn.reading_paused:
         assert time.monotonic() < deadline, "reading never paused"
         await asyncio.sleep(0.01)
     assert len(received) == hold_at
@@ -712,7 +712,7 @@ async def test_publish_while_held_is_confirmed(
     # The confirm comes behind the held deliveries, on a paused socket: it is read without
     # waiting for release().
     await asyncio.wait_for(conn.publish(b"while held", b"\x00\x00", target), 1)
-    assert conn._confirms == {}
+    assert conn.unconfirmed == 0
     assert conn.is_open
     assert await ready_count(amqp, target) == 1
 
@@ -745,11 +745,11 @@ async def test_broker_ending_things_behind_held_deliveries_is_seen_while_held(
     await asyncio.wait_for(conn.qos(100), TIMEOUT)
     tag = await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while len(conn._buffer) < (count - hold_at) * size:  # the rest arrived, and is held
+    while conn.buffered < (count - hold_at) * size:  # the rest arrived, and is held
         assert time.monotonic() < deadline, "the held deliveries never arrived"
         await asyncio.sleep(0.01)
     assert len(received) == hold_at
-    assert not conn._reading_paused
+    assert not conn.reading_paused
     await channel.queue_delete(unique_name)
     reason = await asyncio.wait_for(conn.closed(), 2)
     assert "cancelled consumer" in reason and tag in reason
@@ -778,12 +778,12 @@ async def test_heartbeats_read_a_paused_connection_while_held(
         await asyncio.wait_for(conn.qos(1000), TIMEOUT)
         await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
         deadline = time.monotonic() + TIMEOUT
-        while not conn._reading_paused:
+        while not conn.reading_paused:
             assert time.monotonic() < deadline, "reading never paused"
             await asyncio.sleep(0.01)
-        paused_at = len(conn._buffer)
+        paused_at = conn.buffered
         deadline = time.monotonic() + 1.5
-        while len(conn._buffer) == paused_at:
+        while conn.buffered == paused_at:
             assert time.monotonic() < deadline, "a paused connection is never read again"
             await asyncio.sleep(0.01)
         assert len(received) == hold_at  # still held
