@@ -270,8 +270,10 @@ class AMQPConnection(asyncio.Protocol):
         self._incoming: _Incoming | None = None
         self._published = 0
         self._confirms: dict[int, asyncio.Future[None]] = {}
-        #: why the broker returned the last mandatory message, until its confirm comes
-        self._returned: str | None = None
+        #: the exchange and routing key of each mandatory publish not yet confirmed
+        self._mandatory: dict[int, tuple[str, str]] = {}
+        #: why the broker returned a mandatory publish, until its confirm comes
+        self._returned: dict[int, str] = {}
         self._last_received = 0.0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
 
@@ -530,14 +532,26 @@ class AMQPConnection(asyncio.Protocol):
         elif isinstance(method, commands.Channel.Flow):
             self._write(frame.marshal(commands.Channel.FlowOk(active=method.active), channel))
         elif isinstance(method, commands.Basic.Return):
-            # A mandatory message no queue took. RabbitMQ sends the return (then its content
-            # frames, dropped here) right before the confirm of that same message: the
-            # confirm that follows fails with Returned.
-            self._returned = (f"{method.reply_code} {method.reply_text} (exchange "
-                              f"{method.exchange!r}, routing key {method.routing_key!r})")
-            self._incoming = _Incoming(None)
+            self._returned_by_broker(method)
+            self._incoming = _Incoming(None)  # its content frames follow: dropped
         else:
             self._replied(method)
+
+    def _returned_by_broker(self, method: commands.Basic.Return) -> None:
+        """A mandatory message no queue took; its confirm follows, and fails with Returned.
+        A return names no delivery tag, and a confirm of an earlier message (routed to a
+        queue, confirmed once that queue has it) may come in between: the returned message
+        is the oldest unconfirmed mandatory one to the same exchange and routing key
+        (RabbitMQ routes and returns a channel's messages in order)."""
+        key = (method.exchange, method.routing_key)
+        tag = next((t for t, sent_to in self._mandatory.items() if sent_to == key), None)
+        if tag is None:
+            logger.warning("The broker returned a message that was not published mandatory "
+                           "here (exchange %r, routing key %r)", *key)
+            return
+        del self._mandatory[tag]
+        self._returned[tag] = (f"{method.reply_code} {method.reply_text} (exchange "
+                               f"{method.exchange!r}, routing key {method.routing_key!r})")
 
     def _replied(self, method: Any) -> None:
         if self._abandoned_replies:
@@ -592,11 +606,12 @@ class AMQPConnection(asyncio.Protocol):
 
     def _confirmed(self, tag: int, multiple: bool, error: Exception | None) -> None:
         tags = [t for t in self._confirms if t <= tag] if multiple else [tag]
-        returned, self._returned = self._returned, None
         for confirmed in tags:
             future = self._confirms.pop(confirmed, None)
+            self._mandatory.pop(confirmed, None)
+            returned = self._returned.pop(confirmed, None)
             if future is not None and not future.done():
-                if returned is not None and confirmed == tag:  # the returned one comes last
+                if returned is not None:
                     future.set_exception(Returned(f"the broker returned it: {returned}"))
                 elif error is None:
                     future.set_result(None)
@@ -620,7 +635,8 @@ class AMQPConnection(asyncio.Protocol):
         self._incoming = None
         self._buffer.clear()
         self._abandoned_replies = 0
-        self._returned = None
+        self._mandatory.clear()
+        self._returned.clear()
         self._consumer_queues.clear()
         if self._unblocked is not None:  # publishes waiting for an unblock fail now
             self._unblocked.set()
@@ -733,6 +749,8 @@ class AMQPConnection(asyncio.Protocol):
             await self._unblocked.wait()
         self._published += 1
         confirm = self._confirms[self._published] = self._loop.create_future()
+        if mandatory:
+            self._mandatory[self._published] = (exchange, routing_key)
         self._write(frame.marshal(commands.Basic.Publish(exchange=exchange,
                                                          routing_key=routing_key,
                                                          mandatory=mandatory), CHANNEL)

@@ -871,6 +871,8 @@ def wired(callback: Any, tag: str = "ctag") -> tuple[AMQPConnection, FakeTranspo
     loop = asyncio.get_running_loop()
     connection._loop = loop
     connection._ended = loop.create_future()
+    connection._unblocked = asyncio.Event()
+    connection._unblocked.set()
     transport = FakeTransport()
     connection.connection_made(transport)
     connection._consumers[tag] = callback
@@ -1055,3 +1057,27 @@ async def test_parser_lets_a_reply_through_while_held() -> None:
     # what came before the reply was handed over; after it, holding resumes
     assert [d.body for d in collector.deliveries] == [b"m1", b"m2"]
     assert connection._incoming is None and connection._buffer[0] == 1
+
+
+async def test_a_return_fails_the_publish_it_belongs_to_whatever_confirm_comes_first() -> None:
+    """RabbitMQ returns an unroutable mandatory message at once, while the confirm of an
+    earlier one waits for its queue: the return still belongs to the later one."""
+    connection, transport = wired(Collector())
+    routed = asyncio.ensure_future(connection.publish(b"1", b"\x00\x00", "q", mandatory=True))
+    lost = asyncio.ensure_future(connection.publish(b"2", b"\x00\x00", "gone", mandatory=True))
+    other = asyncio.ensure_future(connection.publish(b"3", b"\x00\x00", "gone", mandatory=True))
+    await asyncio.sleep(0)
+    assert connection.unconfirmed == 3 and len(transport.written) == 3
+    returned = (frame.marshal(commands.Basic.Return(reply_code=312, reply_text="NO_ROUTE",
+                                                    exchange="", routing_key="gone"), 1)
+                + frame.marshal(pamqp_header.ContentHeader(0, 1, commands.Basic.Properties()),
+                                1)
+                + frame.marshal(pamqp_body.ContentBody(b"2"), 1))
+    connection.data_received(returned + frame.marshal(commands.Basic.Ack(delivery_tag=1), 1))
+    connection.data_received(frame.marshal(commands.Basic.Ack(delivery_tag=3, multiple=True),
+                                           1))
+    assert await routed is None
+    with pytest.raises(Returned, match=r"312 NO_ROUTE .*'gone'"):
+        await lost
+    assert await other is None  # the same routing key, but only one return came
+    assert connection.unconfirmed == 0 and connection.is_open
