@@ -20,11 +20,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from pamqp import commands
 
-from aio_celery.protocol import Envelope
+
+class Envelope(Protocol):
+    """What a message's properties are encoded from (:class:`aio_celery.protocol.Envelope`
+    is one): declared here so that this module depends on nothing else of aio_celery."""
+
+    @property
+    def headers(self) -> dict[str, Any]: ...
+    @property
+    def correlation_id(self) -> str: ...
+    @property
+    def priority(self) -> int | None: ...
+    @property
+    def reply_to(self) -> str | None: ...
+    @property
+    def expiration(self) -> str | None: ...
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def content_encoding(self) -> str: ...
+    @property
+    def delivery_mode(self) -> int: ...
 
 _LONG = struct.Struct(">I")
 _SHORT = struct.Struct(">H")
