@@ -1,7 +1,7 @@
 """The broker adapter: connect, declare queues like Celery, publish and consume.
 
 Publishing goes through aio-pika (a robust connection); the worker consumes on a lean
-connection of its own (:mod:`aio_celery.amqpconn`). Everything above this module deals in
+connection of its own (:mod:`aio_celery.amqp.connection`). Everything above this module deals in
 :class:`~aio_celery.protocol.Envelope` and :class:`~aio_celery.protocol.TaskMessage`.
 
 aio-pika is imported when the publisher first connects: a worker whose tasks never send
@@ -17,14 +17,14 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-from aio_celery.amqpconn import (
+from aio_celery.amqp.connection import (
     RPC_TIMEOUT,
     AMQPConnection,
     ConnectionClosed,
     DeliveryCallback,
     aio_pika_url,
 )
-from aio_celery.amqpwire import EncodedProperties
+from aio_celery.amqp.wire import EncodedProperties
 from aio_celery.config import BROKER_SCHEMES, mask_url, url_problem
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
 from aio_celery.failover import Failover
@@ -346,7 +346,7 @@ class BrokerRefused(BrokerConnectionError):
 class ConsumerChannel:
     """The worker's side: a dedicated AMQP connection with one channel for consuming.
 
-    Built on :class:`~aio_celery.amqpconn.AMQPConnection`: deliveries reach ``on_message``
+    Built on :class:`~aio_celery.amqp.connection.AMQPConnection`: deliveries reach ``on_message``
     as they are read, with no per-message task or wrapper objects, and acks are written at
     once, in the order they are made (a ``multiple`` ack can cover many deliveries). It does
     not reconnect by itself: the worker opens a new one and says so in the log, so that a
@@ -500,7 +500,7 @@ class ConsumerChannel:
     async def publish_raw(self, body: bytes, properties: bytes, routing_key: str) -> None:
         """Publish a received message's body and encoded properties again to the queue
         ``routing_key``, mandatory and confirmed: ConnectionClosed if the broker nacks it,
-        :class:`~aio_celery.amqpconn.Returned` if no queue of that name took it."""
+        :class:`~aio_celery.amqp.connection.Returned` if no queue of that name took it."""
         await self.connection.publish(body, properties, routing_key, _DEFAULT_EXCHANGE,
                                       mandatory=True)
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aio_celery import protocol
-from aio_celery.amqpconn import Delivery
+from aio_celery.amqp.connection import Delivery
 from aio_celery.broker import ConsumerChannel, HoldingQueueRefused, describe_error
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict

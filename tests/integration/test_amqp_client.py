@@ -35,8 +35,9 @@ from helpers import AMQP_URL, eventually, stays
 from pamqp import commands, frame
 from tcp_proxy import TcpProxy
 
-from aio_celery import Celery, amqpwire, exitcodes
-from aio_celery.amqpconn import AMQPConnection, ConnectionClosed, Delivery
+from aio_celery import Celery, exitcodes
+from aio_celery.amqp import wire as amqpwire
+from aio_celery.amqp.connection import AMQPConnection, ConnectionClosed, Delivery
 from aio_celery.broker import Broker, ConsumerChannel
 from aio_celery.exceptions import BrokerConnectionError
 from aio_celery.protocol import Envelope

@@ -1,4 +1,4 @@
-"""The worker's lean AMQP connection (:mod:`aio_celery.amqpconn`) against the real RabbitMQ.
+"""The worker's lean AMQP connection (:mod:`aio_celery.amqp.connection`) against the real RabbitMQ.
 
 Pinned here:
 
@@ -45,8 +45,8 @@ from pamqp import body as pamqp_body
 from pamqp import commands, frame
 from pamqp import header as pamqp_header
 
-from aio_celery import amqpwire
-from aio_celery.amqpconn import (
+from aio_celery.amqp import wire as amqpwire
+from aio_celery.amqp.connection import (
     _PAUSE_READING_AT,
     AMQPConnection,
     ConnectionClosed,
@@ -55,7 +55,7 @@ from aio_celery.amqpconn import (
     Returned,
     aio_pika_url,
 )
-from aio_celery.amqpwire import Deliver, Properties
+from aio_celery.amqp.wire import Deliver, Properties
 
 TIMEOUT = 5.0  # an upper bound for anything awaited; every step takes far less
 

@@ -28,8 +28,9 @@ import pamqp.encode
 import pytest
 from pamqp import body, commands, constants, frame, header, heartbeat
 
-from aio_celery import amqpwire, protocol
-from aio_celery.amqpwire import WireError
+from aio_celery import protocol
+from aio_celery.amqp import wire as amqpwire
+from aio_celery.amqp.wire import WireError
 
 VALID = sorted((Path(__file__).resolve().parent.parent / "messages").glob("valid_*.json"))
 WHEN = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)

@@ -277,7 +277,7 @@ def test_an_unreadable_broker_url_is_never_quoted(url: str, secret: str, says: s
     cannot read, e.g. "Port could not be cast to integer value as 'se'") echo it."""
     import asyncio
 
-    from aio_celery.amqpconn import Endpoint
+    from aio_celery.amqp.connection import Endpoint
     from aio_celery.broker import Broker, ConsumerChannel
     from aio_celery.exceptions import BrokerConnectionError
 
@@ -296,7 +296,7 @@ def test_an_unreadable_broker_url_is_never_quoted(url: str, secret: str, says: s
 
 
 def test_a_heartbeat_that_is_not_a_number_is_not_quoted() -> None:
-    from aio_celery.amqpconn import Endpoint
+    from aio_celery.amqp.connection import Endpoint
 
     with pytest.raises(ValueError, match="heartbeat= must be whole seconds") as raised:
         Endpoint.from_url("amqp://u:pw9@h//?heartbeat=pw9")

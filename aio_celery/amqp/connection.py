@@ -3,7 +3,7 @@
 aiormq reads each of the three frames of a delivery through a stream lock, a ``BytesIO``,
 pamqp's generic decoder and two queues, then starts a task per message; for a worker that
 runs no-op tasks that was more than half of its CPU. Here deliveries are cut straight out of
-the socket buffer by :mod:`aio_celery.amqpwire` and handed to a plain callback, and acks
+the socket buffer by :mod:`aio_celery.amqp.wire` and handed to a plain callback, and acks
 are single ``write`` calls. The rare methods (handshake, declarations, consume, cancel) are
 encoded and decoded by pamqp.
 
@@ -33,8 +33,9 @@ from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlu
 
 from pamqp import commands, exceptions, frame
 
-from aio_celery import __version__, amqpwire
-from aio_celery.amqpwire import Deliver, Properties, WireError
+from aio_celery import __version__
+from aio_celery.amqp import wire as amqpwire
+from aio_celery.amqp.wire import Deliver, Properties, WireError
 from aio_celery.config import BROKER_SCHEMES, url_problem
 
 logger = logging.getLogger(__name__)
