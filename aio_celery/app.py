@@ -155,6 +155,7 @@ class Celery:
             connection_timeout=settings.broker_connection_timeout,
             publish_timeout=settings.broker_publish_timeout,
             heartbeat=settings.broker_heartbeat,
+            failover_strategy=settings.broker_failover_strategy,
             max_priority=settings.task_queue_max_priority,
             queue_arguments=settings.task_queue_arguments,
             connection_name=f"aio_celery {self.main or ''} pid {os.getpid()}".strip(),

@@ -1,7 +1,7 @@
 """The broker adapter: connect, declare queues like Celery, publish and consume.
 
 Publishing goes through aio-pika (a robust connection); the worker consumes on a lean
-connection of its own (:mod:`aio_celery.amqpconn`). Everything above this module deals in
+connection of its own (:mod:`aio_celery.amqp.connection`). Everything above this module deals in
 :class:`~aio_celery.protocol.Envelope` and :class:`~aio_celery.protocol.TaskMessage`.
 
 aio-pika is imported when the publisher first connects: a worker whose tasks never send
@@ -17,14 +17,21 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-from aio_celery.amqpconn import AMQPConnection, ConnectionClosed, DeliveryCallback
-from aio_celery.amqpwire import EncodedProperties
+from aio_celery.amqp.connection import (
+    RPC_TIMEOUT,
+    AMQPConnection,
+    ConnectionClosed,
+    DeliveryCallback,
+    aio_pika_url,
+)
+from aio_celery.amqp.wire import EncodedProperties
 from aio_celery.config import BROKER_SCHEMES, mask_url, url_problem
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError, PublishRefusedError
+from aio_celery.failover import Failover
 from aio_celery.protocol import Envelope
 
 if TYPE_CHECKING:
-    from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+    from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +49,21 @@ def queue_arguments(max_priority: int | None,
 
 
 class Broker:
-    """One robust AMQP connection with a confirming publisher channel.
+    """The publisher: one AMQP connection (aio-pika) with a confirming channel.
 
-    Inert until :meth:`connect`, or, with ``lazy=True``, until the first publish connects it;
-    queues are declared once per name (the robust channel declares them again by itself
-    after a reconnect).
+    Inert until :meth:`connect`, or, with ``lazy=True``, until the first publish connects it.
+    A lost connection is opened again by the next publish, on the next URL of a
+    ``;``-separated ``broker_url`` (``broker_failover_strategy``); a channel the broker
+    closed is replaced. Queues are declared once per name and connection.
     """
 
     def __init__(self, url: str, *, connection_timeout: float = 4.0,
                  publish_timeout: float | None = None, heartbeat: int = 60,
                  max_priority: int | None = None, connection_name: str = "aio_celery",
-                 lazy: bool = False, queue_arguments: dict[str, Any] | None = None) -> None:
+                 lazy: bool = False, queue_arguments: dict[str, Any] | None = None,
+                 failover_strategy: str = "round-robin") -> None:
         self.url = url
+        self.failover = Failover(url, failover_strategy)
         self.lazy = lazy
         self.connection_timeout = connection_timeout
         self.publish_timeout = publish_timeout
@@ -61,57 +71,111 @@ class Broker:
         self.max_priority = max_priority
         self.queue_arguments = queue_arguments
         self.connection_name = connection_name
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
-        self._declared: dict[str, asyncio.Future[AbstractRobustQueue]] = {}
+        #: seconds the broker gets to answer a declaration
+        self.rpc_timeout = RPC_TIMEOUT
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._declared: dict[str, asyncio.Future[AbstractQueue]] = {}
         self._connecting: asyncio.Future[None] | None = None
+        self._connected_once = False
         self._closed = False
 
     @property
-    def connection(self) -> AbstractRobustConnection:
+    def connection(self) -> AbstractConnection:
         if self._connection is None:
             raise RuntimeError("broker is not connected: use `async with app.setup():`")
         return self._connection
 
     async def connect(self) -> None:
-        """Open the connection and publisher channel, or raise BrokerConnectionError in time
-        (ConfigurationError for a URL that cannot be read: its parsers' errors quote it)."""
-        problem = url_problem(self.url, BROKER_SCHEMES)
+        """Open the connection and publisher channel on the first URL of ``broker_url``
+        that answers, or raise BrokerConnectionError in time (ConfigurationError for a URL
+        that cannot be read: its parsers' errors quote it)."""
+        problem = url_problem(self.url, BROKER_SCHEMES, failover=True)
         if problem is not None:
             raise ConfigurationError(f"broker_url {mask_url(self.url)}: {problem}")
+        failures = []
+        for url in self.failover.order():
+            try:
+                self._connection, self._channel = await self._open(url)
+            except BrokerConnectionError as exc:
+                failures.append(str(exc))
+                continue
+            self.failover.using(url)
+            self._connected_once = True
+            self._declared.clear()  # a new connection declares its queues again
+            return
+        raise BrokerConnectionError(
+            f"{'; '.join(failures)}. Check that RabbitMQ runs there and that broker_url has "
+            "the right host, port, credentials and vhost.")
+
+    async def _open(self, url: str) -> tuple[AbstractConnection, AbstractChannel]:
         import aio_pika
         import aiormq
 
         try:
-            self._connection = await asyncio.wait_for(
-                aio_pika.connect_robust(
-                    self.url,
-                    timeout=self.connection_timeout,
-                    heartbeat=self.heartbeat,
-                    client_properties={"connection_name": self.connection_name},
-                ),
-                timeout=self.connection_timeout + 1,
-            )
+            readable = aio_pika_url(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"broker_url {mask_url(url)}: {exc}") from None
+        try:
+            connection = await asyncio.wait_for(
+                aio_pika.connect(readable, timeout=self.connection_timeout,
+                                 heartbeat=self.heartbeat,
+                                 client_properties={"connection_name": self.connection_name}),
+                timeout=self.connection_timeout + 1)
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise BrokerConnectionError(
-                f"cannot connect to broker {mask_url(self.url)} within "
-                f"{self.connection_timeout}s: {describe_error(exc)}. Check that RabbitMQ runs "
-                "there and that broker_url has the right host, port, credentials and vhost."
-            ) from exc
-        self._channel = await self._connection.channel(publisher_confirms=True)
+                f"cannot connect to broker {mask_url(url)} within "
+                f"{self.connection_timeout}s: {describe_error(exc)}") from exc
+        try:
+            channel = await asyncio.wait_for(connection.channel(publisher_confirms=True),
+                                             self.connection_timeout)
+        except BaseException as exc:
+            await connection.close()
+            if isinstance(exc, TimeoutError | OSError | aiormq.exceptions.AMQPError):
+                raise BrokerConnectionError(f"cannot open a channel on broker "
+                                            f"{mask_url(url)}: {describe_error(exc)}") from exc
+            raise
+        connection.close_callbacks.add(self._on_connection_closed)
+        return connection, channel
 
-    async def _connect_once(self) -> None:
-        """Lazy mode: the first publisher connects; the others wait for that (and after a
-        failure the next one tries again)."""
+    def _on_connection_closed(self, connection: Any, exc: BaseException | None) -> None:
+        if connection is not self._connection:  # an older one, or closed by close()
+            return
+        logger.warning("Lost the publisher connection to %s (%s): the next publish opens a "
+                       "new one%s", self.failover.masked,
+                       describe_error(exc) if exc else "closed",
+                       ", trying the next broker URL first" if len(self.failover.urls) > 1
+                       else "")
+        self.failover.lost()
+        self._connection = self._channel = None
+        self._declared.clear()
+
+    async def _publisher_ready(self) -> AbstractChannel:
+        """The publisher channel, once (re)opened where needed: lazy mode's first publisher
+        connects, the others wait for that; after a failure the next one tries again."""
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
         if self._closed:
             raise RuntimeError("broker is closed: use `async with app.setup():`")
-        if self._connecting is None or (self._connecting.done()
-                                        and self._connecting.exception() is not None):
+        if not (self.lazy or self._connected_once):
+            raise RuntimeError("broker is not connected: use `async with app.setup():`")
+        if self._connecting is None or self._connecting.done():
             # An empty context: the connection's background tasks must not carry the
             # first sender's (a task's request, say) for the life of the process.
             self._connecting = asyncio.get_running_loop().create_task(
-                self.connect(), context=contextvars.Context())
+                self._restore(), context=contextvars.Context())
         await asyncio.shield(self._connecting)
+        return self._publisher()
+
+    async def _restore(self) -> None:
+        connection = self._connection
+        if connection is not None and not connection.is_closed:
+            # The broker closed just the channel (a channel error): open another.
+            self._channel = await asyncio.wait_for(
+                connection.channel(publisher_confirms=True), self.connection_timeout)
+        else:
+            await self.connect()
 
     async def close(self) -> None:
         self._closed = True
@@ -124,26 +188,27 @@ class Broker:
         connection, self._connection, self._channel = self._connection, None, None
         self._declared.clear()
         if connection is not None:
-            await connection.close()
+            # bounded: a stalled broker never answers connection.close
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(connection.close(), self.connection_timeout)
 
-    async def channel(self, prefetch_count: int = 0) -> AbstractRobustChannel:
+    async def channel(self, prefetch_count: int = 0) -> AbstractChannel:
         """A new channel on this connection (e.g. one for consuming)."""
-        channel: AbstractRobustChannel = await self.connection.channel()
+        channel: AbstractChannel = await self.connection.channel()
         if prefetch_count:
             await channel.set_qos(prefetch_count=prefetch_count)
         return channel
 
     async def declare_queue(self, name: str,
-                            channel: AbstractRobustChannel | None = None) -> AbstractRobustQueue:
+                            channel: AbstractChannel | None = None) -> AbstractQueue:
         """Declare ``name`` as Celery does: a durable queue bound to a durable direct exchange
         of the same name. Concurrent callers for one name share a single declaration."""
         if channel is not None:
             return await self._declare(name, channel)
-        if self._channel is None and self.lazy:
-            await self._connect_once()
+        publisher = await self._publisher_ready()
         future = self._declared.get(name)
         if future is None:
-            future = asyncio.ensure_future(self._declare(name, self._publisher()))
+            future = asyncio.ensure_future(self._declare(name, publisher))
             self._declared[name] = future
         try:
             return await asyncio.shield(future)
@@ -152,14 +217,22 @@ class Broker:
                 self._declared.pop(name, None)
             raise
 
-    async def _declare(self, name: str, channel: AbstractRobustChannel) -> AbstractRobustQueue:
+    async def _declare(self, name: str, channel: AbstractChannel) -> AbstractQueue:
         import aio_pika
 
-        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, durable=True)
-        queue: AbstractRobustQueue = await channel.declare_queue(
-            name, durable=True,
-            arguments=queue_arguments(self.max_priority, self.queue_arguments))
-        await queue.bind(exchange, routing_key=name)
+        timeout = self.rpc_timeout
+        try:
+            exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT,
+                                                      durable=True, timeout=timeout)
+            queue: AbstractQueue = await channel.declare_queue(
+                name, durable=True,
+                arguments=queue_arguments(self.max_priority, self.queue_arguments),
+                timeout=timeout)
+            await queue.bind(exchange, routing_key=name, timeout=timeout)
+        except TimeoutError:
+            raise BrokerConnectionError(f"the broker {self.failover.masked} did not answer "
+                                        f"the declaration of queue {name!r} within "
+                                        f"{timeout:g}s") from None
         return queue
 
     async def declare_holding_queue(self, name: str, target: str, ttl_ms: int) -> None:
@@ -170,29 +243,28 @@ class Broker:
         BrokerConnectionError."""
         import aiormq
 
-        if self._channel is None and self.lazy:
-            await self._connect_once()
         try:
-            publisher = await self._publisher().get_underlay_channel()
+            publisher = await (await self._publisher_ready()).get_underlay_channel()
             assert isinstance(publisher, aiormq.Channel)
-            channel = await publisher.connection.channel()
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            channel = await publisher.connection.channel(timeout=self.rpc_timeout)
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerConnectionError(f"cannot open a channel to declare {name!r}: "
                                         f"{describe_error(exc)}") from exc
         try:
             await channel.queue_declare(name, durable=True,
-                                        arguments=holding_queue_arguments(target, ttl_ms))
+                                        arguments=holding_queue_arguments(target, ttl_ms),
+                                        timeout=self.rpc_timeout)
         except aiormq.exceptions.ChannelClosed as exc:
             raise HoldingQueueRefused(f"the broker refused to declare the holding queue "
                                       f"{name!r}: {describe_error(exc)}") from exc
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerConnectionError(f"declaring the holding queue {name!r} failed: "
                                         f"{describe_error(exc)}") from exc
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
 
-    def _publisher(self) -> AbstractRobustChannel:
+    def _publisher(self) -> AbstractChannel:
         if self._channel is None:
             raise RuntimeError("broker is not connected: use `async with app.setup():`")
         return self._channel
@@ -211,35 +283,37 @@ class Broker:
         task_name, task_id = envelope.headers.get("task"), envelope.correlation_id
         del envelope  # the header dict is not needed past this point
         try:
-            if self._channel is None and self.lazy:
-                await self._connect_once()
+            publisher = await self._publisher_ready()
             declared = self._declared.get(queue)
             if declared is None or not declared.done():
                 await self.declare_queue(queue)  # waits for a declaration under way too
-            raw = await self._publisher().get_underlay_channel()
+            raw = await publisher.get_underlay_channel()
             assert isinstance(raw, aiormq.Channel)
-            # wait=False: do not hold aiormq's channel lock until the socket drains; the
-            # publisher confirm awaited here is what proves the broker has the message.
-            await raw.basic_publish(
-                body,
-                exchange=_DEFAULT_EXCHANGE,
-                routing_key=queue,
-                properties=properties,
-                timeout=self.publish_timeout,
-                wait=False,
-            )
+            async with asyncio.timeout(self.publish_timeout):
+                # While the broker blocks publishing (a resource alarm) the message stays
+                # here: sent, it would only wait in the socket, unconfirmed.
+                await raw.connection.ready()
+                # wait=False: do not hold aiormq's channel lock until the socket drains;
+                # the publisher confirm awaited here proves the broker has the message.
+                await raw.basic_publish(body, exchange=_DEFAULT_EXCHANGE, routing_key=queue,
+                                        properties=properties, wait=False)
         except BrokerConnectionError:
-            raise  # the lazy connect said what went wrong already
+            raise  # the connect or the declaration said what went wrong already
         except _refusals() as exc:
             raise PublishRefusedError(
-                f"the broker {mask_url(self.url)} refused task {task_name}[{task_id}] for "
+                f"the broker {self.failover.masked} refused task {task_name}[{task_id}] for "
                 f"queue {queue!r}: {describe_error(exc)}") from exc
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
                 ConnectionError, TimeoutError) as exc:  # the channel closed: reconnecting
+            why = describe_error(exc)
+            if isinstance(exc, TimeoutError):
+                why = (f"no confirm within {self.publish_timeout:g}s (broker_publish_timeout),"
+                       " or the broker blocked publishing that long (a resource alarm: see "
+                       "`rabbitmq-diagnostics alarms`)")
             raise BrokerConnectionError(
                 f"publishing task {task_name}[{task_id}] to {queue!r} on "
-                f"{mask_url(self.url)} failed: {describe_error(exc)}. The broker did not "
-                "confirm it; it may or may not have been queued.") from exc
+                f"{self.failover.masked} failed: {why}. The broker did not confirm it; it "
+                "may or may not have been queued.") from exc
 
 
 def _refusals() -> tuple[type[BaseException], ...]:
@@ -293,19 +367,24 @@ class BrokerRefused(BrokerConnectionError):
 class ConsumerChannel:
     """The worker's side: a dedicated AMQP connection with one channel for consuming.
 
-    Built on :class:`~aio_celery.amqpconn.AMQPConnection`: deliveries reach ``on_message``
+    Built on :class:`~aio_celery.amqp.connection.AMQPConnection`: deliveries reach ``on_message``
     as they are read, with no per-message task or wrapper objects, and acks are written at
     once, in the order they are made (a ``multiple`` ack can cover many deliveries). It does
     not reconnect by itself: the worker opens a new one and says so in the log, so that a
     delivery tag is never acknowledged on a channel it did not come from.
     """
 
-    def __init__(self, url: str, *, prefetch_count: int, connection_timeout: float = 4.0,
-                 heartbeat: int = 60, max_priority: int | None = None,
-                 connection_name: str = "aio_celery worker",
-                 queue_arguments: dict[str, Any] | None = None) -> None:
-        self.url = url
+    def __init__(self, url: str | Failover, *, prefetch_count: int,
+                 connection_timeout: float = 4.0, heartbeat: int = 60,
+                 max_priority: int | None = None, connection_name: str = "aio_celery worker",
+                 queue_arguments: dict[str, Any] | None = None,
+                 publish_timeout: float | None = None, rpc_timeout: float = RPC_TIMEOUT) -> None:
+        #: the broker URL(s) and which one to try next (the worker keeps one across
+        #: reconnects, so that a reconnect moves on to the next node)
+        self.failover = url if isinstance(url, Failover) else Failover(url)
         self.prefetch_count = prefetch_count
+        self.publish_timeout = publish_timeout
+        self.rpc_timeout = rpc_timeout
         self.connection_timeout = connection_timeout
         self.heartbeat = heartbeat
         self.max_priority = max_priority
@@ -324,29 +403,60 @@ class ConsumerChannel:
     def is_open(self) -> bool:
         return self._connection is not None and self._connection.is_open
 
+    @property
+    def url(self) -> str:
+        """The URL connected to (else the first to try)."""
+        return self.failover.in_use or self.failover.urls[0]
+
     async def open(self) -> None:
-        """Connect; :class:`BrokerRefused` when trying again cannot help (login refused,
-        vhost missing or forbidden, an unusable URL), else BrokerConnectionError."""
+        """Connect to the first URL of ``broker_url`` that answers, in the order of
+        ``broker_failover_strategy``; :class:`BrokerRefused` when trying again cannot help
+        (login refused, vhost missing or forbidden, an unusable URL), else
+        BrokerConnectionError naming each URL tried."""
+        listed = ";".join(self.failover.urls)
+        problem = url_problem(listed, BROKER_SCHEMES, failover=True)
+        if problem is not None:  # found before trying the URLs that come first
+            raise BrokerRefused(f"cannot use broker_url {mask_url(listed)}: {problem}")
+        failures = []
+        for url in self.failover.order():
+            try:
+                connection = await self._connect(url)
+            except BrokerRefused:
+                raise
+            except BrokerConnectionError as exc:
+                failures.append(str(exc))
+                if len(self.failover.urls) > 1:
+                    logger.info("%s; trying the next broker URL", exc)
+                continue
+            self.failover.using(url)
+            self._connection = connection
+            break
+        else:
+            raise BrokerConnectionError("; ".join(failures))
+        # global_: RabbitMQ's per-channel limit, as Celery sets it. A per-consumer limit is
+        # fixed when basic.consume is sent, so widening it for eta tasks would not apply.
+        await connection.qos(self.prefetch_count, global_=True)
+
+    async def _connect(self, url: str) -> AMQPConnection:
         try:
-            connection = AMQPConnection(self.url, heartbeat=self.heartbeat,
+            connection = AMQPConnection(url, heartbeat=self.heartbeat,
                                         connection_name=self.connection_name,
-                                        connect_timeout=self.connection_timeout)
+                                        connect_timeout=self.connection_timeout,
+                                        rpc_timeout=self.rpc_timeout,
+                                        publish_timeout=self.publish_timeout)
             await connection.connect()
         except ValueError as exc:
-            raise BrokerRefused(f"cannot use broker_url {mask_url(self.url)}: {exc}") from exc
+            raise BrokerRefused(f"cannot use broker_url {mask_url(url)}: {exc}") from exc
         except (TimeoutError, OSError) as exc:
             code = getattr(exc, "reply_code", None)
             if code in REFUSED_CODES:
                 raise BrokerRefused(
-                    f"broker {mask_url(self.url)} refused the connection: "
+                    f"broker {mask_url(url)} refused the connection: "
                     f"{describe_error(exc)}. Check the user, password and vhost in "
                     "broker_url, and the user's permissions on that vhost.") from exc
             raise BrokerConnectionError(
-                f"cannot connect to broker {mask_url(self.url)}: {describe_error(exc)}") from exc
-        self._connection = connection
-        # global_: RabbitMQ's per-channel limit, as Celery sets it. A per-consumer limit is
-        # fixed when basic.consume is sent, so widening it for eta tasks would not apply.
-        await connection.qos(self.prefetch_count, global_=True)
+                f"cannot connect to broker {mask_url(url)}: {describe_error(exc)}") from exc
+        return connection
 
     async def closed(self) -> str:
         """Return why, once the connection or the channel is lost or closed (the broker
@@ -361,7 +471,6 @@ class ConsumerChannel:
                                        arguments=queue_arguments(self.max_priority,
                                                                  self.queue_arguments))
         await connection.queue_bind(queue, queue, routing_key=queue)
-
 
     async def message_count(self, queue: str) -> int:
         result = await self.connection.queue_declare(queue, passive=True)
@@ -412,7 +521,7 @@ class ConsumerChannel:
     async def publish_raw(self, body: bytes, properties: bytes, routing_key: str) -> None:
         """Publish a received message's body and encoded properties again to the queue
         ``routing_key``, mandatory and confirmed: ConnectionClosed if the broker nacks it,
-        :class:`~aio_celery.amqpconn.Returned` if no queue of that name took it."""
+        :class:`~aio_celery.amqp.connection.Returned` if no queue of that name took it."""
         await self.connection.publish(body, properties, routing_key, _DEFAULT_EXCHANGE,
                                       mandatory=True)
 

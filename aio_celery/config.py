@@ -27,10 +27,15 @@ class Settings:
     broker_url: str = "amqp://guest:guest@localhost:5672//"
     #: seconds to wait for the broker to accept a connection
     broker_connection_timeout: float = 4.0
-    #: seconds a publish may take, queueing and confirm included (None: no limit, like
-    #: aio-pika; a limit counts from the call, so keep it large for big concurrent batches)
-    broker_publish_timeout: float | None = None
-    #: AMQP heartbeat in seconds (0 disables it)
+    #: the order in which the URLs of a ``;``-separated ``broker_url`` are tried:
+    #: "round-robin" (as written, moving on after a lost one) or "shuffle"
+    broker_failover_strategy: str = "round-robin"
+    #: seconds a publish may take, queueing, a broker's block (resource alarm) and the
+    #: confirm included; then it fails with BrokerConnectionError (None: no limit). It counts
+    #: from the call, so keep it large for big concurrent batches
+    broker_publish_timeout: float | None = 30.0
+    #: AMQP heartbeat in seconds, as proposed to the broker: the lower non-zero of ours and
+    #: the broker's is used (AMQP's rule), so 0 only disables it if the broker's is 0 too
     broker_heartbeat: int = 60
     #: the worker's attempts to get a lost broker connection back (at start-up too, see
     #: below) before it exits BROKER_LOST; None or 0: for ever. Celery's default is 100;
@@ -194,11 +199,25 @@ def _mask_one(url: str) -> str:
     return _SECRET_PARAM.sub(r"\1***", url)
 
 
-def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
-    """Why ``url`` is not a single readable URL with one of ``schemes``, in words that
-    never quote it (it may hold a password); None when it is fine."""
-    if _NEXT_URL.search(url):
-        return "a ;-separated list of URLs (failover) is not supported: give one URL"
+def split_urls(url: str) -> list[str]:
+    """The URLs of a ``;``-separated failover list (Celery's form), blanks around them
+    dropped; a single URL gives a list of one."""
+    return [part.strip() for part in _NEXT_URL.split(url)]
+
+
+def url_problem(url: str, schemes: tuple[str, ...], *, failover: bool = False) -> str | None:
+    """Why ``url`` is not a readable URL with one of ``schemes``, in words that never quote
+    it (it may hold a password); None when it is fine. With ``failover`` it may be a
+    ``;``-separated list of such URLs (``broker_url``); each is checked."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        if not failover:
+            return "a ;-separated list of URLs (failover) is not supported here: give one URL"
+        for number, one in enumerate(urls, 1):
+            problem = url_problem(one, schemes)
+            if problem is not None:
+                return f"URL {number} of {len(urls)}: {problem}"
+        return None
     scheme, sep, _ = url.partition("://")
     if not sep or scheme.lower() not in schemes:
         found = f"{scheme}://" if sep and _SCHEME.fullmatch(scheme + sep) else "something else"

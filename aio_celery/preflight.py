@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from aio_celery.config import BACKEND_SCHEMES, BROKER_SCHEMES, Settings, mask_url, url_problem
 from aio_celery.exceptions import ConfigurationError
+from aio_celery.failover import STRATEGIES
 
 if TYPE_CHECKING:
     from aio_celery.worker.options import WorkerOptions
@@ -21,7 +22,11 @@ if TYPE_CHECKING:
 def check(settings: Settings, options: WorkerOptions | None = None) -> None:
     """Raise ConfigurationError for the first problem found; return if there is none.
     ``options``: the worker's, checked together with the settings they complete."""
-    _check_url("broker_url", settings.broker_url, BROKER_SCHEMES)
+    _check_url("broker_url", settings.broker_url, BROKER_SCHEMES, failover=True)
+    if settings.broker_failover_strategy not in STRATEGIES:
+        raise ConfigurationError(
+            f"broker_failover_strategy={settings.broker_failover_strategy!r}: use one of "
+            f"{', '.join(map(repr, STRATEGIES))}")
     if options is not None:
         _check_max_age(settings, options)
     if settings.result_backend:
@@ -34,10 +39,11 @@ def check(settings: Settings, options: WorkerOptions | None = None) -> None:
                 "pip install 'aio-celery[redis]' (or unset result_backend)") from None
 
 
-def _check_url(setting: str, url: object, schemes: tuple[str, ...]) -> None:
+def _check_url(setting: str, url: object, schemes: tuple[str, ...], *,
+               failover: bool = False) -> None:
     if not isinstance(url, str):
         raise ConfigurationError(f"{setting} must be a URL string, not {type(url).__name__}")
-    problem = url_problem(url, schemes)
+    problem = url_problem(url, schemes, failover=failover)
     if problem is not None:
         raise ConfigurationError(f"{setting} {mask_url(url)}: {problem}")
 

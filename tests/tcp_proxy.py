@@ -5,6 +5,8 @@
     proxy.cut()                  # abort every connection open right now (both sides)
     await proxy.pause()          # stop listening: new connections are refused
     await proxy.resume()         # listen again on the same port
+    proxy.stall()                # keep every connection open but forward nothing (a hung
+                                 # broker, a black-holed network); proxy.flow() undoes it
     await proxy.close()
 
 ``accepted`` counts the connections accepted so far (a reconnect shows up as a new one).
@@ -27,6 +29,8 @@ class TcpProxy:
         self._server: asyncio.AbstractServer | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._pumps: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def listening(self) -> bool:
@@ -72,10 +76,10 @@ class TcpProxy:
             _abort(client_writer)
             _abort(upstream_writer)
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                await self._flowing.wait()  # stalled: held here, neither sent nor dropped
                 writer.write(data)
                 await writer.drain()
 
@@ -86,6 +90,15 @@ class TcpProxy:
             _abort(client)
             _abort(upstream)
         return len(pairs)
+
+    def stall(self) -> None:
+        """Forward nothing more, either way, on open and new connections (they stay open:
+        a peer sees silence, not a close) until :meth:`flow`."""
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        """Forward again, what was held back first."""
+        self._flowing.set()
 
     async def pause(self) -> None:
         """Stop listening: connection attempts are refused until :meth:`resume`."""

@@ -10,17 +10,22 @@ from aio_celery.config import mask_url
 
 if TYPE_CHECKING:
     from aio_celery.app import Celery
+    from aio_celery.failover import Failover
     from aio_celery.worker.options import WorkerOptions
 
 
 def banner(app: Celery, options: WorkerOptions, queues: tuple[str, ...],
-           prefetch_count: int) -> str:
+           prefetch_count: int, failover: Failover | None = None) -> str:
+    """``failover``: the broker URL in use, out of those of ``broker_url``."""
     settings = app.conf.settings
     tasks = sorted(app.tasks) or ["(none registered)"]
+    broker = mask_url(settings.broker_url) if failover is None else failover.masked
+    if failover is not None and len(failover.urls) > 1:
+        broker += f" (1 of {len(failover.urls)} URLs, failover {failover.strategy})"
     lines = [
         f"aio-celery {__version__} worker {options.hostname} (pid {os.getpid()})",
         f"  app:         {app.main or '__main__'}",
-        f"  broker:      {mask_url(settings.broker_url)}",
+        f"  broker:      {broker}",
         f"  results:     {mask_url(settings.result_backend) or 'disabled'}",
         f"  concurrency: {options.concurrency} (prefetch {prefetch_count})",
         f"  queues:      {', '.join(queues)}",

@@ -44,7 +44,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aio_celery import protocol
-from aio_celery.amqpconn import Delivery
+from aio_celery.amqp.connection import Delivery
 from aio_celery.broker import ConsumerChannel, HoldingQueueRefused, describe_error
 from aio_celery.config import Settings
 from aio_celery.exceptions import MessageDecodeError

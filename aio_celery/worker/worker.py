@@ -20,6 +20,7 @@ from aio_celery.app import Celery
 from aio_celery.broker import BrokerRefused, ConsumerChannel
 from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
+from aio_celery.failover import Failover
 from aio_celery.poison import Guard
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
@@ -67,6 +68,15 @@ class Worker:
         self.consuming: asyncio.Event | None = None
         #: ``time.monotonic()`` when the broker became unreachable; None while connected
         self.broker_lost_since: float | None = None
+        self._failover: Failover | None = None
+
+    @property
+    def failover(self) -> Failover:
+        """The URLs of ``broker_url``, the one in use, and where a reconnect starts."""
+        if self._failover is None:
+            settings = self.app.conf.settings
+            self._failover = Failover(settings.broker_url, settings.broker_failover_strategy)
+        return self._failover
 
     # --- what signal handlers and tests call -------------------------------------------
 
@@ -193,7 +203,7 @@ class Worker:
         self._session = session
         if self.options.banner:
             logger.info("%s", banner(self.app, self.options, self.queues,
-                                     session.prefetch_count))
+                                     session.prefetch_count, self.failover))
         logger.info("%s ready: consuming %s", self.options.hostname, ", ".join(self.queues))
 
     async def _open_session(self) -> Session:
@@ -202,7 +212,8 @@ class Worker:
         settings = self.app.conf.settings
         prefetch = self.options.prefetch_count(settings.worker_prefetch_multiplier)
         channel = ConsumerChannel(
-            settings.broker_url, prefetch_count=prefetch,
+            self.failover, prefetch_count=prefetch,
+            publish_timeout=settings.broker_publish_timeout,
             connection_timeout=settings.broker_connection_timeout,
             heartbeat=settings.broker_heartbeat,
             max_priority=settings.task_queue_max_priority,
@@ -272,6 +283,7 @@ class Worker:
                         from exc
                 outage.failed(exc)
             else:
+                outage.url = self.failover.masked  # the one connected to
                 outage.recovered(session.consumer_count, after_loss=not at_startup)
                 self.broker_lost_since = None
                 return session
@@ -333,10 +345,12 @@ class Worker:
         assert self._session is not None and self.consuming is not None
         self.consuming.clear()
         self.broker_lost_since = time.monotonic()
+        failover = self.failover
         logger.warning("Lost the broker connection to %s (%s); %d task(s) in flight are "
-                       "cancelled and will be redelivered. Reconnecting",
-                       mask_url(self.app.conf.settings.broker_url), reason,
-                       self._session.in_flight)
+                       "cancelled and will be redelivered. Reconnecting%s", failover.masked,
+                       reason, self._session.in_flight,
+                       ", to the next broker URL first" if len(failover.urls) > 1 else "")
+        failover.lost()
         await self._session.abandon()
         session = await self._connect(at_startup=False)
         if session is not None:

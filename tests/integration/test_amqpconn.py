@@ -1,4 +1,4 @@
-"""The worker's lean AMQP connection (:mod:`aio_celery.amqpconn`) against the real RabbitMQ.
+"""The worker's lean AMQP connection (:mod:`aio_celery.amqp.connection`) against the real RabbitMQ.
 
 Pinned here:
 
@@ -45,16 +45,17 @@ from pamqp import body as pamqp_body
 from pamqp import commands, frame
 from pamqp import header as pamqp_header
 
-from aio_celery import amqpwire
-from aio_celery.amqpconn import (
+from aio_celery.amqp import wire as amqpwire
+from aio_celery.amqp.connection import (
     _PAUSE_READING_AT,
     AMQPConnection,
     ConnectionClosed,
     Delivery,
     Endpoint,
     Returned,
+    aio_pika_url,
 )
-from aio_celery.amqpwire import Deliver, Properties
+from aio_celery.amqp.wire import Deliver, Properties
 
 TIMEOUT = 5.0  # an upper bound for anything awaited; every step takes far less
 
@@ -161,7 +162,8 @@ def test_endpoint_tls_options_and_repr() -> None:
     endpoint = Endpoint.from_url("amqps://u:s3cret@h/?cafile=/ca.pem&certfile=/c.pem"
                                  "&keyfile=/k.pem&no_verify_ssl=1&heartbeat=9&other=x")
     assert endpoint.tls_options == (("cafile", "/ca.pem"), ("certfile", "/c.pem"),
-                                    ("keyfile", "/k.pem"), ("no_verify_ssl", "1"))
+                                    ("keyfile", "/k.pem"))
+    assert not endpoint.verify
     assert endpoint.heartbeat == 9
     assert "s3cret" not in repr(endpoint) and endpoint.password == "s3cret"
     assert "s3cret" not in repr(AMQPConnection("amqp://u:s3cret@h/").endpoint)
@@ -175,6 +177,61 @@ def test_endpoint_tls_options_and_repr() -> None:
     assert unverified.verify_mode == ssl.CERT_NONE and not unverified.check_hostname
     still_verified = Endpoint.from_url("amqps://h/?no_verify_ssl=0").ssl_context()
     assert still_verified is not None and still_verified.verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize(("value", "verify"), [
+    ("1", False), ("true", False), ("TRUE", False), ("yes", False), ("on", False),
+    ("0", True), ("false", True), ("False", True), ("no", True), ("off", True), ("", True),
+])
+def test_no_verify_ssl_turns_verification_off_only_when_explicitly_true(
+        value: str, verify: bool) -> None:
+    endpoint = Endpoint.from_url(f"amqps://h/?no_verify_ssl={value}")
+    assert endpoint.verify is verify
+    context = endpoint.ssl_context()
+    assert context is not None
+    assert context.check_hostname is verify
+    assert (context.verify_mode == ssl.CERT_REQUIRED) is verify
+    # aio-pika (the publisher) reads any value but "0" as "off": it gets 1 or nothing
+    pika_query = urlsplit(aio_pika_url(f"amqps://h/?no_verify_ssl={value}&cafile=/x")).query
+    assert pika_query == ("cafile=%2Fx" if verify else "cafile=%2Fx&no_verify_ssl=1")
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "ture"])
+def test_an_unclear_no_verify_ssl_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="no_verify_ssl= must be 1/true/yes/on"):
+        Endpoint.from_url(f"amqps://u:pw9@h/?no_verify_ssl={value}")
+
+
+def test_amqps_verifies_by_default() -> None:
+    endpoint = Endpoint.from_url("amqps://h/")
+    assert endpoint.verify
+    assert aio_pika_url("amqps://u:p%2F@h:5671/v?heartbeat=5") == \
+        "amqps://u:p%2F@h:5671/v?heartbeat=5"
+
+
+@pytest.mark.parametrize(("query", "mechanism", "response"), [
+    ("", "PLAIN", "\0u\0pw"),
+    ("?auth=plain", "PLAIN", "\0u\0pw"),
+    ("?auth=external", "EXTERNAL", ""),
+    ("?auth=EXTERNAL", "EXTERNAL", ""),
+    ("?auth_mechanism=EXTERNAL", "EXTERNAL", ""),
+    ("?auth_mechanism=external&auth=external", "EXTERNAL", ""),
+])
+def test_login_mechanisms(query: str, mechanism: str, response: str) -> None:
+    endpoint = Endpoint.from_url(f"amqps://u:pw@h/{query}")
+    assert endpoint.login() == (mechanism, response)
+    # the publisher (aiormq) reads ``auth``
+    expected = "auth=external" if mechanism == "EXTERNAL" else ""
+    assert urlsplit(aio_pika_url(f"amqps://u:pw@h/{query}")).query == expected
+
+
+@pytest.mark.parametrize(("query", "says"), [
+    ("?auth=amqplain", "auth='amqplain' is not one of plain, external"),
+    ("?auth=plain&auth_mechanism=external", "auth= and auth_mechanism= disagree"),
+])
+def test_unknown_login_mechanisms_are_refused(query: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        Endpoint.from_url(f"amqps://u:pw@h/{query}")
 
 
 def test_heartbeat_from_url_overrides_the_argument() -> None:
@@ -377,7 +434,7 @@ async def test_publish_is_confirmed_and_byte_identical(
         await asyncio.wait_for(
             conn.publish(original.body, original.properties.encoded, target), TIMEOUT)
         conn.ack(original.deliver.delivery_tag)
-    assert conn._confirms == {}
+    assert conn.unconfirmed == 0
     # encoded properties as they are, none at all included
     await asyncio.wait_for(conn.publish(b"bare", b"\x00\x00", target), TIMEOUT)
 
@@ -400,7 +457,7 @@ async def test_publish_is_confirmed_and_byte_identical(
     await channel.declare_queue(many)
     await asyncio.wait_for(asyncio.gather(
         *(conn.publish(b"%d" % i, b"\x00\x00", many) for i in range(300))), TIMEOUT)
-    assert conn._confirms == {}
+    assert conn.unconfirmed == 0
     assert await ready_count(amqp, many) == 300
 
 
@@ -506,20 +563,23 @@ async def test_publish_to_a_missing_exchange_fails(conn: AMQPConnection,
                                                    unique_name: str) -> None:
     with pytest.raises(ConnectionClosed, match="NOT_FOUND"):
         await asyncio.wait_for(conn.publish(b"x", b"\x00\x00", "rk", exchange=unique_name), 2)
-    assert conn._confirms == {}
+    assert conn.unconfirmed == 0
     assert not conn.is_open
 
 
 async def test_queue_deleted_while_consuming(
-        conn: AMQPConnection, channel: AbstractChannel, unique_name: str) -> None:
+        conn: AMQPConnection, channel: AbstractChannel, unique_name: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """RabbitMQ sends basic.cancel (we announce consumer_cancel_notify): the reason is
+    logged with the queue, and the connection ends for its owner to consume again."""
     await asyncio.wait_for(conn.queue_declare(unique_name, durable=False), TIMEOUT)
     tag = await asyncio.wait_for(conn.consume(unique_name, Collector()), TIMEOUT)
-    assert tag in conn._consumers
     await channel.queue_delete(unique_name)
     reason = await asyncio.wait_for(conn.closed(), 2)
-    assert "cancelled consumer" in reason and tag in reason
+    assert "cancelled consumer" in reason and tag in reason and unique_name in reason
     assert not conn.is_open
-    assert conn._consumers == {}
+    assert f"The broker cancelled the consumer of queue {unique_name!r}" in caplog.text
+    assert "the queue was deleted, its quorum leader moved" in caplog.text
 
 
 # --- holding deliveries back ------------------------------------------------------------------
@@ -548,10 +608,10 @@ async def test_hold_and_release(conn: AMQPConnection, amqp: AbstractConnection,
 
     await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while not conn._reading_paused:  # the bytes keep coming until 64 KiB wait
+    while not conn.reading_paused:  # the bytes keep coming until 64 KiB wait
         assert time.monotonic() < deadline, "reading never paused"
         await asyncio.sleep(0.01)
-    assert len(conn._buffer) > _PAUSE_READING_AT
+    assert conn.buffered > _PAUSE_READING_AT
     assert conn._incoming is None and conn._buffer[0] == 1  # a basic.deliver is next
     await asyncio.sleep(0.2)
     assert len(received) == hold_at
@@ -572,7 +632,7 @@ async def test_hold_and_release(conn: AMQPConnection, amqp: AbstractConnection,
     while len(received) < count:
         assert time.monotonic() < deadline, f"only {len(received)} of {count} arrived"
         await asyncio.sleep(0.01)
-    assert not conn._reading_paused
+    assert not conn.reading_paused
     check(received)
     assert len(received) == count
     conn.ack(count, multiple=True)
@@ -601,7 +661,7 @@ async def test_request_while_held_with_large_messages(
 
     await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while not conn._reading_paused:
+    while not conn.reading_paused:
         assert time.monotonic() < deadline, "reading never paused"
         await asyncio.sleep(0.01)
     assert len(received) == 1
@@ -644,7 +704,7 @@ async def test_publish_while_held_is_confirmed(
 
     await asyncio.wait_for(conn.consume(source, callback), TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while not conn._reading_paused:
+    while not conn.reading_paused:
         assert time.monotonic() < deadline, "reading never paused"
         await asyncio.sleep(0.01)
     assert len(received) == hold_at
@@ -652,7 +712,7 @@ async def test_publish_while_held_is_confirmed(
     # The confirm comes behind the held deliveries, on a paused socket: it is read without
     # waiting for release().
     await asyncio.wait_for(conn.publish(b"while held", b"\x00\x00", target), 1)
-    assert conn._confirms == {}
+    assert conn.unconfirmed == 0
     assert conn.is_open
     assert await ready_count(amqp, target) == 1
 
@@ -685,11 +745,11 @@ async def test_broker_ending_things_behind_held_deliveries_is_seen_while_held(
     await asyncio.wait_for(conn.qos(100), TIMEOUT)
     tag = await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while len(conn._buffer) < (count - hold_at) * size:  # the rest arrived, and is held
+    while conn.buffered < (count - hold_at) * size:  # the rest arrived, and is held
         assert time.monotonic() < deadline, "the held deliveries never arrived"
         await asyncio.sleep(0.01)
     assert len(received) == hold_at
-    assert not conn._reading_paused
+    assert not conn.reading_paused
     await channel.queue_delete(unique_name)
     reason = await asyncio.wait_for(conn.closed(), 2)
     assert "cancelled consumer" in reason and tag in reason
@@ -718,12 +778,12 @@ async def test_heartbeats_read_a_paused_connection_while_held(
         await asyncio.wait_for(conn.qos(1000), TIMEOUT)
         await asyncio.wait_for(conn.consume(unique_name, callback), TIMEOUT)
         deadline = time.monotonic() + TIMEOUT
-        while not conn._reading_paused:
+        while not conn.reading_paused:
             assert time.monotonic() < deadline, "reading never paused"
             await asyncio.sleep(0.01)
-        paused_at = len(conn._buffer)
+        paused_at = conn.buffered
         deadline = time.monotonic() + 1.5
-        while len(conn._buffer) == paused_at:
+        while conn.buffered == paused_at:
             assert time.monotonic() < deadline, "a paused connection is never read again"
             await asyncio.sleep(0.01)
         assert len(received) == hold_at  # still held
@@ -811,6 +871,8 @@ def wired(callback: Any, tag: str = "ctag") -> tuple[AMQPConnection, FakeTranspo
     loop = asyncio.get_running_loop()
     connection._loop = loop
     connection._ended = loop.create_future()
+    connection._unblocked = asyncio.Event()
+    connection._unblocked.set()
     transport = FakeTransport()
     connection.connection_made(transport)
     connection._consumers[tag] = callback
@@ -995,3 +1057,27 @@ async def test_parser_lets_a_reply_through_while_held() -> None:
     # what came before the reply was handed over; after it, holding resumes
     assert [d.body for d in collector.deliveries] == [b"m1", b"m2"]
     assert connection._incoming is None and connection._buffer[0] == 1
+
+
+async def test_a_return_fails_the_publish_it_belongs_to_whatever_confirm_comes_first() -> None:
+    """RabbitMQ returns an unroutable mandatory message at once, while the confirm of an
+    earlier one waits for its queue: the return still belongs to the later one."""
+    connection, transport = wired(Collector())
+    routed = asyncio.ensure_future(connection.publish(b"1", b"\x00\x00", "q", mandatory=True))
+    lost = asyncio.ensure_future(connection.publish(b"2", b"\x00\x00", "gone", mandatory=True))
+    other = asyncio.ensure_future(connection.publish(b"3", b"\x00\x00", "gone", mandatory=True))
+    await asyncio.sleep(0)
+    assert connection.unconfirmed == 3 and len(transport.written) == 3
+    returned = (frame.marshal(commands.Basic.Return(reply_code=312, reply_text="NO_ROUTE",
+                                                    exchange="", routing_key="gone"), 1)
+                + frame.marshal(pamqp_header.ContentHeader(0, 1, commands.Basic.Properties()),
+                                1)
+                + frame.marshal(pamqp_body.ContentBody(b"2"), 1))
+    connection.data_received(returned + frame.marshal(commands.Basic.Ack(delivery_tag=1), 1))
+    connection.data_received(frame.marshal(commands.Basic.Ack(delivery_tag=3, multiple=True),
+                                           1))
+    assert await routed is None
+    with pytest.raises(Returned, match=r"312 NO_ROUTE .*'gone'"):
+        await lost
+    assert await other is None  # the same routing key, but only one return came
+    assert connection.unconfirmed == 0 and connection.is_open

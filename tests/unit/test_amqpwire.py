@@ -28,8 +28,9 @@ import pamqp.encode
 import pytest
 from pamqp import body, commands, constants, frame, header, heartbeat
 
-from aio_celery import amqpwire, protocol
-from aio_celery.amqpwire import WireError
+from aio_celery import protocol
+from aio_celery.amqp import wire as amqpwire
+from aio_celery.amqp.wire import WireError
 
 VALID = sorted((Path(__file__).resolve().parent.parent / "messages").glob("valid_*.json"))
 WHEN = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -328,6 +329,17 @@ def assert_encodes_like_pamqp(envelope: protocol.Envelope) -> None:
     encoded = amqpwire.EncodedProperties(envelope)
     assert isinstance(encoded, commands.Basic.Properties)  # what aiormq takes
     assert encoded.message_id == envelope.correlation_id
+    # every attribute pamqp has, as pamqp's own would hold it (aiormq may read any)
+    pamqps = commands.Basic.Properties(
+        content_type=envelope.content_type, content_encoding=envelope.content_encoding,
+        headers=envelope.headers, delivery_mode=envelope.delivery_mode,
+        priority=envelope.priority, correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to or None, expiration=envelope.expiration,
+        message_id=envelope.correlation_id)
+    for name in commands.Basic.Properties.__slots__:
+        if name != "headers":  # only in the encoded bytes
+            assert getattr(encoded, name) == getattr(pamqps, name), name
+    assert encoded.headers is None
     # pamqp (as aiormq drives it) frames EncodedProperties with our bytes
     wire = frame.marshal(header.ContentHeader(0, len(envelope.body), encoded), 1)
     assert wire[7 + 12:-1] == ours
@@ -429,3 +441,14 @@ def test_heartbeat_and_frame_constants_are_pamqps() -> None:
         amqpwire.FRAME_HEARTBEAT, amqpwire.FRAME_END)
     assert amqpwire.FRAME_HEAD.size == constants.FRAME_HEADER_SIZE
     assert (commands.Basic.frame_id, commands.Basic.Deliver.frame_id) == amqpwire.BASIC_DELIVER
+
+
+@pytest.mark.parametrize(("client", "server", "agreed"), [
+    (60, 60, 60), (5, 60, 5), (60, 5, 5),  # the lower of two non-zero values
+    (0, 60, 60), (60, 0, 60),  # 0 from one side: the other's value
+    (0, 0, 0),  # none only when neither side wants one
+    (131072, 4096, 4096), (131072, 0, 131072),  # frame_max: 0 is "no limit"
+])
+def test_tuned_limits_are_negotiated_as_amqp_says(client: int, server: int,
+                                                   agreed: int) -> None:
+    assert amqpwire.negotiate(client, server) == agreed

@@ -16,7 +16,10 @@ from aio_celery.exceptions import ConfigurationError
     ({"broker_url": "redis://:pw9@h:6379/0"}, "broker_url redis://:***@h:6379/0: it must "
                                                "start with amqp://"),
     ({"broker_url": "amqp://u:pw9/x@h//"}, "percent-encoded"),
-    ({"broker_url": "amqp://u:pw9@a//;amqp://u:pw9@b//"}, "failover"),
+    ({"broker_url": "amqp://u:pw9@a//;amqp://u:pw9/x@b//"}, "URL 2 of 2: its port is not"),
+    ({"broker_url": "amqp://u:pw9@a//;redis://u:pw9@b//"}, "URL 2 of 2: it must start with"),
+    ({"broker_failover_strategy": "random"}, "broker_failover_strategy='random': use one of "
+                                             "'round-robin', 'shuffle'"),
     ({"broker_url": None}, "broker_url must be a URL string, not NoneType"),
     ({"result_backend": "memcached://u:pw9@h"}, "result_backend memcached://u:***@h: it must "
                                                  "start with redis://"),
@@ -43,6 +46,8 @@ def test_a_result_backend_without_redis_py_names_the_fix(
     {"broker_url": "amqps://u:p%2Fw@rabbit:5671/vh?heartbeat=10",
      "result_backend": "rediss://:p%40w@cache:6380/1?ssl_cert_reqs=none"},
     {"broker_url": "pyamqp://guest@localhost//", "result_backend": "unix:///run/redis.sock"},
+    {"broker_url": "amqp://u:pw@a//;amqp://u:pw@b:5673//; amqps://u:pw@c//",
+     "broker_failover_strategy": "shuffle"},
 ])
 def test_usable_settings_pass(settings: dict[str, Any]) -> None:
     preflight.check(Settings(**settings))

@@ -3,7 +3,7 @@
 aiormq reads each of the three frames of a delivery through a stream lock, a ``BytesIO``,
 pamqp's generic decoder and two queues, then starts a task per message; for a worker that
 runs no-op tasks that was more than half of its CPU. Here deliveries are cut straight out of
-the socket buffer by :mod:`aio_celery.amqpwire` and handed to a plain callback, and acks
+the socket buffer by :mod:`aio_celery.amqp.wire` and handed to a plain callback, and acks
 are single ``write`` calls. The rare methods (handshake, declarations, consume, cancel) are
 encoded and decoded by pamqp.
 
@@ -29,19 +29,26 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pamqp import commands, exceptions, frame
 
-from aio_celery import __version__, amqpwire
-from aio_celery.amqpwire import Deliver, Properties, WireError
+from aio_celery import __version__
+from aio_celery.amqp import wire as amqpwire
+from aio_celery.amqp.wire import Deliver, Properties, WireError
 from aio_celery.config import BROKER_SCHEMES, url_problem
 
 logger = logging.getLogger(__name__)
 
 CHANNEL = 1
-#: the largest frame we accept and send (RabbitMQ's default)
+#: the largest frame we accept and send (RabbitMQ's default); the broker may ask for less
 FRAME_MAX = 131072
+#: the channels we offer (one is used); the broker may ask for fewer
+CHANNEL_MAX = 2047
+#: seconds the broker gets to answer a request (a declare, consume, cancel, qos) before the
+#: connection is dropped as stalled: generous, a quorum queue declaration on a busy cluster
+#: takes seconds, but bounded, so that start-up, reconnect and shutdown never hang
+RPC_TIMEOUT = 15.0
 _PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 #: while deliveries are held, stop reading the socket once this much is buffered
 _PAUSE_READING_AT = 65536
@@ -95,11 +102,23 @@ class _Incoming:
     chunks: list[bytes] = field(default_factory=list)
 
 
+#: ``no_verify_ssl`` values that turn certificate verification off (any other value that
+#: is not in :data:`_FALSE` is refused: a typo must not silently disable verification)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+#: login mechanisms: PLAIN (user and password) and EXTERNAL (the TLS client certificate)
+MECHANISMS = ("PLAIN", "EXTERNAL")
+#: the query parameters that choose one (aiormq's name, and ours)
+_AUTH_PARAMETERS = ("auth", "auth_mechanism")
+_TLS_OPTIONS = ("cafile", "capath", "certfile", "keyfile")
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where and how to connect, read from an ``amqp://`` or ``amqps://`` URL. The query
-    parameters aio-pika reads for TLS (``cafile``, ``capath``, ``certfile``, ``keyfile``,
-    ``no_verify_ssl=1``) and ``heartbeat`` mean the same here."""
+    """Where and how to connect, read from one ``amqp://`` or ``amqps://`` URL. The query
+    parameters aio-pika reads mean the same here: ``cafile``, ``capath``, ``certfile``,
+    ``keyfile``, ``no_verify_ssl`` (only 1/true/yes/on turn verification off),
+    ``heartbeat`` and ``auth`` (``plain`` or ``external``; ``auth_mechanism`` is the same)."""
 
     host: str
     port: int
@@ -109,6 +128,8 @@ class Endpoint:
     tls: bool
     heartbeat: int | None  # from ``?heartbeat=``: None when the URL does not say
     tls_options: tuple[tuple[str, str], ...] = ()
+    verify: bool = True  # check the broker's certificate and host name (amqps)
+    mechanism: str = "PLAIN"
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
@@ -119,7 +140,8 @@ class Endpoint:
         parts = urlsplit(url)
         tls = parts.scheme == "amqps"
         path = unquote(parts.path)
-        query = {name: values[0] for name, values in parse_qs(parts.query).items()}
+        query = {name: values[0] for name, values
+                 in parse_qs(parts.query, keep_blank_values=True).items()}
         heartbeat = query.get("heartbeat")
         if heartbeat and not heartbeat.isdigit():
             raise ValueError("broker_url cannot be read: heartbeat= must be whole seconds")
@@ -133,6 +155,8 @@ class Endpoint:
             tls=tls,
             heartbeat=int(heartbeat) if heartbeat else None,
             tls_options=tuple((name, query[name]) for name in _TLS_OPTIONS if name in query),
+            verify=not _true(query.get("no_verify_ssl", "")),
+            mechanism=_mechanism(query),
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -143,13 +167,54 @@ class Endpoint:
                                              capath=options.get("capath"))
         if "certfile" in options:
             context.load_cert_chain(options["certfile"], options.get("keyfile"))
-        if options.get("no_verify_ssl", "0") != "0":
+        if not self.verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
 
+    def login(self) -> tuple[str, str]:
+        """The SASL mechanism and response of ``connection.start-ok``."""
+        if self.mechanism == "EXTERNAL":  # the broker takes the name from the certificate
+            return "EXTERNAL", ""
+        return "PLAIN", f"\0{self.username}\0{self.password}"
 
-_TLS_OPTIONS = ("cafile", "capath", "certfile", "keyfile", "no_verify_ssl")
+
+def _true(value: str) -> bool:
+    """``no_verify_ssl``'s value, strictly: ValueError for one that is neither."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("broker_url cannot be read: no_verify_ssl= must be 1/true/yes/on (do "
+                     "not verify the broker's certificate) or 0/false/no/off")
+
+
+def _mechanism(query: dict[str, str]) -> str:
+    values = {query[name].strip().upper() for name in _AUTH_PARAMETERS if name in query}
+    if len(values) > 1:
+        raise ValueError("broker_url cannot be read: auth= and auth_mechanism= disagree")
+    mechanism = values.pop() if values else "PLAIN"
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"broker_url cannot be read: auth={mechanism.lower()!r} is not one "
+                         f"of {', '.join(m.lower() for m in MECHANISMS)}")
+    return mechanism
+
+
+def aio_pika_url(url: str) -> str:
+    """``url`` (one URL) as aio-pika must read it to mean what :class:`Endpoint` reads:
+    aiormq turns verification off for any ``no_verify_ssl`` other than "0" (``false``
+    too), so it gets "1" or nothing; ``auth_mechanism`` becomes aiormq's ``auth``.
+    ValueError as :meth:`Endpoint.from_url` raises it."""
+    endpoint = Endpoint.from_url(url)
+    parts = urlsplit(url)
+    query = [(name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True)
+             if name not in ("no_verify_ssl", *_AUTH_PARAMETERS)]
+    if not endpoint.verify:
+        query.append(("no_verify_ssl", "1"))
+    if endpoint.mechanism != "PLAIN":
+        query.append(("auth", endpoint.mechanism.lower()))
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def _control_frame_end(buffer: bytearray, pos: int) -> int:
@@ -174,13 +239,24 @@ class AMQPConnection(asyncio.Protocol):
     """An AMQP connection and its one channel. Inert until :meth:`connect`."""
 
     def __init__(self, url: str, *, heartbeat: int = 60, connection_name: str = "aio_celery",
-                 connect_timeout: float = 4.0) -> None:
+                 connect_timeout: float = 4.0, rpc_timeout: float = RPC_TIMEOUT,
+                 publish_timeout: float | None = None) -> None:
         self.endpoint = Endpoint.from_url(url)
+        #: the heartbeat interval asked for; once connected, the one agreed with the broker
         self.heartbeat = self.endpoint.heartbeat if self.endpoint.heartbeat is not None \
             else heartbeat
         self.connection_name = connection_name
         self.connect_timeout = connect_timeout
+        self.rpc_timeout = rpc_timeout
+        self.publish_timeout = publish_timeout
+        #: the limits agreed with the broker (ours until connected)
         self.frame_max = FRAME_MAX
+        self.channel_max = CHANNEL_MAX
+        #: why the broker blocks publishing on this connection (a resource alarm), or None
+        self.blocked: str | None = None
+        self._unblocked: asyncio.Event | None = None
+        #: the queue of each consumer, for the log line when the broker cancels one
+        self._consumer_queues: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -195,8 +271,10 @@ class AMQPConnection(asyncio.Protocol):
         self._incoming: _Incoming | None = None
         self._published = 0
         self._confirms: dict[int, asyncio.Future[None]] = {}
-        #: why the broker returned the last mandatory message, until its confirm comes
-        self._returned: str | None = None
+        #: the exchange and routing key of each mandatory publish not yet confirmed
+        self._mandatory: dict[int, tuple[str, str]] = {}
+        #: why the broker returned a mandatory publish, until its confirm comes
+        self._returned: dict[int, str] = {}
         self._last_received = 0.0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
 
@@ -207,11 +285,28 @@ class AMQPConnection(asyncio.Protocol):
         return self._transport is not None and self._ended is not None \
             and not self._ended.done()
 
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes sent whose confirm (or return) has not come yet."""
+        return len(self._confirms)
+
+    @property
+    def reading_paused(self) -> bool:
+        """Held deliveries filled the buffer: the socket is not read for now."""
+        return self._reading_paused
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed over (held deliveries, a partial frame)."""
+        return len(self._buffer)
+
     async def connect(self) -> None:
         """Connect, log in, open the channel in confirm mode; ConnectionClosed or OSError if
         that cannot be done within ``connect_timeout``."""
         self._loop = asyncio.get_running_loop()
         self._ended = self._loop.create_future()
+        self._unblocked = asyncio.Event()
+        self._unblocked.set()
         try:
             await asyncio.wait_for(self._open(), self.connect_timeout)
         except BaseException:
@@ -224,15 +319,18 @@ class AMQPConnection(asyncio.Protocol):
         await self._loop.create_connection(lambda: self, endpoint.host, endpoint.port,
                                            ssl=endpoint.ssl_context())
         start = await self._call(None, commands.Connection.Start, raw=_PROTOCOL_HEADER)
-        if b"PLAIN" not in start.mechanisms.encode().split():
-            raise ConnectionClosed(f"the broker offers no PLAIN login ({start.mechanisms})")
+        mechanism, response = endpoint.login()
+        if mechanism.encode() not in start.mechanisms.encode().split():
+            raise ConnectionClosed(f"the broker offers no {mechanism} login (it offers "
+                                   f"{start.mechanisms}); see auth= in broker_url")
         tune = await self._call(commands.Connection.StartOk(
-            client_properties=self._client_properties(), mechanism="PLAIN",
-            response=f"\0{endpoint.username}\0{endpoint.password}", locale="en_US"),
-            commands.Connection.Tune, channel=0)
-        self.frame_max = min(tune.frame_max or FRAME_MAX, FRAME_MAX)
+            client_properties=self._client_properties(), mechanism=mechanism,
+            response=response, locale="en_US"), commands.Connection.Tune, channel=0)
+        self.frame_max = amqpwire.negotiate(FRAME_MAX, tune.frame_max)
+        self.channel_max = amqpwire.negotiate(CHANNEL_MAX, tune.channel_max)
+        self.heartbeat = amqpwire.negotiate(self.heartbeat, tune.heartbeat)
         self._write(frame.marshal(commands.Connection.TuneOk(
-            channel_max=tune.channel_max, frame_max=self.frame_max,
+            channel_max=self.channel_max, frame_max=self.frame_max,
             heartbeat=self.heartbeat), 0))
         await self._call(commands.Connection.Open(virtual_host=endpoint.vhost),
                          commands.Connection.OpenOk, channel=0)
@@ -429,21 +527,32 @@ class AMQPConnection(asyncio.Protocol):
         elif isinstance(method, commands.Basic.Cancel):
             self._cancelled_by_broker(method)
         elif isinstance(method, commands.Connection.Blocked):
-            logger.warning("The broker blocked this connection (%s): it accepts no published "
-                           "messages until its resource alarm clears", method.reason)
+            self._blocked(method.reason or "no reason given")
         elif isinstance(method, commands.Connection.Unblocked):
-            logger.info("The broker unblocked this connection")
+            self._unblocked_by_broker()
         elif isinstance(method, commands.Channel.Flow):
             self._write(frame.marshal(commands.Channel.FlowOk(active=method.active), channel))
         elif isinstance(method, commands.Basic.Return):
-            # A mandatory message no queue took. RabbitMQ sends the return (then its content
-            # frames, dropped here) right before the confirm of that same message: the
-            # confirm that follows fails with Returned.
-            self._returned = (f"{method.reply_code} {method.reply_text} (exchange "
-                              f"{method.exchange!r}, routing key {method.routing_key!r})")
-            self._incoming = _Incoming(None)
+            self._returned_by_broker(method)
+            self._incoming = _Incoming(None)  # its content frames follow: dropped
         else:
             self._replied(method)
+
+    def _returned_by_broker(self, method: commands.Basic.Return) -> None:
+        """A mandatory message no queue took; its confirm follows, and fails with Returned.
+        A return names no delivery tag, and a confirm of an earlier message (routed to a
+        queue, confirmed once that queue has it) may come in between: the returned message
+        is the oldest unconfirmed mandatory one to the same exchange and routing key
+        (RabbitMQ routes and returns a channel's messages in order)."""
+        key = (method.exchange, method.routing_key)
+        tag = next((t for t, sent_to in self._mandatory.items() if sent_to == key), None)
+        if tag is None:
+            logger.warning("The broker returned a message that was not published mandatory "
+                           "here (exchange %r, routing key %r)", *key)
+            return
+        del self._mandatory[tag]
+        self._returned[tag] = (f"{method.reply_code} {method.reply_text} (exchange "
+                               f"{method.exchange!r}, routing key {method.routing_key!r})")
 
     def _replied(self, method: Any) -> None:
         if self._abandoned_replies:
@@ -465,20 +574,45 @@ class AMQPConnection(asyncio.Protocol):
                     method.reply_code)
 
     def _cancelled_by_broker(self, method: commands.Basic.Cancel) -> None:
+        """RabbitMQ cancels a consumer whose queue was deleted, whose quorum queue leader
+        moved away, or (4.3, quorum queues) whose delivery outlived ``consumer_timeout``.
+        The method carries no reason: the log names the candidates. The connection ends, so
+        that its owner opens a new one, declares the queue again and consumes it again."""
+        tag = method.consumer_tag or ""
         if not method.nowait:
-            self._write(frame.marshal(
-                commands.Basic.CancelOk(consumer_tag=method.consumer_tag), CHANNEL))
-        self._consumers.pop(method.consumer_tag or "", None)
-        self._abort(f"the broker cancelled consumer {method.consumer_tag} (its queue was "
-                    "deleted, or the node holding it went away)")
+            self._write(frame.marshal(commands.Basic.CancelOk(consumer_tag=tag), CHANNEL))
+        self._consumers.pop(tag, None)
+        queue = self._consumer_queues.pop(tag, "?")
+        logger.warning("The broker cancelled the consumer of queue %r (consumer tag %s): the "
+                       "queue was deleted, its quorum leader moved to another node, or a "
+                       "delivery stayed unacknowledged past RabbitMQ's consumer_timeout. "
+                       "Reconnecting to declare and consume it again", queue, tag)
+        self._abort(f"the broker cancelled consumer {tag} of queue {queue!r}")
+
+    def _blocked(self, reason: str) -> None:
+        self.blocked = reason
+        if self._unblocked is not None:
+            self._unblocked.clear()
+        logger.warning("The broker blocked publishing on this connection (%s: a resource "
+                       "alarm, see `rabbitmq-diagnostics alarms`): publishes wait for it to "
+                       "clear, each at most its publish timeout", reason)
+
+    def _unblocked_by_broker(self) -> None:
+        if self.blocked is not None:
+            logger.info("The broker unblocked publishing on this connection (%s cleared)",
+                        self.blocked)
+        self.blocked = None
+        if self._unblocked is not None:
+            self._unblocked.set()
 
     def _confirmed(self, tag: int, multiple: bool, error: Exception | None) -> None:
         tags = [t for t in self._confirms if t <= tag] if multiple else [tag]
-        returned, self._returned = self._returned, None
         for confirmed in tags:
             future = self._confirms.pop(confirmed, None)
+            self._mandatory.pop(confirmed, None)
+            returned = self._returned.pop(confirmed, None)
             if future is not None and not future.done():
-                if returned is not None and confirmed == tag:  # the returned one comes last
+                if returned is not None:
                     future.set_exception(Returned(f"the broker returned it: {returned}"))
                 elif error is None:
                     future.set_result(None)
@@ -502,7 +636,11 @@ class AMQPConnection(asyncio.Protocol):
         self._incoming = None
         self._buffer.clear()
         self._abandoned_replies = 0
-        self._returned = None
+        self._mandatory.clear()
+        self._returned.clear()
+        self._consumer_queues.clear()
+        if self._unblocked is not None:  # publishes waiting for an unblock fail now
+            self._unblocked.set()
         error = ConnectionClosed(reason, reply_code)
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
@@ -548,7 +686,19 @@ class AMQPConnection(asyncio.Protocol):
     async def _call(self, method: Any, reply: type[Reply], *, channel: int = CHANNEL,
                     raw: bytes | None = None) -> Reply:
         """Send a synchronous method and return the broker's reply (one at a time, as
-        AMQP wants)."""
+        AMQP wants). A broker that does not answer within ``rpc_timeout`` is stalled: the
+        connection is dropped and ConnectionClosed raised (its owner reconnects)."""
+        name = getattr(method, "name", "the protocol header")
+        try:
+            async with asyncio.timeout(self.rpc_timeout):
+                return await self._call_unbounded(method, reply, channel=channel, raw=raw)
+        except TimeoutError:
+            reason = f"the broker did not answer {name} within {self.rpc_timeout:g}s"
+            self._abort(reason)
+            raise ConnectionClosed(reason) from None
+
+    async def _call_unbounded(self, method: Any, reply: type[Reply], *, channel: int,
+                              raw: bytes | None) -> Reply:
         assert self._loop is not None
         async with self._rpc_lock:
             self._reply = future = self._loop.create_future()
@@ -578,10 +728,30 @@ class AMQPConnection(asyncio.Protocol):
                       exchange: str = "", mandatory: bool = False) -> None:
         """Publish and wait for the broker's confirm. ``properties`` are encoded
         (e.g. :attr:`Properties.encoded` of a received message). A nack raises
-        ConnectionClosed; a ``mandatory`` message that no queue took raises Returned."""
-        assert self._loop is not None
+        ConnectionClosed; a ``mandatory`` message that no queue took raises Returned.
+
+        While the broker blocks the connection (a resource alarm) the message is not sent:
+        RabbitMQ would stop reading the socket, and the acks that share it. TimeoutError
+        once ``publish_timeout`` has passed, blocked or waiting for the confirm (the
+        message may or may not have been queued then)."""
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await self._publish(body, properties, routing_key, exchange, mandatory)
+        except TimeoutError:
+            state = f"blocked by the broker ({self.blocked})" if self.blocked is not None \
+                else "no confirm from the broker"
+            raise TimeoutError(f"publish to {routing_key!r} timed out after "
+                               f"{self.publish_timeout:g}s: {state}") from None
+
+    async def _publish(self, body: bytes, properties: bytes, routing_key: str,
+                       exchange: str, mandatory: bool) -> None:
+        assert self._loop is not None and self._unblocked is not None
+        if self.blocked is not None:
+            await self._unblocked.wait()
         self._published += 1
         confirm = self._confirms[self._published] = self._loop.create_future()
+        if mandatory:
+            self._mandatory[self._published] = (exchange, routing_key)
         self._write(frame.marshal(commands.Basic.Publish(exchange=exchange,
                                                          routing_key=routing_key,
                                                          mandatory=mandatory), CHANNEL)
@@ -616,11 +786,13 @@ class AMQPConnection(asyncio.Protocol):
         tag = f"aio-celery-{uuid.uuid4().hex[:12]}"
         # Registered first: deliveries may follow consume-ok in the same read.
         self._consumers[tag] = callback
+        self._consumer_queues[tag] = queue
         try:
             await self._call(commands.Basic.Consume(queue=queue, consumer_tag=tag),
                              commands.Basic.ConsumeOk)
         except BaseException:
             self._consumers.pop(tag, None)
+            self._consumer_queues.pop(tag, None)
             raise
         return tag
 
@@ -629,4 +801,5 @@ class AMQPConnection(asyncio.Protocol):
         await self._call(commands.Basic.Cancel(consumer_tag=consumer_tag),
                          commands.Basic.CancelOk)
         self._consumers.pop(consumer_tag, None)
+        self._consumer_queues.pop(consumer_tag, None)
 

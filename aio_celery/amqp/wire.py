@@ -20,11 +20,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from pamqp import commands
 
-from aio_celery.protocol import Envelope
+
+class Envelope(Protocol):
+    """What a message's properties are encoded from (:class:`aio_celery.protocol.Envelope`
+    is one): declared here so that this module depends on nothing else of aio_celery."""
+
+    @property
+    def headers(self) -> dict[str, Any]: ...
+    @property
+    def correlation_id(self) -> str: ...
+    @property
+    def priority(self) -> int | None: ...
+    @property
+    def reply_to(self) -> str | None: ...
+    @property
+    def expiration(self) -> str | None: ...
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def content_encoding(self) -> str: ...
+    @property
+    def delivery_mode(self) -> int: ...
 
 _LONG = struct.Struct(">I")
 _SHORT = struct.Struct(">H")
@@ -169,15 +189,25 @@ def encode_properties(envelope: Envelope) -> bytes:
 class EncodedProperties(commands.Basic.Properties):
     """Basic properties whose wire form was computed up front by :func:`encode_properties`.
 
-    aiormq only reads ``message_id`` (for confirms) and calls :meth:`marshal`; skipping
-    pamqp's constructor and generic encoder is what makes publishing cheap.
+    Built through pamqp's public constructor (every attribute is set, as aiormq or pamqp may
+    read any), with only :meth:`marshal` overridden: pamqp's content header frames a
+    message by calling it, and its generic field table encoder is what made publishing
+    expensive. ``tests/unit/test_amqpwire.py`` fails if a pamqp release stops calling it;
+    pyproject.toml pins pamqp to the 4.0 series it was checked against. ``headers`` is
+    None: they are in the encoded bytes only (50,000 concurrent publishes holding their
+    header dicts cost 50 MiB and the garbage collector's time).
     """
 
     __slots__ = ("_encoded",)
 
-    def __init__(self, envelope: Envelope) -> None:  # deliberately no super().__init__()
+    def __init__(self, envelope: Envelope) -> None:
         self._encoded = encode_properties(envelope)
-        self.message_id = envelope.correlation_id
+        super().__init__(content_type=envelope.content_type,
+                         content_encoding=envelope.content_encoding,
+                         delivery_mode=envelope.delivery_mode,
+                         priority=envelope.priority, correlation_id=envelope.correlation_id,
+                         reply_to=envelope.reply_to or None, expiration=envelope.expiration,
+                         message_id=envelope.correlation_id)
 
     def marshal(self) -> bytes:
         return self._encoded
@@ -388,6 +418,15 @@ def _properties(data: bytes, offset: int) -> Properties:
         if flags & bit:
             values[name], offset = read(data, offset)
     return Properties(encoded, **values)
+
+
+def negotiate(client: int, server: int) -> int:
+    """A tuned limit (``heartbeat``, ``frame_max``, ``channel_max``) as AMQP 0-9-1 says:
+    the lower of the two values where both are non-zero, else the non-zero one (0 means
+    "no limit", or no heartbeat, only when both sides say 0)."""
+    if client and server:
+        return min(client, server)
+    return client or server
 
 
 # --- frames of the hot path --------------------------------------------------------------------
