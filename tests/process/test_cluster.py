@@ -3,7 +3,7 @@ when its leader's node stops, and ``aio_celery worker -c 2`` on quorum queues wi
 ``;``-separated failover URL runs every task while the node it is connected to is stopped
 and started again.
 
-The cluster (nodes ``aio-celery-N@localhost``, AMQP on 127.0.0.1:5701-5703) is started once
+The cluster (node N: ``aio-celery-570N@localhost``, AMQP on 127.0.0.1:570N) is started once
 per session by the script, about 30 s on two cores, and always stopped at the end; the main
 broker on 5672 is not touched. The tasks and their bookkeeping in Redis are
 ``tests.process.sup_tasks`` (see ``test_supervisor``).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import threading
 from collections.abc import Coroutine, Iterator
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.fault
 
 SCRIPT = ROOT / "scripts" / "cluster"
 NODES = (1, 2, 3)
+#: node N listens on BASE_PORT + N (the script's default AIO_CELERY_CLUSTER_PORT, 5701)
+BASE_PORT = 5700
 #: seconds the script may take: three nodes booted one after another, or all stopped
 START_TIMEOUT, STOP_TIMEOUT = 420.0, 180.0
 #: the worker is consuming again from another node within this many seconds of the stop
@@ -42,7 +45,7 @@ class Cluster:
 
     def script(self, *args: str, timeout: float = 120) -> str:
         done = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+                              timeout=timeout, check=False, env=script_env())
         if done.returncode != 0:
             pytest.fail(f"scripts/cluster {' '.join(args)} exited with {done.returncode}\n"
                         f"{done.stdout}\n{done.stderr}", pytrace=False)
@@ -50,7 +53,7 @@ class Cluster:
 
     @staticmethod
     def url(node: int) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{5700 + node}//"
+        return f"amqp://guest:guest@127.0.0.1:{BASE_PORT + node}//"
 
     def failover_url(self) -> str:
         return ";".join(self.url(node) for node in NODES)
@@ -61,7 +64,7 @@ class Cluster:
     def stop_node_meanwhile(self, node: int) -> subprocess.Popen[str]:
         """Start stopping ``node`` (it takes a few seconds) and return at once."""
         return subprocess.Popen([str(SCRIPT), "stop-node", str(node)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, env=script_env())
 
     def start_node(self, node: int) -> None:
         self.script("start-node", str(node), timeout=START_TIMEOUT)
@@ -77,7 +80,7 @@ class Cluster:
         for row in self.ctl_json(ask, "list_connections", "port", "client_properties"):
             props = {key: value for key, _, value in row["client_properties"]}
             if str(props.get("connection_name", "")).startswith(prefix):
-                node = int(row["port"]) - 5700
+                node = int(row["port"]) - BASE_PORT
                 counts[node] = counts.get(node, 0) + 1
         return counts
 
@@ -94,12 +97,17 @@ def cluster() -> Iterator[Cluster]:
         handle.script("start", timeout=START_TIMEOUT)
         yield handle
     finally:
-        subprocess.run([str(SCRIPT), "stop"], timeout=STOP_TIMEOUT, check=False)
+        subprocess.run([str(SCRIPT), "stop"], timeout=STOP_TIMEOUT, check=False,
+                       env=script_env())
+
+
+def script_env() -> dict[str, str]:
+    return {**os.environ, "AIO_CELERY_CLUSTER_PORT": str(BASE_PORT + 1)}
 
 
 def node_number(name: str) -> int:
-    """``aio-celery-2@localhost`` -> 2"""
-    return int(name.split("@", maxsplit=1)[0].rsplit("-", 1)[1])
+    """``aio-celery-5702@localhost`` -> 2"""
+    return int(name.split("@", maxsplit=1)[0].rsplit("-", 1)[1]) - BASE_PORT
 
 
 # --- the harness: quorum replication on today's code -----------------------------------------
