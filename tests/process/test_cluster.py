@@ -18,7 +18,7 @@ import subprocess
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aio_pika
 import pytest
@@ -26,6 +26,9 @@ import redis
 from test_supervisor import ROOT, Book, Supervised, wait_until
 
 from aio_celery import Celery, exitcodes
+
+if TYPE_CHECKING:
+    from pamqp.common import FieldTable
 
 pytestmark = pytest.mark.fault
 
@@ -61,9 +64,10 @@ class Cluster:
     def stop_node(self, node: int) -> None:
         self.script("stop-node", str(node))
 
-    def stop_node_meanwhile(self, node: int) -> subprocess.Popen[str]:
-        """Start stopping ``node`` (it takes a few seconds) and return at once."""
-        return subprocess.Popen([str(SCRIPT), "stop-node", str(node)], stdout=subprocess.PIPE,
+    def stop_node_meanwhile(self, node: int, how: str) -> subprocess.Popen[str]:
+        """Start ``scripts/cluster stop-node`` (a clean stop, a few seconds) or ``kill-node``
+        (SIGKILL) on ``node`` and return at once."""
+        return subprocess.Popen([str(SCRIPT), how, str(node)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=script_env())
 
     def start_node(self, node: int) -> None:
@@ -112,7 +116,7 @@ def node_number(name: str) -> int:
 
 # --- the harness: quorum replication on today's code -----------------------------------------
 
-QUORUM = {"x-queue-type": "quorum"}
+QUORUM: FieldTable = {"x-queue-type": "quorum"}
 
 
 async def publish_raw(url: str, queue: str, bodies: list[str]) -> None:
@@ -216,9 +220,10 @@ def stored_statuses(client: redis.Redis, ids: list[str]) -> dict[str, str | None
             for task_id, raw in zip(ids, raws, strict=True)}
 
 
+@pytest.mark.parametrize("how", ["stop-node", "kill-node"])
 def test_worker_fails_over_when_its_node_stops_and_loses_no_task(
         cluster: Cluster, tmp_path: Path, unique_name: str, redis_url: str,
-        book: Book) -> None:
+        book: Book, how: str) -> None:
     processes, concurrency, multiplier = 2, 10, 4
     env = {"AIO_CELERY_SUP_BROKER": cluster.failover_url(), "AIO_CELERY_SUP_QUEUE_TYPE": "quorum"}
     sup = Supervised(tmp_path, unique_name, redis_url, "--prefetch-multiplier", str(multiplier),
@@ -228,7 +233,7 @@ def test_worker_fails_over_when_its_node_stops_and_loses_no_task(
         sup.wait_ready(processes)
         client = ClientThread(cluster.failover_url(), unique_name, redis_url)
         ids = client.sleeps(1000, 0.2)
-        run_through_a_node_stop(cluster, sup, book, client, ids, processes)
+        run_through_a_node_stop(cluster, sup, book, client, ids, processes, how)
         done_in_full(sup, book, ids, processes * concurrency * multiplier)
         assert all(status == "SUCCESS" for status in stored_statuses(book.client, ids).values())
         assert sup.stop(30) == exitcodes.OK, sup.diagnostics()
@@ -239,9 +244,10 @@ def test_worker_fails_over_when_its_node_stops_and_loses_no_task(
 
 
 def run_through_a_node_stop(cluster: Cluster, sup: Supervised, book: Book,
-                            client: ClientThread, ids: list[str], processes: int) -> None:
-    """Stop the node the worker is on while tasks run, publish more, start the node again;
-    ``ids`` grows by the tasks published meanwhile."""
+                            client: ClientThread, ids: list[str], processes: int,
+                            how: str) -> None:
+    """Stop (or kill) the node the worker is on while tasks run, publish more, start the
+    node again; ``ids`` grows by the tasks published meanwhile."""
     worker = "aio_celery worker"
     wait_until(lambda: len(book.started()) >= 200, 30, "200 tasks have started",
                sup.diagnostics)
@@ -249,7 +255,7 @@ def run_through_a_node_stop(cluster: Cluster, sup: Supervised, book: Book,
     assert sum(on.values()) >= processes, f"the worker's connections: {on}"
     node = max(on, key=lambda n: on[n])
     other = next(n for n in NODES if n != node)
-    stopping = cluster.stop_node_meanwhile(node)
+    stopping = cluster.stop_node_meanwhile(node, how)
     try:
         # every child consumes again, through the next URL of its list
         wait_until(lambda: sum(n for at, n in cluster.nodes_with(worker, ask=other).items()
