@@ -74,7 +74,10 @@ class Cluster:
         self.script("start-node", str(node), timeout=START_TIMEOUT)
 
     def ctl_json(self, node: int, *args: str) -> list[dict[str, Any]]:
-        out = self.script("ctl", str(node), *args, "--formatter", "json", timeout=30)
+        # rabbitmqctl's own timeout (-t) first: a listing that asks a node going down
+        # gives up on it rather than hang
+        out = self.script("ctl", str(node), "-t", "10", *args, "--formatter", "json",
+                          timeout=30)
         return list(json.loads(out or "[]"))
 
     def nodes_with(self, prefix: str, ask: int) -> dict[int, int]:
