@@ -6,6 +6,8 @@ the environment:
     AIO_CELERY_SUP_BROKER    amqp://...
     AIO_CELERY_SUP_BACKEND   redis://.../<db>   (results, and the bookkeeping below)
     AIO_CELERY_SUP_QUEUE     the queue the workers consume; also the Redis key prefix
+    AIO_CELERY_SUP_QUEUE_TYPE     if set: ``task_default_queue_type`` ("quorum" for the
+                                  cluster test)
     AIO_CELERY_SUP_CHILD_EXIT     if set: every child calls ``os._exit(<value>)`` from its
                                   ``worker_process_init`` receiver (the parent, which only
                                   imports this module, is unaffected)
@@ -37,6 +39,8 @@ app.conf.update(
     result_backend=os.environ.get("AIO_CELERY_SUP_BACKEND", "redis://127.0.0.1:6379/15"),
     task_default_queue=QUEUE,
 )
+if os.environ.get("AIO_CELERY_SUP_QUEUE_TYPE"):
+    app.conf.update(task_default_queue_type=os.environ["AIO_CELERY_SUP_QUEUE_TYPE"])
 
 
 def keys(queue: str) -> dict[str, str]:
