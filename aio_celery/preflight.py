@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from aio_celery.config import BACKEND_SCHEMES, BROKER_SCHEMES, Settings, mask_url, url_problem
 from aio_celery.exceptions import ConfigurationError
+from aio_celery.quorum import QueuePlan
 
 
 def check(settings: Settings) -> None:
     """Raise ConfigurationError for the first problem found; return if there is none."""
     _check_url("broker_url", settings.broker_url, BROKER_SCHEMES)
+    QueuePlan.from_settings(settings).check()
     if settings.result_backend:
         _check_url("result_backend", settings.result_backend, BACKEND_SCHEMES)
         try:
