@@ -127,6 +127,7 @@ class _Job:
     acked: bool = False  # acked as it started (acks_late=False)
     verdict: Verdict = Verdict.RUN  # the poison guard's, for a redelivered message
     deaths: int = 0  # of its worker processes while it ran (redelivered messages only)
+    held: bool = False  # counted in Session._held (an eta waiting here, a park retried)
 
 
 @dataclasses.dataclass
@@ -290,6 +291,7 @@ class Session:
         elif delay > self.options.eta_horizon or self._held >= self._eta_room:
             self._wait(job, self._park(job, raw), "park")
         else:  # the wire bytes are not kept while it waits: only parking needs them
+            self._count_held(job)  # now: the next delivery of this read must see it
             self._wait(job, self._hold_until_due(job, delay), "eta")
 
     def _judge(self, job: _Job, headers: dict[str, Any] | None,
@@ -324,6 +326,7 @@ class Session:
 
     def _wait_done(self, task: asyncio.Task[None]) -> None:
         job = self._waiting.pop(task)
+        self._uncount_held(job)  # (a task cancelled before it started ran no finally)
         if task.cancelled():  # a stop or a lost connection: the message goes back
             self._outcome.returned += 1
             self._give_back_when_stopped(job.tag)
@@ -397,11 +400,9 @@ class Session:
     async def _hold_until_due(self, job: _Job, delay: float) -> None:
         """An eta with room in the prefetch window: wait without a slot, then join the
         ready queue."""
-        self._held += 1
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            self._held -= 1
+        self._count_held(job)
+        await asyncio.sleep(delay)
+        self._uncount_held(job)
         self._ready.append(job)
         self._start_ready()
 
@@ -416,12 +417,10 @@ class Session:
         wait here, in memory, like nearer etas.
         """
         retry_in = PARK_FIRST_RETRY
-        counted = False
         try:
             while True:
                 parking = self._parking(job)
                 if parking.routing_key in self._refused_holding_queues:
-                    counted = self._uncount(counted)
                     await self._wait_in_memory(job, parking.routing_key)
                     return
                 try:
@@ -432,12 +431,9 @@ class Session:
                 except Exception as exc:
                     remaining = self._until_due(job)
                     if remaining <= retry_in:
-                        counted = self._uncount(counted)
                         await self._hold_until_due(job, remaining)
                         return
-                    if not counted:
-                        counted = True
-                        self._held += 1
+                    self._count_held(job)
                     logger.warning("Task %s[%s] could not be parked in %s (%s): it stays "
                                    "here, unacknowledged, and parking is tried again in %.0fs",
                                    job.message.task, job.message.id, parking.where,
@@ -449,13 +445,17 @@ class Session:
                             job.message.id, self._until_due(job), parking.where)
                 return
         finally:
-            self._uncount(counted)
+            self._uncount_held(job)
 
-    def _uncount(self, counted: bool) -> bool:
-        """A failing park no longer holds its place in the window; returns False."""
-        if counted:
+    def _count_held(self, job: _Job) -> None:
+        if not job.held:
+            job.held = True
+            self._held += 1
+
+    def _uncount_held(self, job: _Job) -> None:
+        if job.held:
+            job.held = False
             self._held -= 1
-        return False
 
     def _parking(self, job: _Job) -> _Parking:
         """Native delayed delivery for a queue bound to it (rounded up to whole seconds),

@@ -8,6 +8,7 @@ from the environment:
     AIO_CELERY_OURS_BACKEND       redis://.../<db>
     AIO_CELERY_OURS_QUEUE         the queue the worker consumes (task_default_queue)
     AIO_CELERY_OURS_MAX_PRIORITY  optional: task_queue_max_priority
+    AIO_CELERY_OURS_QUORUM        optional: a quorum queue with a topic exchange
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ app.conf.update(
     result_backend=os.environ.get("AIO_CELERY_OURS_BACKEND", "redis://127.0.0.1:6379/15"),
     task_default_queue=os.environ.get("AIO_CELERY_OURS_QUEUE", "aio-celery-ours"),
 )
+if os.environ.get("AIO_CELERY_OURS_QUORUM"):
+    app.conf.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
 if os.environ.get("AIO_CELERY_OURS_MAX_PRIORITY"):
     app.conf.update(task_queue_max_priority=int(os.environ["AIO_CELERY_OURS_MAX_PRIORITY"]))
 
