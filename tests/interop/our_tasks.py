@@ -69,9 +69,11 @@ async def sleep(seconds: float, value: Any = None) -> Any:
 
 @app.task(name=PREFIX + "when", bind=True)
 async def when(self: Any) -> dict[str, Any]:
-    """When it ran (epoch seconds) and the eta it was given."""
+    """When it ran (epoch seconds), the eta it was given and how it was delivered."""
     eta = self.request.eta
-    return {"ran_at": time.time(), "eta": None if eta is None else eta.isoformat()}
+    delivery = self.request.delivery_info or {}
+    return {"ran_at": time.time(), "eta": None if eta is None else eta.isoformat(),
+            "exchange": delivery.get("exchange"), "routing_key": delivery.get("routing_key")}
 
 
 @app.task(name=PREFIX + "flaky", bind=True)

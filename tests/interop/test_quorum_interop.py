@@ -100,6 +100,9 @@ def test_celerys_countdown_reaches_our_worker_through_native_delayed_delivery(
     ran = get(result, our_worker)
     assert ran["eta"] is not None
     assert ran["ran_at"] >= sent + 1.9, ran
+    # It came out of the delayed levels: the last hop's exchange, the routing key's bits.
+    assert ran["exchange"] == "celery_delayed_0", ran
+    assert ran["routing_key"] == "0." * 26 + "1.0." + our_worker.queue, ran
 
 
 # --- our client, a Celery worker ------------------------------------------------------------
