@@ -47,8 +47,9 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
                    "after it.")
 @click.option("--eta-horizon", type=click.FloatRange(min=0.1), default=600.0,
               show_default=True,
-              help="Tasks due further away than this many seconds wait on the broker in a "
-                   "holding queue instead of in memory.")
+              help="Tasks due further away than this many seconds wait on the broker (a "
+                   "holding queue, or native delayed delivery on quorum queues) instead of "
+                   "in memory; so do nearer ones beyond prefetch minus concurrency.")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=0), default=0,
               help="Exit (to be replaced) after this many tasks; 0: never.")
 @click.option("--max-memory-per-child", type=click.IntRange(min=0), default=0,

@@ -191,26 +191,29 @@ class Session:
 
     async def _bind_delayed_delivery(self, queues: tuple[str, ...]) -> None:
         """Quorum mode: declare Celery's ``celery_delayed_*`` topology and bind each queue
-        whose exchange is not direct, as a Celery worker does (else a Celery client's
-        countdown tasks for it would be dropped, unroutable). A refusal is logged: etas
-        then wait here or in holding queues."""
+        whose exchange is not direct, as a Celery worker does at every start (else a Celery
+        client's countdown tasks for it would be dropped, unroutable). Declared again by
+        every session: one deleted meanwhile would make every park a channel error. A
+        refusal is logged: etas then wait here or in holding queues (any other
+        BrokerConnectionError fails the session, which is retried)."""
         broker = self.runner.app.broker
-        for queue in queues:
-            if not broker.delays_natively(queue):
-                logger.warning("Queue %s has a direct exchange: native delayed delivery "
-                               "cannot reach it (Celery's clients then send countdown/eta "
-                               "tasks to it directly; this worker keeps them in memory or "
-                               "in a holding queue). Set task_default_exchange_type (or "
-                               "task_create_missing_queue_exchange_type) to 'topic'.", queue)
-                continue
-            try:
-                await broker.ensure_delayed_delivery(queue)
-            except DelayedDeliveryRefused as exc:
-                logger.error("%s. Countdown/eta tasks that Celery clients send to %s through "
-                             "native delayed delivery may be dropped; this worker parks its "
-                             "etas in holding queues instead.", exc, queue)
-                continue  # (any other BrokerConnectionError: the session is retried)
-            self._native_queues.add(queue)
+        native = tuple(queue for queue in queues if broker.delays_natively(queue))
+        for queue in set(queues) - set(native):
+            logger.warning("Queue %s has a direct exchange: native delayed delivery cannot "
+                           "reach it (Celery's clients then send countdown/eta tasks to it "
+                           "directly; this worker keeps them in memory or in a holding "
+                           "queue). Set task_default_exchange_type (or "
+                           "task_create_missing_queue_exchange_type) to 'topic'.", queue)
+        if not native:
+            return
+        try:
+            await broker.declare_delayed_delivery(native)
+        except DelayedDeliveryRefused as exc:
+            logger.error("%s. Countdown/eta tasks that Celery clients send to %s through "
+                         "native delayed delivery may be dropped; this worker parks its etas "
+                         "in holding queues instead.", exc, ", ".join(native))
+            return
+        self._native_queues.update(native)
 
     @property
     def consumer_count(self) -> int:

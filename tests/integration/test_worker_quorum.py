@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -50,11 +51,12 @@ async def cleanup(amqp: AbstractConnection, unique_name: str) -> AsyncIterator[N
     ids=["classic-holding-queues", "quorum-holding-queues", "quorum-native-delayed"])
 async def test_ready_tasks_behind_more_etas_than_the_window_holds_run_at_once(
         app: Celery, start_worker, amqp: AbstractConnection, unique_name: str, cleanup: None,
-        queue_type: str, exchange_type: str) -> None:
+        queue_type: str, exchange_type: str, caplog: pytest.LogCaptureFixture) -> None:
     """concurrency 2 x multiplier 2: a static window of 4, room for 2 etas in memory. Six
     etas arrive first, then four ready tasks: the ready ones run at once (the extra etas
     are parked, not held), every eta runs, none early. On a quorum queue this also proves
     that no global QoS is used: RabbitMQ refuses a quorum consumer on such a channel."""
+    caplog.set_level(logging.INFO, logger="aio_celery.worker")
     configure(app, queue_type, exchange_type)
     ran: dict[str, float] = {}
 
@@ -78,6 +80,12 @@ async def test_ready_tasks_behind_more_etas_than_the_window_holds_run_at_once(
         assert handle.worker.stats.finished == 10
     finally:
         assert await handle.stop() == 0
+    parks = [r.getMessage() for r in caplog.records if ": parked in" in r.getMessage()]
+    assert len(parks) >= 4, parks  # the four beyond the window's room, at least once each
+    native = exchange_type == "topic"
+    assert all(("native delayed delivery" in p) == native for p in parks), parks
+    direct_warning = [r for r in caplog.records if "has a direct exchange" in r.getMessage()]
+    assert len(direct_warning) == (queue_type == "quorum" and not native), direct_warning
 
 
 async def test_the_queue_is_declared_as_celery_declares_it(
