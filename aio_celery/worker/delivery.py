@@ -88,8 +88,8 @@ def wait_queue_name(queue: str, horizon: float) -> str:
     """The holding queue of ``queue`` whose TTL is ``horizon`` seconds. The TTL is part of
     the name: a queue cannot be declared again with another TTL, so a worker started with
     another ``--eta-horizon`` gets a queue of its own (the old one still hands its messages
-    back) instead of a channel error at every park. (Before 0.2 they were named
-    ``.aio-celery-eta-<ms>ms`` and had no ``x-expires``: those are left alone.)"""
+    back) instead of a channel error at every park. (Earlier builds named them
+    ``.aio-celery-eta-<ms>ms``, without ``x-expires``: those are left alone.)"""
     return f"{queue}.aio-celery-hold-{horizon_ms(horizon)}ms"
 
 
