@@ -39,14 +39,6 @@ logger = logging.getLogger(__name__)
 _DEFAULT_EXCHANGE = ""
 
 
-def queue_arguments(max_priority: int | None,
-                    extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The ``x-`` arguments Celery declares a classic queue with (it must match, or RabbitMQ
-    answers PRECONDITION_FAILED when both declare the same queue), plus
-    ``task_queue_arguments``; :class:`~aio_celery.quorum.QueuePlan` has every queue type."""
-    return QueuePlan(max_priority=max_priority, extra_arguments=extra).queue("celery").arguments
-
-
 class Broker:
     """One robust AMQP connection with a confirming publisher channel.
 
