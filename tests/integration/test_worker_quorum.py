@@ -160,15 +160,16 @@ async def test_nack_gives_the_delivery_back_and_the_channel_stays_open(
 async def test_global_qos_is_what_a_quorum_queue_refuses(
         amqp_url: str, unique_name: str, cleanup: None) -> None:
     """Why the worker's QoS is per consumer: with the old global QoS, RabbitMQ refuses a
-    consumer on a quorum queue (so this pins what the per-consumer window avoids)."""
+    consumer on a quorum queue (3.x: the basic.consume; 4.3 already the basic.qos), so
+    this pins what the per-consumer window avoids."""
     plan = QueuePlan(default_queue=unique_name, default_queue_type="quorum")
     connection = AMQPConnection(amqp_url, connection_name="aio-celery test global qos")
     await asyncio.wait_for(connection.connect(), TIMEOUT)
     try:
-        await connection.qos(10, global_=True)
-        declaration = plan.queue(unique_name)
-        await connection.queue_declare(unique_name, arguments=declaration.arguments)
         with pytest.raises(ConnectionClosed):
+            await connection.qos(10, global_=True)
+            declaration = plan.queue(unique_name)
+            await connection.queue_declare(unique_name, arguments=declaration.arguments)
             await asyncio.wait_for(connection.consume(unique_name, Collector()), TIMEOUT)
     finally:
         await connection.close()
