@@ -18,6 +18,7 @@ from aio_celery.backend import RedisBackend
 from aio_celery.broker import Broker
 from aio_celery.config import Config, first_set
 from aio_celery.exceptions import BackendError
+from aio_celery.quorum import MAX_DELAY, QueuePlan
 from aio_celery.result import AsyncResult
 from aio_celery.result import AsyncResult as _AsyncResult
 from aio_celery.routing import route_queue
@@ -158,6 +159,7 @@ class Celery:
             failover_strategy=settings.broker_failover_strategy,
             max_priority=settings.task_queue_max_priority,
             queue_arguments=settings.task_queue_arguments,
+            plan=QueuePlan.from_settings(settings),
             connection_name=f"aio_celery {self.main or ''} pid {os.getpid()}".strip(),
             lazy=lazy_broker,
         )
@@ -216,9 +218,10 @@ class Celery:
         task = _task if _task is not None else self.tasks.get(name)
         message, queue = self._build_message(name, args, kwargs, task, _retry_of, options)
         task_id = message.id
+        delay = self._native_delay(message.eta, queue)
         # Only the wire bytes stay alive while the confirm is awaited: thousands of
         # concurrent sends would otherwise each hold a message and its header dict.
-        publishing = self.broker.publish(protocol.encode(message, self.now()), queue)
+        publishing = self.broker.publish(protocol.encode(message, self.now()), queue, delay)
         del message
         await publishing
         parent = current_request.get()
@@ -226,6 +229,15 @@ class Celery:
         if parent is not None and parent.id is not None and _retry_of is None:
             parent.children.append(result)
         return result
+
+    def _native_delay(self, eta: datetime | None, queue: str) -> int:
+        """Whole seconds to send through native delayed delivery, as Celery 5.5+ does in
+        quorum mode for a queue whose exchange is not direct; 0: publish to the queue (under
+        a second, Celery's ``int(countdown)`` is 0 too: the worker waits for the eta)."""
+        if eta is None or not self.broker.delays_natively(queue):
+            return 0
+        countdown = int((eta - self.now()).total_seconds())
+        return countdown if 1 <= countdown <= MAX_DELAY else 0
 
     def _build_message(self, name: str, args: Any, kwargs: dict[str, Any] | None,
                        task: Task | None, retry_of: Context | None,

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aio_celery.amqp.connection import (
@@ -29,6 +30,13 @@ from aio_celery.config import BROKER_SCHEMES, mask_url, url_problem
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError, PublishRefusedError
 from aio_celery.failover import Failover
 from aio_celery.protocol import Envelope
+from aio_celery.quorum import (
+    FIRST_DELAY_EXCHANGE,
+    QueuePlan,
+    delayed_bindings,
+    delayed_routing_key,
+    delayed_topology,
+)
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
@@ -36,16 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _DEFAULT_EXCHANGE = ""
-
-
-def queue_arguments(max_priority: int | None,
-                    extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The ``x-`` arguments Celery declares a queue with (it must match, or RabbitMQ answers
-    PRECONDITION_FAILED when both declare the same queue), plus ``task_queue_arguments``."""
-    arguments = dict(extra or {})
-    if max_priority:
-        arguments["x-max-priority"] = max_priority
-    return arguments or None
 
 
 class Broker:
@@ -61,9 +59,11 @@ class Broker:
                  publish_timeout: float | None = None, heartbeat: int = 60,
                  max_priority: int | None = None, connection_name: str = "aio_celery",
                  lazy: bool = False, queue_arguments: dict[str, Any] | None = None,
-                 failover_strategy: str = "round-robin") -> None:
+                 failover_strategy: str = "round-robin", plan: QueuePlan | None = None) -> None:
         self.url = url
         self.failover = Failover(url, failover_strategy)
+        #: how queues are declared (``max_priority``/``queue_arguments`` without one)
+        self.plan = plan or QueuePlan(max_priority=max_priority, extra_arguments=queue_arguments)
         self.lazy = lazy
         self.connection_timeout = connection_timeout
         self.publish_timeout = publish_timeout
@@ -76,6 +76,8 @@ class Broker:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._declared: dict[str, asyncio.Future[AbstractQueue]] = {}
+        #: queues whose native delayed delivery topology and bindings are declared
+        self._delayed: dict[str, asyncio.Future[None]] = {}
         self._connecting: asyncio.Future[None] | None = None
         self._connected_once = False
         self._closed = False
@@ -103,6 +105,7 @@ class Broker:
             self.failover.using(url)
             self._connected_once = True
             self._declared.clear()  # a new connection declares its queues again
+            self._delayed.clear()
             return
         raise BrokerConnectionError(
             f"{'; '.join(failures)}. Check that RabbitMQ runs there and that broker_url has "
@@ -149,6 +152,7 @@ class Broker:
         self.failover.lost()
         self._connection = self._channel = None
         self._declared.clear()
+        self._delayed.clear()
 
     async def _publisher_ready(self) -> AbstractChannel:
         """The publisher channel, once (re)opened where needed: lazy mode's first publisher
@@ -187,6 +191,7 @@ class Broker:
                 connecting.exception()  # retrieved: nobody else waits for it now
         connection, self._connection, self._channel = self._connection, None, None
         self._declared.clear()
+        self._delayed.clear()
         if connection is not None:
             # bounded: a stalled broker never answers connection.close
             with contextlib.suppress(TimeoutError):
@@ -221,25 +226,77 @@ class Broker:
         import aio_pika
 
         timeout = self.rpc_timeout
+        declaration = self.plan.queue(name)
         try:
-            exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT,
-                                                      durable=True, timeout=timeout)
+            exchange = await channel.declare_exchange(
+                declaration.exchange, aio_pika.ExchangeType(declaration.exchange_type),
+                durable=True, timeout=timeout)
             queue: AbstractQueue = await channel.declare_queue(
-                name, durable=True,
-                arguments=queue_arguments(self.max_priority, self.queue_arguments),
-                timeout=timeout)
-            await queue.bind(exchange, routing_key=name, timeout=timeout)
+                name, durable=True, arguments=declaration.arguments, timeout=timeout)
+            await queue.bind(exchange, routing_key=declaration.routing_key, timeout=timeout)
         except TimeoutError:
             raise BrokerConnectionError(f"the broker {self.failover.masked} did not answer "
                                         f"the declaration of queue {name!r} within "
                                         f"{timeout:g}s") from None
         return queue
 
+    def delays_natively(self, queue: str) -> bool:
+        """Celery's rule: in quorum mode, countdown/eta for a queue whose exchange is not
+        direct go through native delayed delivery."""
+        return self.plan.quorum_mode and self.plan.queue(queue).delayed_delivery
+
+    async def declare_delayed_delivery(self, queues: tuple[str, ...]) -> None:
+        """Declare Celery's ``celery_delayed_*`` topology and bind ``queues`` (each declared
+        and able to use it, see :meth:`delays_natively`), on a channel of its own: a refusal
+        (a level queue that exists with other arguments, no permission) raises
+        :class:`DelayedDeliveryRefused` and leaves the other connections alone."""
+        timeout = self.rpc_timeout
+
+        async def declare(channel: Any) -> None:
+            topology = delayed_topology(self.plan.delayed_queue_type)
+            for exchange in topology.exchanges:
+                await channel.exchange_declare(exchange, exchange_type="topic", durable=True,
+                                               timeout=timeout)
+            for name, arguments in topology.queues:
+                await channel.queue_declare(name, durable=True, arguments=arguments,
+                                            timeout=timeout)
+            for binding in topology.bindings + tuple(
+                    b for q in queues for b in delayed_bindings(self.plan.queue(q))):
+                bind = channel.exchange_bind if binding.to_exchange else channel.queue_bind
+                await bind(binding.destination, binding.source,
+                           routing_key=binding.routing_key, timeout=timeout)
+
+        await self._on_own_channel("the native delayed delivery topology", declare,
+                                   DelayedDeliveryRefused)
+
+    async def ensure_delayed_delivery(self, queue: str) -> None:
+        """Declare the native delayed delivery topology and bind ``queue`` to it, once per
+        queue and connection: a worker does it at start-up (as Celery's does), a client
+        before its first delayed send (Celery's client does not: with no worker having
+        declared it, its message is unroutable and dropped)."""
+        future = self._delayed.get(queue)
+        if future is None or (future.done() and future.exception() is not None):
+            future = asyncio.ensure_future(self.declare_delayed_delivery((queue,)))
+            self._delayed[queue] = future
+        await asyncio.shield(future)
+
     async def declare_holding_queue(self, name: str, target: str, ttl_ms: int) -> None:
         """Declare a holding queue (see :func:`holding_queue_arguments`) on a channel of its
         own that is closed afterwards: a refusal (no configure permission, the queue exists
         with other arguments) closes only that channel, never the worker's consumer
         connection, and raises :class:`HoldingQueueRefused`. Other failures raise
+        BrokerConnectionError."""
+        async def declare(channel: Any) -> None:
+            await channel.queue_declare(name, durable=True,
+                                        arguments=holding_queue_arguments(target, ttl_ms),
+                                        timeout=self.rpc_timeout)
+
+        await self._on_own_channel(f"the holding queue {name!r}", declare, HoldingQueueRefused)
+
+    async def _on_own_channel(self, what: str, declare: Callable[[Any], Awaitable[None]],
+                              refused: type[BrokerConnectionError]) -> None:
+        """Run ``declare(channel)`` on a new aiormq channel of the publisher's connection,
+        closed afterwards: ``refused`` if the broker closes that channel, else
         BrokerConnectionError."""
         import aiormq
 
@@ -248,17 +305,15 @@ class Broker:
             assert isinstance(publisher, aiormq.Channel)
             channel = await publisher.connection.channel(timeout=self.rpc_timeout)
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
-            raise BrokerConnectionError(f"cannot open a channel to declare {name!r}: "
+            raise BrokerConnectionError(f"cannot open a channel to declare {what}: "
                                         f"{describe_error(exc)}") from exc
         try:
-            await channel.queue_declare(name, durable=True,
-                                        arguments=holding_queue_arguments(target, ttl_ms),
-                                        timeout=self.rpc_timeout)
+            await declare(channel)
         except aiormq.exceptions.ChannelClosed as exc:
-            raise HoldingQueueRefused(f"the broker refused to declare the holding queue "
-                                      f"{name!r}: {describe_error(exc)}") from exc
+            raise refused(f"the broker refused to declare {what}: "
+                          f"{describe_error(exc)}") from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
-            raise BrokerConnectionError(f"declaring the holding queue {name!r} failed: "
+            raise BrokerConnectionError(f"declaring {what} failed: "
                                         f"{describe_error(exc)}") from exc
         finally:
             with contextlib.suppress(Exception):
@@ -269,9 +324,10 @@ class Broker:
             raise RuntimeError("broker is not connected: use `async with app.setup():`")
         return self._channel
 
-    async def publish(self, envelope: Envelope, queue: str) -> None:
+    async def publish(self, envelope: Envelope, queue: str, delay: int = 0) -> None:
         """Publish to ``queue`` through the default exchange (as Celery 5 does) and wait for
-        the broker's confirm.
+        the broker's confirm. ``delay`` (whole seconds, see :meth:`delays_natively`): through
+        native delayed delivery, to ``celery_delayed_27`` with Celery's routing key.
 
         Raises :class:`PublishRefusedError` when the broker refuses for good (a channel
         error: the queue exists with other arguments, no permission, ...) and
@@ -287,6 +343,11 @@ class Broker:
             declared = self._declared.get(queue)
             if declared is None or not declared.done():
                 await self.declare_queue(queue)  # waits for a declaration under way too
+            exchange, routing_key = _DEFAULT_EXCHANGE, queue
+            if delay:
+                await self.ensure_delayed_delivery(queue)
+                exchange = FIRST_DELAY_EXCHANGE
+                routing_key = delayed_routing_key(delay, self.plan.queue(queue).routing_key)
             raw = await publisher.get_underlay_channel()
             assert isinstance(raw, aiormq.Channel)
             async with asyncio.timeout(self.publish_timeout):
@@ -295,7 +356,7 @@ class Broker:
                 await raw.connection.ready()
                 # wait=False: do not hold aiormq's channel lock until the socket drains;
                 # the publisher confirm awaited here proves the broker has the message.
-                await raw.basic_publish(body, exchange=_DEFAULT_EXCHANGE, routing_key=queue,
+                await raw.basic_publish(body, exchange=exchange, routing_key=routing_key,
                                         properties=properties, wait=False)
         except BrokerConnectionError:
             raise  # the connect or the declaration said what went wrong already
@@ -340,6 +401,11 @@ def holding_queue_arguments(target: str, ttl_ms: int) -> dict[str, Any]:
     """A holding queue's arguments: messages expire after ``ttl_ms`` and dead-letter back to
     ``target`` (every message has the same TTL, so expiry order is arrival order).
 
+    The queue itself expires (``x-expires``) once unused for twice its TTL plus a minute:
+    RabbitMQ 4.3 refuses durable-less, non-exclusive queues, and a durable one must not
+    outlive its use. Every park declares it again, which renews that lease, so its last
+    message has dead-lettered long before the queue goes.
+
     The holding queue is a classic queue, so its dead-lettering is at-most-once: should
     ``target`` be unavailable when a message expires, RabbitMQ drops it. A quorum holding
     queue could use ``x-dead-letter-strategy: at-least-once`` (with ``x-overflow:
@@ -347,12 +413,16 @@ def holding_queue_arguments(target: str, ttl_ms: int) -> dict[str, Any]:
     target's type (it declares classic queues, as Celery does by default): see the README.
     """
     return {"x-message-ttl": ttl_ms, "x-dead-letter-exchange": _DEFAULT_EXCHANGE,
-            "x-dead-letter-routing-key": target}
+            "x-dead-letter-routing-key": target, "x-expires": 2 * ttl_ms + 60_000}
 
 
 class HoldingQueueRefused(BrokerConnectionError):
     """The broker refused to declare a holding queue (permissions, other arguments):
     trying again will not help until the operator changes something."""
+
+
+class DelayedDeliveryRefused(BrokerConnectionError):
+    """The broker refused a declaration of the native delayed delivery topology."""
 
 
 #: AMQP codes with which a broker refuses a connection for good: ACCESS_REFUSED (wrong user
@@ -378,10 +448,12 @@ class ConsumerChannel:
                  connection_timeout: float = 4.0, heartbeat: int = 60,
                  max_priority: int | None = None, connection_name: str = "aio_celery worker",
                  queue_arguments: dict[str, Any] | None = None,
-                 publish_timeout: float | None = None, rpc_timeout: float = RPC_TIMEOUT) -> None:
+                 publish_timeout: float | None = None, rpc_timeout: float = RPC_TIMEOUT,
+                 plan: QueuePlan | None = None) -> None:
         #: the broker URL(s) and which one to try next (the worker keeps one across
         #: reconnects, so that a reconnect moves on to the next node)
         self.failover = url if isinstance(url, Failover) else Failover(url)
+        self.plan = plan or QueuePlan(max_priority=max_priority, extra_arguments=queue_arguments)
         self.prefetch_count = prefetch_count
         self.publish_timeout = publish_timeout
         self.rpc_timeout = rpc_timeout
@@ -433,9 +505,10 @@ class ConsumerChannel:
             break
         else:
             raise BrokerConnectionError("; ".join(failures))
-        # global_: RabbitMQ's per-channel limit, as Celery sets it. A per-consumer limit is
-        # fixed when basic.consume is sent, so widening it for eta tasks would not apply.
-        await connection.qos(self.prefetch_count, global_=True)
+        # Per consumer, static (as Celery does on quorum queues): global QoS is refused on
+        # quorum queues and, by default, by RabbitMQ 4.3 on every queue. Each consumer of
+        # this channel may have this many deliveries unacknowledged.
+        await connection.qos(self.prefetch_count, global_=False)
 
     async def _connect(self, url: str) -> AMQPConnection:
         try:
@@ -466,11 +539,12 @@ class ConsumerChannel:
     async def declare(self, queue: str) -> None:
         """Declare ``queue`` exactly like Celery and the publisher do."""
         connection = self.connection
-        await connection.exchange_declare(queue, "direct", durable=True)
-        await connection.queue_declare(queue, durable=True,
-                                       arguments=queue_arguments(self.max_priority,
-                                                                 self.queue_arguments))
-        await connection.queue_bind(queue, queue, routing_key=queue)
+        declaration = self.plan.queue(queue)
+        await connection.exchange_declare(declaration.exchange, declaration.exchange_type,
+                                          durable=True)
+        await connection.queue_declare(queue, durable=True, arguments=declaration.arguments)
+        await connection.queue_bind(queue, declaration.exchange,
+                                    routing_key=declaration.routing_key)
 
     async def message_count(self, queue: str) -> int:
         result = await self.connection.queue_declare(queue, passive=True)
@@ -492,10 +566,6 @@ class ConsumerChannel:
             with contextlib.suppress(ConnectionError):
                 await self.connection.cancel(tag)
 
-    async def set_prefetch(self, count: int) -> None:
-        if self.is_open:
-            await self.connection.qos(min(count, 65535), global_=True)
-
     def hold(self) -> None:
         """Enough deliveries wait to be run: keep the rest as wire bytes for now."""
         if self._connection is not None:
@@ -512,18 +582,23 @@ class ConsumerChannel:
     def reject(self, tag: int, requeue: bool) -> None:
         self.connection.reject(tag, requeue)
 
+    def nack(self, tag: int) -> None:
+        """Give a delivery back to its queue (``basic.nack`` with requeue, for returns that
+        are not the task's fault: RabbitMQ 4.3 does not count them in x-delivery-count)."""
+        self.connection.nack(tag, requeue=True)
+
     async def barrier(self) -> None:
         """Return once the broker has processed every frame sent so far on this channel (a
         channel is processed in order, so one cheap synchronous round trip proves it)."""
         if self.is_open:
             await self.connection.exchange_declare("amq.direct", "direct", passive=True)
 
-    async def publish_raw(self, body: bytes, properties: bytes, routing_key: str) -> None:
-        """Publish a received message's body and encoded properties again to the queue
-        ``routing_key``, mandatory and confirmed: ConnectionClosed if the broker nacks it,
-        :class:`~aio_celery.amqp.connection.Returned` if no queue of that name took it."""
-        await self.connection.publish(body, properties, routing_key, _DEFAULT_EXCHANGE,
-                                      mandatory=True)
+    async def publish_raw(self, body: bytes, properties: bytes, routing_key: str,
+                          exchange: str = _DEFAULT_EXCHANGE) -> None:
+        """Publish a received message's body and encoded properties again (by default to the
+        queue ``routing_key``), mandatory and confirmed: ConnectionClosed if the broker nacks
+        it, :class:`~aio_celery.amqp.connection.Returned` if no queue took it."""
+        await self.connection.publish(body, properties, routing_key, exchange, mandatory=True)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

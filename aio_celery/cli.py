@@ -47,8 +47,10 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
                    "after it.")
 @click.option("--eta-horizon", type=click.FloatRange(min=0.1), default=600.0,
               show_default=True,
-              help="Tasks due further away than this many seconds wait on the broker in a "
-                   "holding queue instead of in memory (below --unacked-max-age).")
+              help="Tasks due further away than this many seconds wait on the broker (a "
+                   "holding queue, or native delayed delivery on quorum queues) instead of "
+                   "in memory; so do nearer ones beyond prefetch minus concurrency. Below "
+                   "--unacked-max-age.")
 @click.option("--unacked-max-age", type=click.FloatRange(min=0), default=None,
               help="Give back a message still waiting to start this many seconds after its "
                    "delivery, and warn about a task running unacknowledged this long; keep "

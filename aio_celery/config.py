@@ -25,6 +25,8 @@ class Settings:
     """Every setting aio-celery reads, with its default."""
 
     broker_url: str = "amqp://guest:guest@localhost:5672//"
+    #: the type of the ``celery_delayed_*`` queues a worker declares in quorum mode
+    broker_native_delayed_delivery_queue_type: str = "quorum"
     #: seconds to wait for the broker to accept a connection
     broker_connection_timeout: float = 4.0
     #: the order in which the URLs of a ``;``-separated ``broker_url`` are tried:
@@ -59,8 +61,19 @@ class Settings:
     #: more ``x-`` arguments every queue is declared with, e.g.
     #: ``{"x-dead-letter-exchange": "dlx"}`` (whoever declares the queue must use the same)
     task_queue_arguments: dict[str, Any] | None = None
+    #: "classic" or "quorum" (Celery 5.5+): the default queue's type. A quorum queue is
+    #: declared with ``x-queue-type: quorum`` and no ``x-max-priority``; with a non-direct
+    #: exchange countdown/eta go through native delayed delivery (see the README)
+    task_default_queue_type: str = "classic"
+    #: the default queue's exchange type (same name as the queue); native delayed delivery
+    #: needs a non-direct one, e.g. "topic"
+    task_default_exchange_type: str = "direct"
     task_routes: Any = None
     task_create_missing_queues: bool = True
+    #: "classic" or "quorum": the type of every other queue (routed to, or given with -Q)
+    task_create_missing_queue_type: str = "classic"
+    #: those queues' exchange type (None: direct)
+    task_create_missing_queue_exchange_type: str | None = None
     task_ignore_result: bool = False
     task_soft_time_limit: float | None = None
     task_time_limit: float | None = None
@@ -70,6 +83,9 @@ class Settings:
     #: base for autoretry/``retry()`` without countdown, per task ``default_retry_delay``
     task_default_retry_delay: float = 180.0
     worker_prefetch_multiplier: int = 4
+    #: accepted for Celery compatibility: Celery turns global QoS off when it finds a quorum
+    #: queue; aio-celery never uses global QoS, on any queue type
+    worker_detect_quorum_queues: bool = True
     #: seconds running tasks get to finish on warm shutdown (fits a 30 s Kubernetes grace)
     worker_shutdown_timeout: float = 25.0
     #: a task whose worker process died this many times while it ran is retired: FAILURE

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from aio_celery.config import BACKEND_SCHEMES, BROKER_SCHEMES, Settings, mask_url, url_problem
 from aio_celery.exceptions import ConfigurationError
 from aio_celery.failover import STRATEGIES
+from aio_celery.quorum import QueuePlan
 
 if TYPE_CHECKING:
     from aio_celery.worker.options import WorkerOptions
@@ -27,6 +28,7 @@ def check(settings: Settings, options: WorkerOptions | None = None) -> None:
         raise ConfigurationError(
             f"broker_failover_strategy={settings.broker_failover_strategy!r}: use one of "
             f"{', '.join(map(repr, STRATEGIES))}")
+    QueuePlan.from_settings(settings).check()
     if options is not None:
         _check_max_age(settings, options)
     if settings.result_backend:

@@ -178,13 +178,13 @@ class QueueAdmin:
         finally:
             await self._connection.close()
 
-    async def declare(self, name: str) -> None:
-        """Declare ``name`` as a durable queue with no arguments (how both contenders
+    async def declare(self, name: str, arguments: dict[str, Any] | None = None) -> None:
+        """Declare ``name`` as a durable queue with ``arguments`` (how both contenders
         declare it), so that publishing does not depend on the client declaring it first."""
         self.created.add(name)
         channel = await self._connection.channel()
         try:
-            await channel.declare_queue(name, durable=True)
+            await channel.declare_queue(name, durable=True, arguments=arguments)
         finally:
             await channel.close()
 
@@ -285,6 +285,7 @@ async def run_child(name: str, params: Params) -> dict[str, Any]:
 
 async def run_rounds(admin: QueueAdmin, contenders: list[str], rounds: int,
                      params: Params, *, predeclare: bool = True,
+                     arguments: dict[str, Any] | None = None,
                      prepare: Callable[[str], Awaitable[None]] | None = None,
                      expect: int | None = None, unit: str = "msgs/s") -> list[Run]:
     """Run every contender ``rounds`` times, alternating the order (A B, B A, ...), each on
@@ -300,7 +301,7 @@ async def run_rounds(admin: QueueAdmin, contenders: list[str], rounds: int,
             admin.created.add(queue)
             try:
                 if predeclare:
-                    await admin.declare(queue)
+                    await admin.declare(queue, arguments)
                 if prepare is not None:
                     await prepare(queue)
                 report = await run_child(contender, {**params, "queue": queue})
@@ -486,7 +487,10 @@ DRAIN_VARIANTS: dict[str, tuple[str, str, str]] = {
     "results": ("drain/aio-celery-results", "drain/aio-pika-results",
                 "no-op tasks, results stored in Redis"),
     "sleep": ("drain/aio-celery-sleep", "drain/aio-pika-sleep", "asyncio.sleep tasks"),
+    "quorum": ("drain/aio-celery-quorum", "drain/aio-pika-quorum",
+               "no-op tasks on a quorum queue"),
 }
+QUORUM_ARGUMENTS = {"x-queue-type": "quorum"}
 
 
 class DrainProgress:
@@ -544,6 +548,7 @@ class DrainProgress:
 @measurement("drain/aio-celery")
 @measurement("drain/aio-celery-results")
 @measurement("drain/aio-celery-sleep")
+@measurement("drain/aio-celery-quorum")
 async def drain_aio_celery(params: Params) -> Stopwatch:
     """An in-process ``Worker`` (concurrency C, no banner) on the pre-filled queue; the app
     has a Redis result backend when ``params["backend"]`` is set. Every execution of the
@@ -556,6 +561,8 @@ async def drain_aio_celery(params: Params) -> Stopwatch:
     app = Celery("bench-drain", broker=params["broker"])
     if params.get("backend"):
         app.conf.update(result_backend=params["backend"])
+    if params.get("quorum"):  # the bench queue is not the default one: a "missing" queue
+        app.conf.update(task_create_missing_queue_type="quorum")
 
     @app.task(name="bench.noop")
     async def noop(x: int, y: int) -> None:
@@ -596,6 +603,7 @@ async def drain_aio_celery(params: Params) -> Stopwatch:
 @measurement("drain/aio-pika")
 @measurement("drain/aio-pika-results")
 @measurement("drain/aio-pika-sleep")
+@measurement("drain/aio-pika-quorum")
 async def drain_aio_pika(params: Params) -> Stopwatch:
     """A plain aio-pika consumer (``queue.consume``, prefetch 4 x C like the worker) that
     json-decodes each body, then, per variant, sleeps in its delivery task (at most C at a
@@ -638,7 +646,9 @@ async def drain_aio_pika(params: Params) -> Stopwatch:
         async with connection:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=params["prefetch"])
-            queue = await channel.declare_queue(params["queue"], durable=True)
+            queue = await channel.declare_queue(
+                params["queue"], durable=True,
+                arguments=QUORUM_ARGUMENTS if params.get("quorum") else None)
             tag = await queue.consume(on_message)
             await progress.wait()
             watch = progress.stopwatch()
@@ -659,11 +669,14 @@ async def prefill(app: Any, queue: str, task: str, n: int) -> None:
                                for i in range(start, min(n, start + chunk))])
 
 
-async def connected_client(stack: AsyncExitStack, broker: str) -> Any:
-    """The parent's aio-celery client for pre-filling queues, connected for the command."""
+async def connected_client(stack: AsyncExitStack, broker: str, quorum: bool = False) -> Any:
+    """The parent's aio-celery client for pre-filling queues, connected for the command
+    (``quorum``: it declares the queues it fills as quorum queues)."""
     from aio_celery import Celery
 
     app = Celery("bench-prefill", broker=broker, set_as_current=False)
+    if quorum:
+        app.conf.update(task_create_missing_queue_type="quorum")
     await stack.enter_async_context(app.setup())
     return app
 
@@ -712,6 +725,8 @@ async def cmd_drain(args: argparse.Namespace) -> int:
     async with AsyncExitStack() as stack:
         admin = await stack.enter_async_context(QueueAdmin(args.broker))
         client = await connected_client(stack, args.broker)
+        quorum_client = await connected_client(stack, args.broker, quorum=True) \
+            if "quorum" in variants else None
         backend = None
         if "results" in variants:
             backend = await stack.enter_async_context(claimed_redis_db(args.redis))
@@ -725,16 +740,22 @@ async def cmd_drain(args: argparse.Namespace) -> int:
                 params["sleep"] = args.sleep
             if variant == "results":
                 params["backend"] = backend
+            if variant == "quorum":
+                params["quorum"] = True
             print(f"{variant}: {what}, concurrency {concurrency}, "
                   f"prefetch {4 * concurrency}"
                   + (f", results in {backend}" if variant == "results" else ""),
                   flush=True)
 
-            async def fill(queue: str, task: str = task) -> None:
-                await prefill(client, queue, task, args.n)
+            filler = quorum_client if variant == "quorum" else client
+
+            async def fill(queue: str, task: str = task, filler: Any = filler) -> None:
+                await prefill(filler, queue, task, args.n)
 
             runs = await run_rounds(admin, [subject, baseline], args.rounds, params,
-                                    prepare=fill, expect=0, unit="tasks/s")
+                                    prepare=fill, expect=0, unit="tasks/s",
+                                    arguments=QUORUM_ARGUMENTS if variant == "quorum"
+                                    else None)
             status |= report(runs, baseline=baseline, subject=subject)
             rss = median([run.peak_rss_mib for run in runs
                            if run.contender == subject and run.problem is None])

@@ -724,6 +724,9 @@ class AMQPConnection(asyncio.Protocol):
     def reject(self, delivery_tag: int, requeue: bool) -> None:
         self._write(amqpwire.encode_reject(CHANNEL, delivery_tag, requeue))
 
+    def nack(self, delivery_tag: int, requeue: bool = True) -> None:
+        self._write(amqpwire.encode_nack(CHANNEL, delivery_tag, requeue))
+
     async def publish(self, body: bytes, properties: bytes, routing_key: str,
                       exchange: str = "", mandatory: bool = False) -> None:
         """Publish and wait for the broker's confirm. ``properties`` are encoded
@@ -760,7 +763,9 @@ class AMQPConnection(asyncio.Protocol):
             self._parse_soon()
         await confirm
 
-    async def qos(self, prefetch_count: int, global_: bool = True) -> None:
+    async def qos(self, prefetch_count: int, global_: bool = False) -> None:
+        """``global_=False``: a limit for each consumer started afterwards (RabbitMQ refuses
+        global QoS on quorum queues, and RabbitMQ 4.3 on every queue by default)."""
         await self._call(commands.Basic.Qos(prefetch_count=prefetch_count, global_=global_),
                          commands.Basic.QosOk)
 

@@ -3,11 +3,17 @@
 A delivery is decoded as it arrives (a message that cannot be decoded is rejected at once,
 without requeue); only the decoded message is kept, not the wire bytes. Then:
 
-* an ``eta`` in the future waits in a task of its own without holding a concurrency slot;
-  the prefetch window is widened by one while it waits so it never starves ready messages
-  (Celery does the same). An eta beyond ``eta_horizon`` is *parked*: republished to a
-  holding queue whose TTL dead-letters it back here, so RabbitMQ's ``consumer_timeout``
-  never sees it unacked;
+* an ``eta`` in the future waits in a task of its own without holding a concurrency slot,
+  but it holds a place in the prefetch window, which is static (per-consumer QoS: global
+  QoS is refused by quorum queues and by RabbitMQ 4.3). So at most ``prefetch -
+  concurrency`` etas wait in memory, and ``concurrency`` places always stay for ready
+  messages. Any other eta is *parked* (republished, then acked): through native delayed
+  delivery when the queue is bound to it (quorum mode, a non-direct exchange), else to a
+  holding queue whose TTL dead-letters it back here: the eta horizon's for an eta beyond
+  ``eta_horizon`` (so RabbitMQ's ``consumer_timeout`` never sees it unacked), else the
+  largest power of two seconds not past its eta (it comes back no later than due, and
+  waits here or is parked again; one that is due within a second may run up to a second
+  late when the window has no room for it);
 * a message that is due joins the ready queue; whenever one of the ``concurrency`` slots is
   free the next one starts in an asyncio task of its own, runs, its result is stored, then
   the delivery is acknowledged: finished prefixes with one ``multiple`` ack per loop turn.
@@ -45,10 +51,16 @@ from typing import Any
 
 from aio_celery import protocol
 from aio_celery.amqp.connection import Delivery
-from aio_celery.broker import ConsumerChannel, HoldingQueueRefused, describe_error
+from aio_celery.broker import (
+    ConsumerChannel,
+    DelayedDeliveryRefused,
+    HoldingQueueRefused,
+    describe_error,
+)
 from aio_celery.config import Settings
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
+from aio_celery.quorum import FIRST_DELAY_EXCHANGE, delayed_routing_key, park_countdown
 from aio_celery.worker import aging
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.execution import Settle, TaskRunner
@@ -84,11 +96,35 @@ def horizon_ms(horizon: float) -> int:
 
 
 def wait_queue_name(queue: str, horizon: float) -> str:
-    """The holding queue for far-away etas of ``queue``. Its TTL is part of the name: a
-    queue cannot be declared again with another TTL, so a worker started with another
-    ``--eta-horizon`` gets a queue of its own (the old one still hands its messages back)
-    instead of a channel error at every park."""
-    return f"{queue}.aio-celery-eta-{horizon_ms(horizon)}ms"
+    """The holding queue of ``queue`` whose TTL is ``horizon`` seconds. The TTL is part of
+    the name: a queue cannot be declared again with another TTL, so a worker started with
+    another ``--eta-horizon`` gets a queue of its own (the old one still hands its messages
+    back) instead of a channel error at every park. (Earlier builds named them
+    ``.aio-celery-eta-<ms>ms``, without ``x-expires``: those are left alone.)"""
+    return f"{queue}.aio-celery-hold-{horizon_ms(horizon)}ms"
+
+
+def holding_ttl(remaining: float, horizon: float) -> float:
+    """The TTL of the holding queue an eta ``remaining`` seconds away is parked in: the
+    horizon beyond it, else the largest power of two seconds not past the eta (1 s for
+    one due within a second), so it never comes back late by more than that."""
+    if remaining > horizon:
+        return horizon
+    level = 1.0
+    while level * 2 <= remaining:
+        level *= 2
+    return min(level, horizon)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Parking:
+    """Where a park sends the copy: ``exchange`` and ``routing_key``; ``ttl`` (seconds) of
+    the holding queue ``routing_key`` names, None for native delayed delivery."""
+
+    exchange: str
+    routing_key: str
+    ttl: float | None
+    where: str
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,6 +142,7 @@ class _Job:
     pending: bool = False  # over, its slot given up: waits for the backend or broker
     board_slot: int = -1  # where the poison guard's running board shows it running
     aged: bool = False  # the aging sweep gave it back (while waiting) or warned (running)
+    held: bool = False  # counted in Session._held (an eta waiting here, a park retried)
 
 
 @dataclasses.dataclass
@@ -144,9 +181,12 @@ class Session:
         self._flush_scheduled = False
         self._stopping = False
         self._draining = False
+        #: etas waiting in memory (and parks being retried): each holds a place in the
+        #: prefetch window, so at most _eta_room of them, leaving ``concurrency`` places
         self._held = 0
-        self._prefetch_applied = self.prefetch_count
-        self._prefetch_task: asyncio.Task[None] | None = None
+        self._eta_room = max(0, self.prefetch_count - options.concurrency)
+        #: queues bound to native delayed delivery: parked there, not in holding queues
+        self._native_queues: set[str] = set()
         self._outcome = StopOutcome()
         #: given back while the consumers are still attached, the broker would hand these
         #: straight back: kept until stop() has cancelled the consumers
@@ -177,12 +217,40 @@ class Session:
         await self.channel.open()
         for queue in queues:
             await self.channel.declare(queue)
+        if self.channel.plan.quorum_mode:
+            await self._bind_delayed_delivery(queues)
         before_consume()
         for queue in queues:
             await self.channel.consume(queue, self._receiver(queue))
         if self._max_age is not None:
             self._sweeper = asyncio.create_task(self._sweep_forever(self._max_age),
                                                 name="unacked max age sweep")
+
+    async def _bind_delayed_delivery(self, queues: tuple[str, ...]) -> None:
+        """Quorum mode: declare Celery's ``celery_delayed_*`` topology and bind each queue
+        whose exchange is not direct, as a Celery worker does at every start (else a Celery
+        client's countdown tasks for it would be dropped, unroutable). Declared again by
+        every session: one deleted meanwhile would make every park a channel error. A
+        refusal is logged: etas then wait here or in holding queues (any other
+        BrokerConnectionError fails the session, which is retried)."""
+        broker = self.runner.app.broker
+        native = tuple(queue for queue in queues if broker.delays_natively(queue))
+        for queue in set(queues) - set(native):
+            logger.warning("Queue %s has a direct exchange: native delayed delivery cannot "
+                           "reach it (Celery's clients then send countdown/eta tasks to it "
+                           "directly; this worker keeps them in memory or in a holding "
+                           "queue). Set task_default_exchange_type (or "
+                           "task_create_missing_queue_exchange_type) to 'topic'.", queue)
+        if not native:
+            return
+        try:
+            await broker.declare_delayed_delivery(native)
+        except DelayedDeliveryRefused as exc:
+            logger.error("%s. Countdown/eta tasks that Celery clients send to %s through "
+                         "native delayed delivery may be dropped; this worker parks its etas "
+                         "in holding queues instead.", exc, ", ".join(native))
+            return
+        self._native_queues.update(native)
 
     @property
     def consumer_count(self) -> int:
@@ -262,9 +330,10 @@ class Session:
             self._start_ready()
             if len(self._ready) >= _HOLD_AT:
                 self._hold()
-        elif delay > self.options.eta_horizon:
-            self._wait(job, self._park(job, raw, delay), "park")
+        elif delay > self.options.eta_horizon or self._held >= self._eta_room:
+            self._wait(job, self._park(job, raw), "park")
         else:  # the wire bytes are not kept while it waits: only parking needs them
+            self._count_held(job)  # now: the next delivery of this read must see it
             self._wait(job, self._hold_until_due(job, delay), "eta")
 
     def _judge(self, job: _Job, headers: dict[str, Any] | None,
@@ -299,6 +368,7 @@ class Session:
 
     def _wait_done(self, task: asyncio.Task[None]) -> None:
         job = self._waiting.pop(task)
+        self._uncount_held(job)  # (a task cancelled before it started ran no finally)
         if task.cancelled():  # a stop, a lost connection or its age: the message goes back
             if not job.aged:
                 self._outcome.returned += 1
@@ -398,78 +468,82 @@ class Session:
         self._start_ready()
 
     async def _hold_until_due(self, job: _Job, delay: float) -> None:
-        """An eta within the horizon: wait without a slot (the prefetch window widened by
-        one meanwhile), then join the ready queue."""
-        self._held += 1
-        self._update_prefetch()
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            self._held -= 1
-            self._update_prefetch()
+        """An eta with room in the prefetch window: wait without a slot, then join the
+        ready queue."""
+        self._count_held(job)
+        await asyncio.sleep(delay)
+        self._uncount_held(job)
         self._ready.append(job)
         self._start_ready()
 
-    async def _park(self, job: _Job, raw: Delivery, delay: float) -> None:
-        """An eta beyond the horizon: republish it to the holding queue, then ack it.
+    async def _park(self, job: _Job, raw: Delivery) -> None:
+        """An eta that does not wait here: republish it (see :meth:`_parking`), then ack it.
 
         A park that fails (nacked, returned, no connection) keeps the message unacked here
-        and is tried again with backoff (the prefetch window widened by one meanwhile),
+        (counted in the window like an eta held in memory) and is tried again with backoff,
         never given back to the queue at once (the broker would hand it straight back, to
-        be parked again, in a loop). A holding queue the broker refuses to declare is
-        reported once; its messages then wait here, in memory, like nearer etas.
+        be parked again, in a loop); one due before the next try waits here instead. A
+        holding queue the broker refuses to declare is reported once; its messages then
+        wait here, in memory, like nearer etas.
         """
-        name = wait_queue_name(job.queue, self.options.eta_horizon)
         retry_in = PARK_FIRST_RETRY
-        failed = False
         try:
             while True:
-                if name in self._refused_holding_queues:
-                    failed = self._narrow(failed)
-                    await self._wait_in_memory(job, name)
+                parking = self._parking(job)
+                if parking.routing_key in self._refused_holding_queues:
+                    await self._wait_in_memory(job, parking.routing_key)
                     return
                 try:
-                    await self._park_once(job, raw, name)
+                    await self._park_once(job, raw, parking)
                 except HoldingQueueRefused as exc:
-                    self._holding_queue_refused(name, exc)
+                    self._holding_queue_refused(parking.routing_key, exc)
                     continue
                 except Exception as exc:
                     remaining = self._until_due(job)
-                    if remaining <= self.options.eta_horizon:
-                        failed = self._narrow(failed)
+                    if remaining <= retry_in:
                         await self._hold_until_due(job, remaining)
                         return
-                    if not failed:  # the prefetch window must not fill up with these
-                        failed = True
-                        self._held += 1
-                        self._update_prefetch()
+                    self._count_held(job)
                     logger.warning("Task %s[%s] could not be parked in %s (%s): it stays "
                                    "here, unacknowledged, and parking is tried again in %.0fs",
-                                   job.message.task, job.message.id, name,
+                                   job.message.task, job.message.id, parking.where,
                                    describe_error(exc), retry_in)
                     await asyncio.sleep(retry_in)
                     retry_in = min(retry_in * 2, PARK_MAX_RETRY)
                     continue
-                logger.info("Task %s[%s] is due in %.0fs, beyond the %.0fs eta horizon: "
-                            "parked in %s (the broker hands it back every %.0fs until it is "
-                            "due)", job.message.task, job.message.id, delay,
-                            self.options.eta_horizon, name, self.options.eta_horizon)
+                logger.info("Task %s[%s] is due in %.0fs: parked in %s", job.message.task,
+                            job.message.id, self._until_due(job), parking.where)
                 return
         finally:
-            self._narrow(failed)
+            self._uncount_held(job)
 
-    def _narrow(self, widened: bool) -> bool:
-        """Undo a park's widening of the prefetch window; returns False (not widened)."""
-        if widened:
+    def _count_held(self, job: _Job) -> None:
+        if not job.held:
+            job.held = True
+            self._held += 1
+
+    def _uncount_held(self, job: _Job) -> None:
+        if job.held:
+            job.held = False
             self._held -= 1
-            self._update_prefetch()
-        return False
 
-    async def _park_once(self, job: _Job, raw: Delivery, name: str) -> None:
+    def _parking(self, job: _Job) -> _Parking:
+        """Native delayed delivery for a queue bound to it (rounded up to whole seconds),
+        else the holding queue of :func:`holding_ttl`."""
+        remaining = self._until_due(job)
+        if job.queue in self._native_queues:
+            countdown = park_countdown(remaining)
+            return _Parking(FIRST_DELAY_EXCHANGE, delayed_routing_key(countdown, job.queue),
+                            None, f"native delayed delivery for {countdown}s")
+        ttl = holding_ttl(remaining, self.options.eta_horizon)
+        name = wait_queue_name(job.queue, ttl)
+        return _Parking("", name, ttl, f"{name} (handed back every {ttl:.0f}s until due)")
+
+    async def _park_once(self, job: _Job, raw: Delivery, parking: _Parking) -> None:
         """Publish the copy and, once the broker confirmed it, ack the original."""
         # Declared every time (parking is rare): a holding queue deleted meanwhile would
         # otherwise swallow the copy, unroutable, while the original is acked.
-        publish = asyncio.ensure_future(self._publish_parked(raw, job.queue, name))
+        publish = asyncio.ensure_future(self._publish_parked(raw, job.queue, parking))
         try:
             await publish
         except asyncio.CancelledError:
@@ -479,25 +553,27 @@ class Session:
             raise
         self._settle(job.tag, Settle.ACK)  # the copy in the holding queue counts now
 
-    async def _publish_parked(self, raw: Delivery, queue: str, name: str) -> None:
+    async def _publish_parked(self, raw: Delivery, queue: str, parking: _Parking) -> None:
         assert raw.properties is not None
-        # Declared on the publisher's connection, on a channel of its own: a refusal there
-        # must not close the channel these deliveries came on (that would be a reconnect,
-        # a redelivery, a park, a refusal... a loop).
-        await self.runner.app.broker.declare_holding_queue(
-            name, queue, horizon_ms(self.options.eta_horizon))
+        if parking.ttl is not None:
+            # Declared on the publisher's connection, on a channel of its own: a refusal
+            # there must not close the channel these deliveries came on (that would be a
+            # reconnect, a redelivery, a park, a refusal... a loop).
+            await self.runner.app.broker.declare_holding_queue(
+                parking.routing_key, queue, horizon_ms(parking.ttl))
         # mandatory: a copy that no queue took (Returned) is not parked
-        await self.channel.publish_raw(raw.body, raw.properties.encoded, name)
+        await self.channel.publish_raw(raw.body, raw.properties.encoded, parking.routing_key,
+                                       parking.exchange)
 
     def _holding_queue_refused(self, name: str, exc: Exception) -> None:
         if name in self._refused_holding_queues:  # two parks were under way at once
             return
         self._refused_holding_queues.add(name)
-        logger.error("%s. Tasks with an eta more than %.0fs away now wait in this worker's "
-                     "memory instead, unacknowledged: they go back to the queue and come "
-                     "again every worker_unacked_max_age until due, so that RabbitMQ's "
-                     "consumer_timeout does not close the channel. Let the worker's user "
-                     "configure queues named like %r.", exc, self.options.eta_horizon, name)
+        logger.error("%s. Tasks parked there now wait in this worker's memory instead, "
+                     "unacknowledged (ready tasks may wait behind them): they go back to the "
+                     "queue and come again every worker_unacked_max_age until due, so that "
+                     "RabbitMQ's consumer_timeout does not close the channel. Let the "
+                     "worker's user configure queues named like %r.", exc, name)
 
     async def _wait_in_memory(self, job: _Job, name: str) -> None:
         remaining = self._until_due(job)
@@ -509,17 +585,6 @@ class Session:
     def _until_due(self, job: _Job) -> float:
         eta = job.message.eta
         return 0.0 if eta is None else max(0.0, (eta - self.runner.app.now()).total_seconds())
-
-    def _update_prefetch(self) -> None:
-        if self._prefetch_task is None or self._prefetch_task.done():
-            self._prefetch_task = asyncio.create_task(self._apply_prefetch())
-
-    async def _apply_prefetch(self) -> None:
-        # Coalesces bursts of eta arrivals into few basic.qos round trips.
-        while self._prefetch_applied != self.prefetch_count + self._held:
-            self._prefetch_applied = self.prefetch_count + self._held
-            with contextlib.suppress(*_CHANNEL_GONE):
-                await self.channel.set_prefetch(self._prefetch_applied)
 
     # --- aging: RabbitMQ's consumer_timeout (see aging) ----------------------------------
 
@@ -598,7 +663,10 @@ class Session:
             return
         self._tracker.settled(tag)
         with contextlib.suppress(*_CHANNEL_GONE):
-            self.channel.reject(tag, requeue=settle is Settle.REQUEUE)
+            if settle is Settle.REQUEUE:  # not the message's fault: not counted on 4.3
+                self.channel.nack(tag)
+            else:
+                self.channel.reject(tag, requeue=False)
 
     def _give_back(self, tag: int) -> None:
         self._settle(tag, Settle.REQUEUE)
@@ -689,8 +757,6 @@ class Session:
         await self.close()
 
     async def close(self) -> None:
-        if self._prefetch_task is not None:
-            self._prefetch_task.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.channel.close()

@@ -22,8 +22,9 @@ class WorkerOptions:
     prefetch_multiplier: int | None = None
     #: seconds running tasks get on warm shutdown (None: ``worker_shutdown_timeout``)
     shutdown_timeout: float | None = None
-    #: an eta further away than this (seconds) waits in a holding queue on the broker, not
-    #: in memory, so that RabbitMQ's consumer_timeout (30 min by default) never trips
+    #: an eta further away than this (seconds) waits on the broker (a holding queue, or
+    #: native delayed delivery), not in memory, so that RabbitMQ's consumer_timeout (30 min
+    #: by default) never trips; so do nearer etas beyond prefetch - concurrency
     eta_horizon: float = 600.0
     #: a message that waited unstarted this many seconds since it was delivered is given
     #: back to the queue, and a task running this long unacknowledged is warned about:

@@ -22,6 +22,7 @@ from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
 from aio_celery.failover import Failover
 from aio_celery.poison import Guard
+from aio_celery.quorum import QueuePlan
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
 from aio_celery.worker.execution import TaskRunner
@@ -218,6 +219,7 @@ class Worker:
             heartbeat=settings.broker_heartbeat,
             max_priority=settings.task_queue_max_priority,
             queue_arguments=settings.task_queue_arguments,
+            plan=QueuePlan.from_settings(settings),
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
         runner = TaskRunner(self.app, self.options.hostname)

@@ -179,7 +179,9 @@ async def test_signals_receive_the_right_arguments(app: Celery, start_worker) ->
         r_ok = await ok.delay(21)
         r_bad = await bad.apply_async((5,), kwargs={})
         r_again = await again.delay()
-        handle = await start_worker(concurrency=1, prefetch_multiplier=1, burst=True)
+        # A multiplier of 2 leaves room in the window for the retry's countdown to wait in
+        # memory (with 1 it is parked on the broker, and burst mode does not wait for that).
+        handle = await start_worker(concurrency=1, prefetch_multiplier=2, burst=True)
         assert await handle.wait() == 0
     assert await r_ok.get(timeout=5) == 42
     assert await r_again.get(timeout=5) == "second time"

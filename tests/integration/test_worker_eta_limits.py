@@ -47,8 +47,9 @@ async def holding_queue(amqp: AbstractConnection,
 
 
 async def test_waiting_eta_task_holds_no_concurrency_slot(app: Celery, start_worker) -> None:
-    """concurrency=1 and a prefetch of 1: the eta message arrives first and waits; the five
-    ready ones behind it still run (the window widens while it waits) and finish first."""
+    """concurrency=1 and a prefetch of 2: the eta message arrives first and waits in memory
+    (the window has room for one eta); the five ready ones behind it still run and finish
+    first."""
     done: list[tuple[str, float]] = []
 
     @app.task
@@ -60,7 +61,7 @@ async def test_waiting_eta_task_holds_no_concurrency_slot(app: Celery, start_wor
     sent = time.monotonic()
     r_eta = await job.apply_async(("eta",), countdown=1.5)
     ready = [await job.delay(f"ready-{i}") for i in range(5)]
-    handle = await start_worker(concurrency=1, prefetch_multiplier=1, burst=True)
+    handle = await start_worker(concurrency=1, prefetch_multiplier=2, burst=True)
     assert await handle.wait(timeout=10) == 0
     assert [label for label, _ in done] == [f"ready-{i}" for i in range(5)] + ["eta"]
     assert all(at - sent < 1.0 for _, at in done[:5]), "ready tasks waited behind the eta"
@@ -119,8 +120,8 @@ async def test_eta_beyond_horizon_is_parked_and_runs_after_its_eta(
 def test_each_eta_horizon_has_a_holding_queue_of_its_own() -> None:
     """The TTL is fixed when a queue is first declared: another --eta-horizon must not try
     to declare the same queue with another TTL (RabbitMQ would close the channel)."""
-    assert wait_queue_name("q", 600.0) == "q.aio-celery-eta-600000ms"
-    assert wait_queue_name("q", 1.5) == "q.aio-celery-eta-1500ms"
+    assert wait_queue_name("q", 600.0) == "q.aio-celery-hold-600000ms"
+    assert wait_queue_name("q", 1.5) == "q.aio-celery-hold-1500ms"
     assert wait_queue_name("q", 12345.66) != wait_queue_name("q", 12345.74)  # TTLs differ
 
 

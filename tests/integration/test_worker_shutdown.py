@@ -206,14 +206,19 @@ async def test_cold_stop_does_not_bounce_the_prefetched_messages(
     until the cancel is through (several rejects per message)."""
     concurrency, multiplier = 4, 50
     prefetch = concurrency * multiplier  # 200, of 400 messages
-    rejects: collections.Counter[bool] = collections.Counter()
-    reject = ConsumerChannel.reject
+    rejects: collections.Counter[bool] = collections.Counter()  # requeue -> count
+    reject, nack = ConsumerChannel.reject, ConsumerChannel.nack
 
     def counting(self: ConsumerChannel, tag: int, requeue: bool) -> None:
         rejects[requeue] += 1
         reject(self, tag, requeue)
 
+    def counting_nacks(self: ConsumerChannel, tag: int) -> None:
+        rejects[True] += 1  # a return (basic.nack with requeue)
+        nack(self, tag)
+
     monkeypatch.setattr(ConsumerChannel, "reject", counting)
+    monkeypatch.setattr(ConsumerChannel, "nack", counting_nacks)
     tracker = Tracker()
     long = long_task(app, tracker, 30.0)
     await asyncio.gather(*(long.delay(i) for i in range(2 * prefetch)))
@@ -227,7 +232,7 @@ async def test_cold_stop_does_not_bounce_the_prefetched_messages(
     # About one each (a cancelled task's message given back before the consumer cancel is
     # through may still bring one more delivery per slot, given back as it arrives).
     assert rejects[True] == prefetch, \
-        f"{rejects[True]} requeue rejects for {prefetch} prefetched messages"
+        f"{rejects[True]} returns for {prefetch} prefetched messages"
     assert sorted(tracker.cancelled) == sorted(tracker.started)
     assert len(tracker.started) == concurrency  # nothing else ran
     await eventually(lambda: resolves_to(ready_count(amqp, unique_name), 2 * prefetch),

@@ -6,6 +6,7 @@ The worker is started as ``python -m celery -A celery_tasks worker ...`` with th
     AIO_CELERY_INTEROP_BROKER   amqp://...
     AIO_CELERY_INTEROP_BACKEND  redis://.../<db>
     AIO_CELERY_INTEROP_QUEUE    the queue the worker consumes
+    AIO_CELERY_INTEROP_QUORUM   optional: a quorum queue with a topic exchange
 
 The tests import this module too, for :class:`InteropError`: a failure stored by the worker
 names the module ``celery_tasks``, so both sides must import it under that name.
@@ -38,6 +39,8 @@ app.conf.update(
     # no pidbox queue left behind on the broker (the tests never use remote control)
     worker_enable_remote_control=False,
 )
+if os.environ.get("AIO_CELERY_INTEROP_QUORUM"):
+    app.conf.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
 
 
 class InteropError(Exception):

@@ -8,6 +8,7 @@ from the environment:
     AIO_CELERY_OURS_BACKEND       redis://.../<db>
     AIO_CELERY_OURS_QUEUE         the queue the worker consumes (task_default_queue)
     AIO_CELERY_OURS_MAX_PRIORITY  optional: task_queue_max_priority
+    AIO_CELERY_OURS_QUORUM        optional: a quorum queue with a topic exchange
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ app.conf.update(
     result_backend=os.environ.get("AIO_CELERY_OURS_BACKEND", "redis://127.0.0.1:6379/15"),
     task_default_queue=os.environ.get("AIO_CELERY_OURS_QUEUE", "aio-celery-ours"),
 )
+if os.environ.get("AIO_CELERY_OURS_QUORUM"):
+    app.conf.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
 if os.environ.get("AIO_CELERY_OURS_MAX_PRIORITY"):
     app.conf.update(task_queue_max_priority=int(os.environ["AIO_CELERY_OURS_MAX_PRIORITY"]))
 
@@ -66,9 +69,11 @@ async def sleep(seconds: float, value: Any = None) -> Any:
 
 @app.task(name=PREFIX + "when", bind=True)
 async def when(self: Any) -> dict[str, Any]:
-    """When it ran (epoch seconds) and the eta it was given."""
+    """When it ran (epoch seconds), the eta it was given and how it was delivered."""
     eta = self.request.eta
-    return {"ran_at": time.time(), "eta": None if eta is None else eta.isoformat()}
+    delivery = self.request.delivery_info or {}
+    return {"ran_at": time.time(), "eta": None if eta is None else eta.isoformat(),
+            "exchange": delivery.get("exchange"), "routing_key": delivery.get("routing_key")}
 
 
 @app.task(name=PREFIX + "flaky", bind=True)

@@ -35,7 +35,10 @@ class OurWorker:
     stderr kept in a file."""
 
     def __init__(self, queue: str, backend_url: str, log_dir: Path, *extra: str,
-                 max_priority: int | None = None, concurrency: int = 20) -> None:
+                 max_priority: int | None = None, concurrency: int = 20,
+                 quorum: bool = False) -> None:
+        """``quorum``: the queue is a quorum queue with a topic exchange (Celery 5.5+'s
+        ``task_default_queue_type="quorum"``, ``task_default_exchange_type="topic"``)."""
         self.queue = queue
         self.stderr_path = log_dir / f"our-worker-{uuid.uuid4().hex[:8]}.stderr"
         env = {
@@ -48,6 +51,8 @@ class OurWorker:
         }
         if max_priority is not None:
             env["AIO_CELERY_OURS_MAX_PRIORITY"] = str(max_priority)
+        if quorum:
+            env["AIO_CELERY_OURS_QUORUM"] = "1"
         with open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "aio_celery", "worker", "-P", "solo",
@@ -81,7 +86,10 @@ class CeleryWorker:
     """``celery -A celery_tasks worker`` (threads pool, no gossip/mingle) on one queue; its
     combined output is kept for diagnostics."""
 
-    def __init__(self, queue: str, backend_url: str) -> None:
+    def __init__(self, queue: str, backend_url: str, *, quorum: bool = False,
+                 concurrency: int = 4) -> None:
+        """``quorum``: Celery 5.5+'s quorum mode, a topic exchange (and so native delayed
+        delivery, and per-consumer QoS)."""
         self.queue = queue
         self.backend_url = backend_url
         self.lines: list[str] = []
@@ -94,10 +102,12 @@ class CeleryWorker:
             "AIO_CELERY_INTEROP_QUEUE": queue,
             "PYTHONPATH": _pythonpath(HERE),
             "PYTHONUNBUFFERED": "1",
+            **({"AIO_CELERY_INTEROP_QUORUM": "1"} if quorum else {}),
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "celery_tasks", "worker",
-             "-P", "threads", "-c", "4", "-Q", queue, "-n", f"{queue}@%h", "-l", "INFO",
+             "-P", "threads", "-c", str(concurrency), "-Q", queue, "-n", f"{queue}@%h",
+             "-l", "INFO",
              # No --without-heartbeat: its 2 s timer is what wakes the worker's event loop
              # for a shutdown signal (without it, stopping an idle worker takes ~10 s). Task
              # events are off (no -E), so the heartbeat publishes nothing.

@@ -2,8 +2,9 @@
 
 Started as ``tests.process.poison_tasks:app`` from the repository root; from the
 environment: ``AIO_CELERY_SUP_BROKER``, ``AIO_CELERY_SUP_BACKEND`` and ``AIO_CELERY_SUP_QUEUE``
-(as ``sup_tasks``). The queue is declared with a dead-letter exchange: the default exchange,
-routing key ``<queue>-dlx`` (the test declares that queue).
+(as ``sup_tasks``), and ``AIO_CELERY_SUP_QUEUE_TYPE`` (classic by default). The queue is
+declared with a dead-letter exchange: the default exchange, routing key ``<queue>-dlx`` (the
+test declares that queue).
 
 Every run of every task is counted in the Redis hash ``<queue>:runs`` (task id -> runs); an
 innocent task's completion in ``<queue>:done``.
@@ -27,6 +28,7 @@ app.conf.update(
     task_default_queue=QUEUE,
     task_queue_arguments={"x-dead-letter-exchange": "",
                           "x-dead-letter-routing-key": f"{QUEUE}-dlx"},
+    task_default_queue_type=os.environ.get("AIO_CELERY_SUP_QUEUE_TYPE", "classic"),
 )
 
 

@@ -2,8 +2,9 @@
 retired after ``worker_max_task_deaths`` (3) deaths, while the innocent tasks that ran next
 to it are redelivered and complete (``aio_celery.poison``).
 
-Real forks, real RabbitMQ (a classic queue with a dead-letter exchange) and Redis; the
-supervisor runs as in ``test_supervisor`` (whose ``Supervised`` starts it).
+Real forks, real RabbitMQ (a classic queue with a dead-letter exchange, and a quorum one,
+whose ``x-delivery-count`` RabbitMQ 3.x raises at every return) and Redis; the supervisor
+runs as in ``test_supervisor`` (whose ``Supervised`` starts it).
 """
 
 from __future__ import annotations
@@ -67,18 +68,20 @@ def runs(redis_url: str, unique_name: str) -> Iterator[Callable[[str], dict[str,
         client.close()
 
 
-def client_app(queue: str, redis_url: str) -> Celery:
+def client_app(queue: str, redis_url: str, queue_type: str = "classic") -> Celery:
     """A client that declares the queue as the workers do (with its dead-letter exchange)."""
     client = Celery("poison-client", set_as_current=False)
     client.conf.update(broker_url=AMQP_URL, result_backend=redis_url, task_default_queue=queue,
+                       task_default_queue_type=queue_type,
                        task_queue_arguments={"x-dead-letter-exchange": "",
                                              "x-dead-letter-routing-key": f"{queue}-dlx"})
     return client
 
 
-def publish(queue: str, redis_url: str, calls: list[tuple[str, tuple[Any, ...]]]) -> list[str]:
+def publish(queue: str, redis_url: str, calls: list[tuple[str, tuple[Any, ...]]],
+            queue_type: str = "classic") -> list[str]:
     async def send() -> list[str]:
-        async with client_app(queue, redis_url).setup() as client:
+        async with client_app(queue, redis_url, queue_type).setup() as client:
             return [(await client.send_task(name, args)).id for name, args in calls]
 
     return asyncio.run(send())
@@ -110,21 +113,27 @@ def results(redis_url: str, queue: str, ids: list[str]) -> list[Any]:
     return asyncio.run(fetch())
 
 
-@pytest.mark.parametrize(("task", "death"), [
-    ("poison.exit", "exited by itself (exit code 0 (ok)) without being asked to: a crash"),
-    ("poison.segfault", "killed by SIGSEGV"),
-])
+EXIT = "exited by itself (exit code 0 (ok)) without being asked to: a crash"
+
+
+@pytest.mark.parametrize(("task", "death", "queue_type"), [
+    ("poison.exit", EXIT, "classic"),
+    ("poison.segfault", "killed by SIGSEGV", "classic"),
+    ("poison.exit", EXIT, "quorum"),
+], ids=["exit", "segfault", "exit-quorum"])
 def test_a_task_that_kills_its_process_is_retired_after_three_deaths(
-        task: str, death: str, supervise: Callable[..., Supervised], unique_name: str,
-        redis_url: str, dead_letters: str, runs: Callable[[str], dict[str, int]]) -> None:
-    sup = supervise("--prefetch-multiplier", "1", processes=2, concurrency=4)
+        task: str, death: str, queue_type: str, supervise: Callable[..., Supervised],
+        unique_name: str, redis_url: str, dead_letters: str,
+        runs: Callable[[str], dict[str, int]]) -> None:
+    sup = supervise("--prefetch-multiplier", "1", processes=2, concurrency=4,
+                    env={"AIO_CELERY_SUP_QUEUE_TYPE": queue_type})
     sup.wait_ready(2)
     # Innocent tasks fill both children; the poison starts next to them and exits its
     # process while they run.
-    innocents = publish(unique_name, redis_url, [("poison.ok", (1.0,))] * 6)
+    innocents = publish(unique_name, redis_url, [("poison.ok", (1.0,))] * 6, queue_type)
     wait_until(lambda: len(runs("runs")) >= 6, 15, "the innocent tasks run", sup.diagnostics)
-    [poison] = publish(unique_name, redis_url, [(task, (0.3,))])
-    innocents += publish(unique_name, redis_url, [("poison.ok", (0.5,))] * 10)
+    [poison] = publish(unique_name, redis_url, [(task, (0.3,))], queue_type)
+    innocents += publish(unique_name, redis_url, [("poison.ok", (0.5,))] * 10, queue_type)
 
     wait_until(lambda: queue_depth(dead_letters) == 1, 40, "the poison is dead-lettered",
                sup.diagnostics)

@@ -29,6 +29,9 @@ class RecordingChannel:
     def reject(self, tag: int, requeue: bool) -> None:
         self.frames.append(("reject", tag, requeue))
 
+    def nack(self, tag: int) -> None:
+        self.frames.append(("nack", tag, True))
+
     async def barrier(self) -> None:
         await asyncio.sleep(0)
 
@@ -72,5 +75,5 @@ async def test_a_finished_prefix_is_acked_in_one_frame_and_stragglers_alone() ->
         session._settle(tag, Settle.ACK)
     session._settle(4, Settle.REQUEUE)  # written at once, before the batched acks
     await asyncio.sleep(0)  # the flush runs once per loop turn
-    assert channel.frames == [("reject", 4, True), ("ack", 5, True), ("ack", 9, False)]
+    assert channel.frames == [("nack", 4, True), ("ack", 5, True), ("ack", 9, False)]
     assert len(session._tracker) == 4  # 6, 7, 8 and 10: still running

@@ -398,6 +398,16 @@ def test_ack_and_reject_frames_are_pamqps(channel: int, tag: int, flag: bool) ->
     assert amqpwire.encode_ack(channel, tag) == frame.marshal(commands.Basic.Ack(tag), channel)
 
 
+@pytest.mark.parametrize("requeue", [False, True])
+@pytest.mark.parametrize("multiple", [False, True])
+@pytest.mark.parametrize(("channel", "tag"), [(1, 1), (7, 2**32), (65535, 2**63 - 1)])
+def test_nack_frames_are_pamqps(channel: int, tag: int, requeue: bool, multiple: bool) -> None:
+    assert amqpwire.encode_nack(channel, tag, requeue, multiple) == frame.marshal(
+        commands.Basic.Nack(delivery_tag=tag, multiple=multiple, requeue=requeue), channel)
+    assert amqpwire.encode_nack(channel, tag, requeue) == frame.marshal(
+        commands.Basic.Nack(delivery_tag=tag, requeue=requeue), channel)
+
+
 @pytest.mark.parametrize("deliver", [
     amqpwire.Deliver("ctag", 1, False, "", "celery"),
     amqpwire.Deliver("amq.ctag-ü", 2**63 - 1, True, "celery.direct", "rk.漢字"),
