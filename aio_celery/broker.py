@@ -32,6 +32,7 @@ from aio_celery.failover import Failover
 from aio_celery.protocol import Envelope
 from aio_celery.quorum import (
     FIRST_DELAY_EXCHANGE,
+    QUORUM,
     QueuePlan,
     delayed_bindings,
     delayed_routing_key,
@@ -286,10 +287,12 @@ class Broker:
         with other arguments) closes only that channel, never the worker's consumer
         connection, and raises :class:`HoldingQueueRefused`. Other failures raise
         BrokerConnectionError."""
+        quorum = self.plan.queue(target).queue_type == QUORUM
+
         async def declare(channel: Any) -> None:
-            await channel.queue_declare(name, durable=True,
-                                        arguments=holding_queue_arguments(target, ttl_ms),
-                                        timeout=self.rpc_timeout)
+            await channel.queue_declare(
+                name, durable=True, arguments=holding_queue_arguments(target, ttl_ms, quorum),
+                timeout=self.rpc_timeout)
 
         await self._on_own_channel(f"the holding queue {name!r}", declare, HoldingQueueRefused)
 
@@ -397,7 +400,7 @@ def describe_error(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def holding_queue_arguments(target: str, ttl_ms: int) -> dict[str, Any]:
+def holding_queue_arguments(target: str, ttl_ms: int, quorum: bool = False) -> dict[str, Any]:
     """A holding queue's arguments: messages expire after ``ttl_ms`` and dead-letter back to
     ``target`` (every message has the same TTL, so expiry order is arrival order).
 
@@ -406,14 +409,19 @@ def holding_queue_arguments(target: str, ttl_ms: int) -> dict[str, Any]:
     outlive its use. Every park declares it again, which renews that lease, so its last
     message has dead-lettered long before the queue goes.
 
-    The holding queue is a classic queue, so its dead-lettering is at-most-once: should
-    ``target`` be unavailable when a message expires, RabbitMQ drops it. A quorum holding
-    queue could use ``x-dead-letter-strategy: at-least-once`` (with ``x-overflow:
-    reject-publish``), but only for a quorum target, and the worker does not know the
-    target's type (it declares classic queues, as Celery does by default): see the README.
+    For a classic ``target`` the holding queue is classic, and its dead-lettering is
+    at-most-once: should ``target`` be unavailable when a message expires, RabbitMQ drops it.
+    For a quorum ``target`` (``quorum``) it is a quorum queue that dead-letters at least once
+    (``x-dead-letter-strategy: at-least-once``, which needs ``x-overflow: reject-publish``):
+    an expired message stays in the holding queue until ``target`` has confirmed it.
     """
-    return {"x-message-ttl": ttl_ms, "x-dead-letter-exchange": _DEFAULT_EXCHANGE,
-            "x-dead-letter-routing-key": target, "x-expires": 2 * ttl_ms + 60_000}
+    arguments: dict[str, Any] = {
+        "x-message-ttl": ttl_ms, "x-dead-letter-exchange": _DEFAULT_EXCHANGE,
+        "x-dead-letter-routing-key": target, "x-expires": 2 * ttl_ms + 60_000}
+    if quorum:
+        arguments.update({"x-queue-type": QUORUM, "x-dead-letter-strategy": "at-least-once",
+                          "x-overflow": "reject-publish"})
+    return arguments
 
 
 class HoldingQueueRefused(BrokerConnectionError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -86,6 +87,25 @@ async def test_ready_tasks_behind_more_etas_than_the_window_holds_run_at_once(
     assert all(("native delayed delivery" in p) == native for p in parks), parks
     direct_warning = [r for r in caplog.records if "has a direct exchange" in r.getMessage()]
     assert len(direct_warning) == (queue_type == "quorum" and not native), direct_warning
+    if not native:  # a holding queue of the target's type; a quorum one dead-letters safely
+        holding = holding_queues(unique_name)
+        assert holding, "no holding queue was declared"
+        for arguments in holding.values():
+            assert ("x-queue-type" in arguments) == (queue_type == "quorum"), holding
+            assert ("at-least-once" in arguments) == (queue_type == "quorum"), holding
+
+
+def holding_queues(target: str) -> dict[str, str]:
+    """The holding queues of ``target`` and their arguments, as rabbitmqctl shows them."""
+    listing = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "arguments"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    prefix = f"{target}.aio-celery-hold-"
+    found = {}
+    for line in listing.splitlines():
+        name, _, arguments = line.partition("\t")
+        if name.startswith(prefix):
+            found[name] = arguments
+    return found
 
 
 async def test_the_queue_is_declared_as_celery_declares_it(
