@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 import random
 import socket
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from aio_celery import protocol
 from aio_celery.backend import RedisBackend
@@ -24,6 +25,9 @@ from aio_celery.result import AsyncResult as _AsyncResult
 from aio_celery.routing import route_queue
 from aio_celery.task import Context, Task, TaskFunction, current_request
 
+if TYPE_CHECKING:
+    from aio_celery.publisher import Publishing
+
 AppContextFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
 #: apply_async options Celery accepts that mean nothing for aio-celery's transport
@@ -33,6 +37,10 @@ _IGNORED_OPTIONS = frozenset({
     "declare", "immediate", "delivery_mode", "immutable", "subtask_type", "chord_size",
 })
 
+#: the publisher of the worker running here, for the code it runs (tasks, follow-ups): an
+#: app and its publisher, or None (see :meth:`Celery.publishing_through`)
+_worker_publisher: contextvars.ContextVar[tuple[Celery, Publishing] | None] = \
+    contextvars.ContextVar("aio_celery_worker_publisher", default=None)
 _shared_tasks: list[tuple[TaskFunction, dict[str, Any]]] = []
 _apps: weakref.WeakSet[Celery] = weakref.WeakSet()
 _current: Celery | None = None
@@ -194,6 +202,28 @@ class Celery:
         return self._broker
 
     @property
+    def publisher(self) -> Publishing:
+        """Where this app's messages go: in the code a worker runs (its tasks, their
+        follow-ups, retries) the worker's own publisher (see :meth:`publishing_through`),
+        elsewhere :attr:`broker`."""
+        override = _worker_publisher.get()
+        if override is not None and override[0] is self:
+            return override[1]
+        return self.broker
+
+    @contextlib.contextmanager
+    def publishing_through(self, publisher: Publishing) -> Iterator[None]:
+        """Within this block, and in the asyncio tasks started from it, this app sends
+        through ``publisher``: a worker wraps its run in it, so that what its tasks send
+        goes out on the worker's publishing connection, while other code in the same
+        process (a test's client, say) keeps :attr:`broker`."""
+        token = _worker_publisher.set((self, publisher))
+        try:
+            yield
+        finally:
+            _worker_publisher.reset(token)
+
+    @property
     def backend(self) -> RedisBackend:
         if self._backend is None:
             if not self.conf.settings.result_backend:
@@ -221,7 +251,7 @@ class Celery:
         delay = self._native_delay(message.eta, queue)
         # Only the wire bytes stay alive while the confirm is awaited: thousands of
         # concurrent sends would otherwise each hold a message and its header dict.
-        publishing = self.broker.publish(protocol.encode(message, self.now()), queue, delay)
+        publishing = self.publisher.publish(protocol.encode(message, self.now()), queue, delay)
         del message
         await publishing
         parent = current_request.get()
@@ -234,7 +264,7 @@ class Celery:
         """Whole seconds to send through native delayed delivery, as Celery 5.5+ does in
         quorum mode for a queue whose exchange is not direct; 0: publish to the queue (under
         a second, Celery's ``int(countdown)`` is 0 too: the worker waits for the eta)."""
-        if eta is None or not self.broker.delays_natively(queue):
+        if eta is None or not self.publisher.delays_natively(queue):
             return 0
         countdown = int((eta - self.now()).total_seconds())
         return countdown if 1 <= countdown <= MAX_DELAY else 0

@@ -601,13 +601,6 @@ class ConsumerChannel:
         if self.is_open:
             await self.connection.exchange_declare("amq.direct", "direct", passive=True)
 
-    async def publish_raw(self, body: bytes, properties: bytes, routing_key: str,
-                          exchange: str = _DEFAULT_EXCHANGE) -> None:
-        """Publish a received message's body and encoded properties again (by default to the
-        queue ``routing_key``), mandatory and confirmed: ConnectionClosed if the broker nacks
-        it, :class:`~aio_celery.amqp.connection.Returned` if no queue took it."""
-        await self.connection.publish(body, properties, routing_key, exchange, mandatory=True)
-
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:

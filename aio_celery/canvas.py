@@ -347,7 +347,7 @@ async def send_signature(app: Celery, sig: Signature, *, chord: dict[str, Any] |
                                         app.tasks.get(sig.name), None, merged)
     if body is not None:
         message = dataclasses.replace(message, chord=dict(body))
-    await app.broker.publish(protocol.encode(message, app.now()), queue)
+    await app.publisher.publish(protocol.encode(message, app.now()), queue)
     result = AsyncResult(message.id, app=app)
     parent = current_request.get()
     if add_to_parent and parent is not None and parent.id is not None:

@@ -286,6 +286,12 @@ class AMQPConnection(asyncio.Protocol):
             and not self._ended.done()
 
     @property
+    def ended_reason(self) -> str | None:
+        """Why the connection ended; None while open or before :meth:`connect`."""
+        ended = self._ended
+        return ended.result() if ended is not None and ended.done() else None
+
+    @property
     def unconfirmed(self) -> int:
         """Publishes sent whose confirm (or return) has not come yet."""
         return len(self._confirms)
@@ -570,8 +576,13 @@ class AMQPConnection(asyncio.Protocol):
         else:
             self._write(frame.marshal(commands.Channel.CloseOk(), channel))
             what = "channel"
+        # A channel error caused by a request (a declaration) is that request's: the
+        # publishes awaiting confirms meanwhile are lost with the channel, not refused.
+        by_publish = what == "channel" and \
+            ((method.class_id or 0) << 16 | (method.method_id or 0)) \
+            == commands.Basic.Publish.index
         self._abort(f"the broker closed the {what}: {method.reply_code} {method.reply_text}",
-                    method.reply_code)
+                    method.reply_code, confirms_too=by_publish)
 
     def _cancelled_by_broker(self, method: commands.Basic.Cancel) -> None:
         """RabbitMQ cancels a consumer whose queue was deleted, whose quorum queue leader
@@ -621,14 +632,17 @@ class AMQPConnection(asyncio.Protocol):
 
     # --- ending -------------------------------------------------------------------------
 
-    def _abort(self, reason: str, reply_code: int | None = None) -> None:
-        """End now: record ``reason``, drop the socket, fail whatever waits."""
-        self._end(reason, reply_code)
+    def _abort(self, reason: str, reply_code: int | None = None, *,
+               confirms_too: bool = True) -> None:
+        """End now: record ``reason``, drop the socket, fail whatever waits (publishes
+        awaiting confirms get ``reply_code`` only if ``confirms_too``)."""
+        self._end(reason, reply_code, confirms_too=confirms_too)
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
 
-    def _end(self, reason: str, reply_code: int | None = None) -> None:
+    def _end(self, reason: str, reply_code: int | None = None, *,
+             confirms_too: bool = True) -> None:
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
             self._heartbeat_timer = None
@@ -644,6 +658,8 @@ class AMQPConnection(asyncio.Protocol):
         error = ConnectionClosed(reason, reply_code)
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
+        if not confirms_too:
+            error = ConnectionClosed(reason)
         confirms, self._confirms = self._confirms, {}
         for future in confirms.values():
             if not future.done():
@@ -785,6 +801,11 @@ class AMQPConnection(asyncio.Protocol):
     async def queue_bind(self, queue: str, exchange: str, routing_key: str) -> None:
         await self._call(commands.Queue.Bind(queue=queue, exchange=exchange,
                                              routing_key=routing_key), commands.Queue.BindOk)
+
+    async def exchange_bind(self, destination: str, source: str, routing_key: str) -> None:
+        await self._call(commands.Exchange.Bind(destination=destination, source=source,
+                                                routing_key=routing_key),
+                         commands.Exchange.BindOk)
 
     async def consume(self, queue: str, callback: DeliveryCallback) -> str:
         """Start a consumer; its deliveries reach ``callback`` from then on."""

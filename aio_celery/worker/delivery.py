@@ -60,6 +60,7 @@ from aio_celery.broker import (
 from aio_celery.config import Settings
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
+from aio_celery.publisher import WorkerPublisher
 from aio_celery.quorum import FIRST_DELAY_EXCHANGE, delayed_routing_key, park_countdown
 from aio_celery.worker import aging
 from aio_celery.worker.acks import AckTracker
@@ -156,14 +157,16 @@ class Session:
 
     def __init__(self, channel: ConsumerChannel, runner: TaskRunner, options: WorkerOptions,
                  stats: Stats, on_task_done: Callable[[], None], *,
-                 guard: Guard | None = None,
+                 publisher: WorkerPublisher, guard: Guard | None = None,
                  max_pending_results: int = Settings.worker_max_pending_results,
                  unacked_max_age: float | None = None) -> None:
         """``max_pending_results``: no task starts while this many finished ones wait for
         the backend or the broker (the runner reports them: wire its ``on_waiting`` to
         :meth:`task_pending`). ``unacked_max_age``: see :mod:`aio_celery.worker.aging`
-        (None: no sweep)."""
+        (None: no sweep). ``publisher``: where parks go, and the declarations they need
+        (a connection other than ``channel``'s)."""
         self.channel = channel
+        self.publisher = publisher
         guard = guard or Guard(DEFAULT_MAX_TASK_DEATHS)
         self._guard = guard
         self._seat = guard.seat
@@ -233,7 +236,7 @@ class Session:
         every session: one deleted meanwhile would make every park a channel error. A
         refusal is logged: etas then wait here or in holding queues (any other
         BrokerConnectionError fails the session, which is retried)."""
-        broker = self.runner.app.broker
+        broker = self.publisher
         native = tuple(queue for queue in queues if broker.delays_natively(queue))
         for queue in set(queues) - set(native):
             logger.warning("Queue %s has a direct exchange: native delayed delivery cannot "
@@ -556,14 +559,15 @@ class Session:
     async def _publish_parked(self, raw: Delivery, queue: str, parking: _Parking) -> None:
         assert raw.properties is not None
         if parking.ttl is not None:
-            # Declared on the publisher's connection, on a channel of its own: a refusal
-            # there must not close the channel these deliveries came on (that would be a
-            # reconnect, a redelivery, a park, a refusal... a loop).
-            await self.runner.app.broker.declare_holding_queue(
+            # Declared on the publishing connection: a refusal closes that one, never the
+            # connection these deliveries came on (that would be a reconnect, a
+            # redelivery, a park, a refusal... a loop). The refusal is remembered
+            # (_holding_queue_refused), so it is not declared again.
+            await self.publisher.declare_holding_queue(
                 parking.routing_key, queue, horizon_ms(parking.ttl))
         # mandatory: a copy that no queue took (Returned) is not parked
-        await self.channel.publish_raw(raw.body, raw.properties.encoded, parking.routing_key,
-                                       parking.exchange)
+        await self.publisher.publish_raw(raw.body, raw.properties.encoded,
+                                         parking.routing_key, parking.exchange)
 
     def _holding_queue_refused(self, name: str, exc: Exception) -> None:
         if name in self._refused_holding_queues:  # two parks were under way at once

@@ -22,6 +22,7 @@ from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
 from aio_celery.failover import Failover
 from aio_celery.poison import Guard
+from aio_celery.publisher import WorkerPublisher
 from aio_celery.quorum import QueuePlan
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
@@ -70,6 +71,8 @@ class Worker:
         #: ``time.monotonic()`` when the broker became unreachable; None while connected
         self.broker_lost_since: float | None = None
         self._failover: Failover | None = None
+        #: the worker's publishing connection (follow-ups, retries, parks), once started
+        self.publisher: WorkerPublisher | None = None
 
     @property
     def failover(self) -> Failover:
@@ -184,9 +187,14 @@ class Worker:
         except ConfigurationError as exc:
             raise StartupError(f"configuration error: {exc}") from exc
         try:
+            # The app's own publisher (aio-pika) stays unconnected here: what this worker
+            # and its tasks send goes through self.publisher instead.
             await stack.enter_async_context(self.app.setup(lazy_broker=True))
         except BrokerConnectionError as exc:
             raise StartupError(str(exc)) from exc
+        self.publisher = self._new_publisher()
+        stack.push_async_callback(self.publisher.close)  # after the session's shutdown
+        stack.enter_context(self.app.publishing_through(self.publisher))
         if self.app.conf.settings.result_backend:
             try:
                 _ = self.app.backend.client  # import redis now, not in the middle of a task
@@ -207,6 +215,20 @@ class Worker:
                                      session.prefetch_count, self.failover))
         logger.info("%s ready: consuming %s", self.options.hostname, ", ".join(self.queues))
 
+    def _new_publisher(self) -> WorkerPublisher:
+        """A second connection, for publishing only (it connects on first use): RabbitMQ
+        blocks a publishing connection during a resource alarm, and the consumer's acks
+        must not wait behind that. It tries the URLs in the consumer's failover order."""
+        settings = self.app.conf.settings
+        return WorkerPublisher(
+            Failover(settings.broker_url, settings.broker_failover_strategy),
+            plan=QueuePlan.from_settings(settings),
+            connection_timeout=settings.broker_connection_timeout,
+            publish_timeout=settings.broker_publish_timeout,
+            heartbeat=settings.broker_heartbeat,
+            connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()} "
+                            "publisher")
+
     async def _open_session(self) -> Session:
         """One attempt: connect, declare, consume (BrokerConnectionError, or BrokerRefused
         when retrying cannot help)."""
@@ -223,7 +245,8 @@ class Worker:
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
         runner = TaskRunner(self.app, self.options.hostname)
-        session = Session(channel, runner, self.options, self.stats,
+        assert self.publisher is not None
+        session = Session(channel, runner, self.options, self.stats, publisher=self.publisher,
                           on_task_done=self._on_task_done, guard=self._guard,
                           max_pending_results=settings.worker_max_pending_results,
                           unacked_max_age=self.options.max_age(settings.worker_unacked_max_age))

@@ -2,7 +2,7 @@
 loses the task's message and never runs the task again (issue #9, section 3).
 
 A refusal for good (PRECONDITION_FAILED) is stored as the task's FAILURE, naming the step
-and the cause; a broker that is away for a while (the publisher's connection cut through a
+and the cause; a broker that is away for a while (the worker's publishing connection cut through a
 :class:`~tcp_proxy.TcpProxy`) is waited for, with the task's message unacknowledged.
 """
 
@@ -21,6 +21,9 @@ from tcp_proxy import TcpProxy
 
 from aio_celery import Celery, Task, chain, exitcodes, states
 from aio_celery.exceptions import PublishRefusedError
+from aio_celery.failover import Failover
+from aio_celery.publisher import WorkerPublisher
+from aio_celery.worker import Worker
 
 
 def _worker_lines(caplog: pytest.LogCaptureFixture, text: str,
@@ -108,20 +111,23 @@ async def publish_proxy() -> AsyncIterator[TcpProxy]:
 
 
 @pytest.fixture
-async def publishing_via_proxy(unique_name: str, redis_url: str,
-                               publish_proxy: TcpProxy) -> AsyncIterator[Celery]:
-    """An app whose publisher (connected lazily, on first send) goes through the proxy,
-    while the worker's consumer connects to RabbitMQ directly."""
+def publishing_via_proxy(app: Celery, publish_proxy: TcpProxy,
+                         monkeypatch: pytest.MonkeyPatch) -> Celery:
+    """The test's app, whose workers publish (on their second connection, connected on
+    first send) through the proxy, while their consumer connects to RabbitMQ directly."""
     parts = urlsplit(AMQP_URL)
-    application = Celery(unique_name + "-publish-proxy", set_as_current=False)
-    application.conf.update(
-        broker_url=publish_proxy.url(parts.username or "guest", parts.password or "guest",
-                                     parts.path[1:] or "/"),
-        result_backend=redis_url, task_default_queue=unique_name,
-        broker_connection_timeout=1.0, broker_publish_timeout=2.0)
-    async with application.setup(lazy_broker=True):
-        application.conf.update(broker_url=AMQP_URL)  # for the worker's consumer only
-        yield application
+    url = publish_proxy.url(parts.username or "guest", parts.password or "guest",
+                            parts.path[1:] or "/")
+    new_publisher = Worker._new_publisher
+
+    def via_proxy(self: Worker) -> WorkerPublisher:
+        publisher = new_publisher(self)
+        publisher.failover = Failover(url)
+        return publisher
+
+    monkeypatch.setattr(Worker, "_new_publisher", via_proxy)
+    app.conf.update(broker_connection_timeout=1.0, broker_publish_timeout=2.0)
+    return app
 
 
 async def test_a_chain_step_waits_for_the_broker_and_the_first_task_runs_once(

@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractConnection
 from helpers import AMQP_URL, eventually, ready_count, resolves_to
 
 from aio_celery import Celery
-from aio_celery.broker import Broker
+from aio_celery.publisher import WorkerPublisher
 from aio_celery.worker.delivery import wait_queue_name
 
 
@@ -99,12 +99,12 @@ async def test_a_returned_park_is_not_parked_and_the_original_stays(
     declaration, say): RabbitMQ returns the mandatory copy, so the original is not acked."""
     caplog.set_level(logging.INFO, logger="aio_celery.worker")
     parking = wait_queue_name(unique_name, 1.0)
-    declare = Broker.declare_holding_queue
+    declare = WorkerPublisher.declare_holding_queue
 
-    async def not_declared(self: Broker, name: str, target: str, ttl_ms: int) -> None:
+    async def not_declared(self: WorkerPublisher, name: str, target: str, ttl_ms: int) -> None:
         return None
 
-    monkeypatch.setattr(Broker, "declare_holding_queue", not_declared)
+    monkeypatch.setattr(WorkerPublisher, "declare_holding_queue", not_declared)
 
     @app.task
     async def later() -> str:
@@ -120,7 +120,7 @@ async def test_a_returned_park_is_not_parked_and_the_original_stays(
         assert await ready_count(amqp, unique_name) == 0  # held unacked by the worker
         assert not _logged(caplog, ": parked in")
 
-        monkeypatch.setattr(Broker, "declare_holding_queue", declare)
+        monkeypatch.setattr(WorkerPublisher, "declare_holding_queue", declare)
         await eventually(lambda: resolves_to(ready_count(amqp, parking), 1), timeout=15,
                          what="the message parked once the holding queue exists")
         assert await ready_count(amqp, unique_name) == 0
