@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import subprocess
 import time
@@ -31,8 +30,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from aio_pika.abc import AbstractChannel
-from helpers import AMQP_URL, eventually, stays
-from pamqp import commands, frame
+from helpers import AMQP_URL, FakeBroker, eventually, stays
+from pamqp import commands
 from tcp_proxy import TcpProxy
 
 from aio_celery import Celery, exitcodes
@@ -266,70 +265,6 @@ async def test_the_publisher_against_a_stalled_broker_is_bounded(
 
 
 # --- connection.blocked -----------------------------------------------------------------------
-
-
-class FakeBroker:
-    """Speaks just enough AMQP on a local socket: the handshake, then whatever the test
-    sends; every frame the client sends is kept (decoded by pamqp)."""
-
-    def __init__(self) -> None:
-        self.received: list[Any] = []
-        self.port = 0
-        self._writer: asyncio.StreamWriter | None = None
-        self._server: asyncio.Server | None = None
-        self._frame_arrived = asyncio.Event()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    def send(self, method: Any, channel: int = 0) -> None:
-        assert self._writer is not None
-        self._writer.write(frame.marshal(method, channel))
-
-    def methods(self, kind: type) -> list[Any]:
-        return [m for m in self.received if isinstance(m, kind)]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
-        await reader.readexactly(8)  # the protocol header
-        capabilities = {"publisher_confirms": True, "connection.blocked": True,
-                        "consumer_cancel_notify": True, "basic.nack": True}
-        self.send(commands.Connection.Start(server_properties={"capabilities": capabilities},
-                                            mechanisms="PLAIN", locales="en_US"))
-        buffer = b""
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                buffer += data
-                while len(buffer) >= 8:
-                    consumed, _, method = frame.unmarshal(buffer)
-                    if not consumed:
-                        break
-                    buffer = buffer[consumed:]
-                    self.received.append(method)
-                    self._answer(method)
-
-    def _answer(self, method: Any) -> None:
-        replies = {commands.Connection.StartOk: (commands.Connection.Tune(
-                       channel_max=2047, frame_max=131072, heartbeat=60), 0),
-                   commands.Connection.Open: (commands.Connection.OpenOk(), 0),
-                   commands.Channel.Open: (commands.Channel.OpenOk(), 1),
-                   commands.Confirm.Select: (commands.Confirm.SelectOk(), 1),
-                   commands.Connection.Close: (commands.Connection.CloseOk(), 0),
-                   commands.Exchange.Declare: (commands.Exchange.DeclareOk(), 1),
-                   commands.Queue.Declare: (commands.Queue.DeclareOk(
-                       queue="q", message_count=0, consumer_count=0), 1),
-                   commands.Queue.Bind: (commands.Queue.BindOk(), 1)}
-        reply = replies.get(type(method))
-        if reply is not None:
-            self.send(*reply)
 
 
 async def test_a_blocked_connection_holds_publishes_until_unblocked(

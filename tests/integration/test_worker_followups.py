@@ -2,8 +2,9 @@
 loses the task's message and never runs the task again (issue #9, section 3).
 
 A refusal for good (PRECONDITION_FAILED) is stored as the task's FAILURE, naming the step
-and the cause; a broker that is away for a while (the worker's publishing connection cut through a
-:class:`~tcp_proxy.TcpProxy`) is waited for, with the task's message unacknowledged.
+and the cause; a broker that is away for a while (the worker's publishing connection cut
+through a :class:`~tcp_proxy.TcpProxy`) is waited for, with the task's message
+unacknowledged.
 """
 
 from __future__ import annotations

@@ -35,10 +35,14 @@ async def sleep(self, seconds: float, value: object = None) -> object:
 
 @app.task(name="proc.sends")
 async def sends() -> list[object]:
-    """Whether aio-pika was loaded before this task sent one (it should not be: the worker's
-    publisher connects on first use), whether it is after, and the id of the one it sent."""
+    """Whether aio-pika (or aiormq) was loaded before this task sent one, whether it is
+    after (neither should be: a worker publishes on its own client), and the id of the one
+    it sent."""
     import sys
 
-    before = "aio_pika" in sys.modules
+    def loaded() -> bool:
+        return "aio_pika" in sys.modules or "aiormq" in sys.modules
+
+    before = loaded()
     sent = await sleep.delay(0, "sent by proc.sends")
-    return [before, "aio_pika" in sys.modules, sent.id]
+    return [before, loaded(), sent.id]

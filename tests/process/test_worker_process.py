@@ -145,9 +145,9 @@ def start_busy_worker(spawn: Callable[..., WorkerProcess], queue: str, redis_url
     return worker, ids
 
 
-# --- the publisher connects on first use ---------------------------------------------------------
+# --- the worker publishes on its own client ----------------------------------------------------
 
-def test_the_worker_loads_aio_pika_only_when_a_task_sends(
+def test_the_worker_never_loads_aio_pika_even_when_a_task_sends(
         spawn: Callable[..., WorkerProcess], unique_name: str, redis_url: str,
         redis_client: redis.Redis) -> None:
     async def send() -> str:
@@ -164,7 +164,7 @@ def test_the_worker_loads_aio_pika_only_when_a_task_sends(
     document = stored(redis_client, task_id)
     assert document is not None and document["status"] == "SUCCESS", worker.diagnostics()
     before, after, sent_id = document["result"]  # type: ignore[misc]
-    assert (before, after) == (False, True)
+    assert (before, after) == (False, False)
     sent = stored(redis_client, str(sent_id))
     assert sent is not None and sent["result"] == "sent by proc.sends", worker.diagnostics()
 

@@ -38,7 +38,8 @@ class RecordingChannel:
 
 def make_session(channel: RecordingChannel) -> Session:
     return Session(channel, runner=None, options=WorkerOptions(concurrency=10),  # type: ignore[arg-type]
-                   stats=Stats(), on_task_done=lambda: None)
+                   stats=Stats(), on_task_done=lambda: None,
+                   publisher=None)  # type: ignore[arg-type]  # nothing is published here
 
 
 async def test_frames_keep_their_order_across_flushes() -> None:
