@@ -149,7 +149,8 @@ class Celery:
         Re-entrant: inside an outer ``setup()`` the existing connections are reused (and left
         open), so a worker can run an app that is already connected. With ``lazy_broker``
         the publisher connects when something is first sent (the worker does this: it
-        consumes on a connection of its own, and many workers never send anything).
+        consumes and publishes on connections of its own, see :meth:`publishing_through`,
+        so it never connects this one).
         """
         if self._broker is not None:
             if with_context and self._context is None:

@@ -1,11 +1,13 @@
 """The broker adapter: connect, declare queues like Celery, publish and consume.
 
-Publishing goes through aio-pika (a robust connection); the worker consumes on a lean
-connection of its own (:mod:`aio_celery.amqp.connection`). Everything above this module deals in
-:class:`~aio_celery.protocol.Envelope` and :class:`~aio_celery.protocol.TaskMessage`.
+The client's publishing (:class:`Broker`) goes through aio-pika; the worker consumes
+(:class:`ConsumerChannel`) and publishes (:class:`aio_celery.publisher.WorkerPublisher`) on
+connections of our own client (:mod:`aio_celery.amqp.connection`). Everything above this
+module deals in :class:`~aio_celery.protocol.Envelope` and
+:class:`~aio_celery.protocol.TaskMessage`.
 
-aio-pika is imported when the publisher first connects: a worker whose tasks never send
-anything does not load it (about 7 MiB of its memory).
+aio-pika is imported when :class:`Broker` first connects: a worker, which never uses it,
+does not load it (about 7 MiB of memory).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ _DEFAULT_EXCHANGE = ""
 
 
 class Broker:
-    """The publisher: one AMQP connection (aio-pika) with a confirming channel.
+    """The client's publisher: one AMQP connection (aio-pika) with a confirming channel.
 
     Inert until :meth:`connect`, or, with ``lazy=True``, until the first publish connects it.
     A lost connection is opened again by the next publish, on the next URL of a

@@ -113,6 +113,8 @@ class WorkerPublisher:
             # sender's (a task's request) for the life of the process.
             self._connecting = asyncio.get_running_loop().create_task(
                 self._connect(), context=contextvars.Context())
+            # retrieved here too: its waiters may all have been cancelled meanwhile
+            self._connecting.add_done_callback(_retrieve)
         return await asyncio.shield(self._connecting)
 
     def _lost(self, connection: AMQPConnection) -> None:
@@ -291,6 +293,11 @@ class WorkerPublisher:
         return BrokerConnectionError(
             f"publishing {what} to {queue!r} on {self.failover.masked} failed: {why}. The "
             "broker did not confirm it; it may or may not have been queued.")
+
+
+def _retrieve(future: asyncio.Future[AMQPConnection]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class _Declare(Protocol):

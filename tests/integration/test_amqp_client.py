@@ -299,6 +299,37 @@ async def test_a_blocked_connection_holds_publishes_until_unblocked(
         await broker.close()
 
 
+@pytest.mark.parametrize(("class_id", "method_id", "code", "blamed"),
+                         [(40, 30, 406, None), (60, 40, 404, 404)],
+                         ids=["a request's error", "a publish's error"])
+async def test_a_channel_error_is_the_publishes_own_only_when_a_publish_caused_it(
+        class_id: int, method_id: int, code: int, blamed: int | None) -> None:
+    """The broker names what caused a channel error. One a request caused (a refused
+    declaration) is that request's: the publishes awaiting confirms meanwhile are lost with
+    the channel (retry them), not refused; one a publish caused is refused for each."""
+    broker = FakeBroker()
+    await broker.start()
+    connection = AMQPConnection(f"amqp://guest:guest@127.0.0.1:{broker.port}/",
+                                publish_timeout=TIMEOUT)
+    try:
+        await asyncio.wait_for(connection.connect(), TIMEOUT)
+        publishing = asyncio.ensure_future(connection.publish(b"x", b"\x00\x00", "q"))
+        await eventually(lambda: broker.methods(commands.Basic.Publish), TIMEOUT)
+        binding = asyncio.ensure_future(connection.exchange_bind("a", "b", "k"))
+        await eventually(lambda: broker.methods(commands.Exchange.Bind), TIMEOUT)
+        broker.send(commands.Channel.Close(reply_code=code, reply_text="REFUSED - test",
+                                           class_id=class_id, method_id=method_id), 1)
+        with pytest.raises(ConnectionClosed) as request:
+            await asyncio.wait_for(binding, TIMEOUT)
+        assert request.value.reply_code == code
+        with pytest.raises(ConnectionClosed, match="REFUSED - test") as publish:
+            await asyncio.wait_for(publishing, TIMEOUT)
+        assert publish.value.reply_code == blamed
+    finally:
+        await asyncio.wait_for(connection.close(), TIMEOUT)
+        await broker.close()
+
+
 async def test_a_blocked_publisher_holds_publishes_until_unblocked(
         caplog: pytest.LogCaptureFixture) -> None:
     """The same for the publisher (aio-pika): bounded by broker_publish_timeout."""
