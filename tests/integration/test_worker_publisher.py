@@ -3,7 +3,8 @@
 * a publish the broker refuses for good (a queue that exists with other arguments) is
   PublishRefusedError; the refusal closes the publishing connection (one channel) and the
   next publish opens a new one;
-* a cut publishing connection (:class:`~tcp_proxy.TcpProxy`) is opened again on next use;
+* a cut publishing connection (:class:`~tcp_proxy.TcpProxy`) is opened again on next use,
+  on the next URL of a failover list;
 * while the broker blocks the worker's publishing connection (``connection.blocked``, sent
   by a fake server: a real resource alarm would block every publisher of the shared test
   broker), a task's follow-up waits, and the other tasks still run and are acknowledged on
@@ -115,6 +116,33 @@ async def test_a_cut_publishing_connection_is_opened_again_on_next_use(
         assert await ready_count(amqp, unique_name) == 3
     finally:
         await publisher.close()
+
+
+async def test_the_publishing_connection_fails_over_to_the_next_url(
+        app: Celery, proxy: TcpProxy, amqp: AbstractConnection, unique_name: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    parts = urlsplit(AMQP_URL)
+    second = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await second.start()
+    urls = [tcp.url(parts.username or "guest", parts.password or "guest",
+                    parts.path[1:] or "/") for tcp in (proxy, second)]
+    publisher = WorkerPublisher(Failover(";".join(urls)), plan=QueuePlan(),
+                                connection_timeout=2.0, publish_timeout=TIMEOUT)
+    try:
+        await publisher.publish(envelope_for(app, unique_name), unique_name)
+        assert (proxy.accepted, second.accepted) == (1, 0)
+        await proxy.pause()  # the node is gone: its connection drops, new ones are refused
+        assert proxy.cut() == 1
+        await eventually(lambda: publisher.connection is None, TIMEOUT, what="the cut noticed")
+        await publisher.publish(envelope_for(app, unique_name), unique_name)
+        assert second.accepted == 1
+        assert publisher.failover.in_use == urls[1]
+        assert await ready_count(amqp, unique_name) == 2
+        assert "trying the next broker URL first" in caplog.text
+        assert "guest:guest@" not in caplog.text
+    finally:
+        await publisher.close()
+        await second.close()
 
 
 # --- a blocked publishing connection -----------------------------------------------------------
