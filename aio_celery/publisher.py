@@ -131,12 +131,12 @@ class WorkerPublisher:
     async def _connect(self) -> AMQPConnection:
         failures = []
         for url in self.failover.order():
-            connection = AMQPConnection(url, heartbeat=self.heartbeat,
-                                        connection_name=self.connection_name,
-                                        connect_timeout=self.connection_timeout,
-                                        rpc_timeout=self.rpc_timeout,
-                                        publish_timeout=self.publish_timeout)
             try:
+                connection = AMQPConnection(url, heartbeat=self.heartbeat,
+                                            connection_name=self.connection_name,
+                                            connect_timeout=self.connection_timeout,
+                                            rpc_timeout=self.rpc_timeout,
+                                            publish_timeout=self.publish_timeout)
                 await connection.connect()
             except (OSError, TimeoutError, ValueError) as exc:
                 failures.append(f"cannot connect to broker {mask_url(url)}: "
