@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from aio_celery import protocol
 from aio_celery.backend import RedisBackend
-from aio_celery.broker import Broker
+from aio_celery.broker import Broker, RetryPolicy
 from aio_celery.config import Config, first_set
 from aio_celery.exceptions import BackendError
 from aio_celery.quorum import MAX_DELAY, QueuePlan
@@ -166,6 +166,8 @@ class Celery:
             publish_timeout=settings.broker_publish_timeout,
             heartbeat=settings.broker_heartbeat,
             failover_strategy=settings.broker_failover_strategy,
+            retry_policy=RetryPolicy.from_settings(settings.task_publish_retry,
+                                                   settings.task_publish_retry_policy),
             max_priority=settings.task_queue_max_priority,
             queue_arguments=settings.task_queue_arguments,
             plan=QueuePlan.from_settings(settings),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -62,9 +63,12 @@ class Broker:
                  publish_timeout: float | None = None, heartbeat: int = 60,
                  max_priority: int | None = None, connection_name: str = "aio_celery",
                  lazy: bool = False, queue_arguments: dict[str, Any] | None = None,
-                 failover_strategy: str = "round-robin", plan: QueuePlan | None = None) -> None:
+                 failover_strategy: str = "round-robin", plan: QueuePlan | None = None,
+                 retry_policy: RetryPolicy | None = None) -> None:
         self.url = url
         self.failover = Failover(url, failover_strategy)
+        #: retries of a publish that failed for a reason that may pass (a nack, say)
+        self.retry_policy = retry_policy or RetryPolicy()
         #: how queues are declared (``max_priority``/``queue_arguments`` without one)
         self.plan = plan or QueuePlan(max_priority=max_priority, extra_arguments=queue_arguments)
         self.lazy = lazy
@@ -338,11 +342,26 @@ class Broker:
         error: the queue exists with other arguments, no permission, ...) and
         :class:`BrokerConnectionError` for what may pass (connection lost or not made, a
         nack, ``broker_publish_timeout`` reached)."""
-        import aiormq
-
         body, properties = envelope.body, EncodedProperties(envelope)
         task_name, task_id = envelope.headers.get("task"), envelope.correlation_id
         del envelope  # the header dict is not needed past this point
+        what = f"task {task_name}[{task_id}]"
+        for attempt, pause in enumerate((*self.retry_policy.pauses(), None)):
+            try:
+                await self._publish_once(body, properties, what, queue, delay)
+                return
+            except BrokerConnectionError as exc:
+                if pause is None or not _may_retry(exc):
+                    raise
+                logger.warning("Publishing %s failed (%s): retry %d of %d in %.1fs "
+                               "(task_publish_retry_policy)", what, _cause(exc), attempt + 1,
+                               self.retry_policy.max_retries, pause)
+                await asyncio.sleep(pause)
+
+    async def _publish_once(self, body: bytes, properties: EncodedProperties, what: str,
+                            queue: str, delay: int) -> None:
+        import aiormq
+
         try:
             publisher = await self._publisher_ready()
             declared = self._declared.get(queue)
@@ -367,8 +386,8 @@ class Broker:
             raise  # the connect or the declaration said what went wrong already
         except _refusals() as exc:
             raise PublishRefusedError(
-                f"the broker {self.failover.masked} refused task {task_name}[{task_id}] for "
-                f"queue {queue!r}: {describe_error(exc)}") from exc
+                f"the broker {self.failover.masked} refused {what} for queue {queue!r}: "
+                f"{describe_error(exc)}") from exc
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
                 ConnectionError, TimeoutError) as exc:  # the channel closed: reconnecting
             why = describe_error(exc)
@@ -377,9 +396,48 @@ class Broker:
                        " or the broker blocked publishing that long (a resource alarm: see "
                        "`rabbitmq-diagnostics alarms`)")
             raise BrokerConnectionError(
-                f"publishing task {task_name}[{task_id}] to {queue!r} on "
+                f"publishing {what} to {queue!r} on "
                 f"{self.failover.masked} failed: {why}. The broker did not confirm it; it "
                 "may or may not have been queued.") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Celery's ``task_publish_retry_policy``: how often, and after which pauses, a client
+    publish that failed for a reason that may pass is tried again."""
+
+    max_retries: int = 3
+    interval_start: float = 0.0
+    interval_step: float = 0.2
+    interval_max: float = 0.2
+
+    @classmethod
+    def from_settings(cls, retry: bool, policy: dict[str, Any] | None) -> RetryPolicy:
+        if not retry:
+            return cls(max_retries=0)
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(policy or {}) - known
+        if unknown:
+            raise ConfigurationError(f"task_publish_retry_policy: unknown key(s) "
+                                     f"{sorted(unknown)}; known: {sorted(known)}")
+        return cls(**(policy or {}))
+
+    def pauses(self) -> list[float]:
+        """The pause before each retry."""
+        return [min(self.interval_start + n * self.interval_step, self.interval_max)
+                for n in range(max(0, self.max_retries))]
+
+
+def _may_retry(exc: BrokerConnectionError) -> bool:
+    """A nack, a lost connection or channel: yes. A refusal (the queue exists with other
+    arguments, no permission, a refused declaration) will not pass; a publish timeout
+    already waited ``broker_publish_timeout`` (and its message may have been queued)."""
+    refused = (PublishRefusedError, HoldingQueueRefused, DelayedDeliveryRefused, BrokerRefused)
+    return not isinstance(exc, refused) and not isinstance(exc.__cause__, TimeoutError)
+
+
+def _cause(exc: BaseException) -> str:
+    return describe_error(exc.__cause__) if exc.__cause__ is not None else describe_error(exc)
 
 
 def _refusals() -> tuple[type[BaseException], ...]:

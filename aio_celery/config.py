@@ -36,6 +36,13 @@ class Settings:
     #: confirm included; then it fails with BrokerConnectionError (None: no limit). It counts
     #: from the call, so keep it large for big concurrent batches
     broker_publish_timeout: float | None = 30.0
+    #: a client publish that failed for a reason that may pass (the broker nacked it, as a
+    #: quorum queue does while it elects a new leader; the connection was lost) is tried
+    #: again, as Celery does; refusals and publish timeouts are not
+    task_publish_retry: bool = True
+    #: Celery's keys and defaults: max_retries 3, interval_start 0, interval_step 0.2,
+    #: interval_max 0.2 (seconds); None: those
+    task_publish_retry_policy: dict[str, Any] | None = None
     #: AMQP heartbeat in seconds, as proposed to the broker: the lower non-zero of ours and
     #: the broker's is used (AMQP's rule), so 0 only disables it if the broker's is 0 too
     broker_heartbeat: int = 60

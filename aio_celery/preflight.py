@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from aio_celery.broker import RetryPolicy
 from aio_celery.config import BACKEND_SCHEMES, BROKER_SCHEMES, Settings, mask_url, url_problem
 from aio_celery.exceptions import ConfigurationError
 from aio_celery.failover import STRATEGIES
@@ -29,6 +30,7 @@ def check(settings: Settings, options: WorkerOptions | None = None) -> None:
             f"broker_failover_strategy={settings.broker_failover_strategy!r}: use one of "
             f"{', '.join(map(repr, STRATEGIES))}")
     QueuePlan.from_settings(settings).check()
+    RetryPolicy.from_settings(settings.task_publish_retry, settings.task_publish_retry_policy)
     if options is not None:
         _check_max_age(settings, options)
     if settings.result_backend:

@@ -181,8 +181,13 @@ class ClientThread:
 
     def __init__(self, url: str, queue: str, redis_url: str) -> None:
         self.app = Celery("cluster-client", set_as_current=False)
+        # A publish that a quorum queue nacks while it elects a leader is tried again, with
+        # room for the election (the README's advice for clusters).
         self.app.conf.update(broker_url=url, result_backend=redis_url,
-                             task_default_queue=queue, task_default_queue_type="quorum")
+                             task_default_queue=queue, task_default_queue_type="quorum",
+                             task_publish_retry_policy={"max_retries": 10,
+                                                        "interval_step": 0.5,
+                                                        "interval_max": 2})
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
