@@ -433,7 +433,8 @@ def _may_retry(exc: BrokerConnectionError) -> bool:
     arguments, no permission, a refused declaration) will not pass; a publish timeout
     already waited ``broker_publish_timeout`` (and its message may have been queued)."""
     refused = (PublishRefusedError, HoldingQueueRefused, DelayedDeliveryRefused, BrokerRefused)
-    return not isinstance(exc, refused) and not isinstance(exc.__cause__, TimeoutError)
+    timed_out = isinstance(exc.__cause__ or exc.__context__, TimeoutError)
+    return not isinstance(exc, refused) and not timed_out
 
 
 def _cause(exc: BaseException) -> str:
@@ -502,6 +503,51 @@ class BrokerRefused(BrokerConnectionError):
     """The broker answered and refused us: retrying with the same settings cannot help."""
 
 
+async def connect_first(failover: Failover, *, heartbeat: int, connection_name: str,
+                        connection_timeout: float, rpc_timeout: float,
+                        publish_timeout: float | None) -> AMQPConnection:
+    """An :class:`AMQPConnection` to the first URL of ``failover`` that answers, in its
+    order (``broker_failover_strategy``), which is then the URL in use;
+    :class:`BrokerRefused` when trying again cannot help (login refused, vhost missing or
+    forbidden, an unusable URL), else BrokerConnectionError naming each URL tried."""
+    failures = []
+    for url in failover.order():
+        try:
+            connection = await _connect(url, heartbeat, connection_name, connection_timeout,
+                                        rpc_timeout, publish_timeout)
+        except BrokerRefused:
+            raise
+        except BrokerConnectionError as exc:
+            failures.append(str(exc))
+            if len(failover.urls) > 1:
+                logger.info("%s; trying the next broker URL", exc)
+            continue
+        failover.using(url)
+        return connection
+    raise BrokerConnectionError("; ".join(failures))
+
+
+async def _connect(url: str, heartbeat: int, connection_name: str, connection_timeout: float,
+                   rpc_timeout: float, publish_timeout: float | None) -> AMQPConnection:
+    try:
+        connection = AMQPConnection(url, heartbeat=heartbeat, connection_name=connection_name,
+                                    connect_timeout=connection_timeout,
+                                    rpc_timeout=rpc_timeout, publish_timeout=publish_timeout)
+        await connection.connect()
+    except ValueError as exc:
+        raise BrokerRefused(f"cannot use broker_url {mask_url(url)}: {exc}") from exc
+    except (TimeoutError, OSError) as exc:
+        code = getattr(exc, "reply_code", None)
+        if code in REFUSED_CODES:
+            raise BrokerRefused(
+                f"broker {mask_url(url)} refused the connection: "
+                f"{describe_error(exc)}. Check the user, password and vhost in "
+                "broker_url, and the user's permissions on that vhost.") from exc
+        raise BrokerConnectionError(
+            f"cannot connect to broker {mask_url(url)}: {describe_error(exc)}") from exc
+    return connection
+
+
 class ConsumerChannel:
     """The worker's side: a dedicated AMQP connection with one channel for consuming.
 
@@ -557,47 +603,15 @@ class ConsumerChannel:
         problem = url_problem(listed, BROKER_SCHEMES, failover=True)
         if problem is not None:  # found before trying the URLs that come first
             raise BrokerRefused(f"cannot use broker_url {mask_url(listed)}: {problem}")
-        failures = []
-        for url in self.failover.order():
-            try:
-                connection = await self._connect(url)
-            except BrokerRefused:
-                raise
-            except BrokerConnectionError as exc:
-                failures.append(str(exc))
-                if len(self.failover.urls) > 1:
-                    logger.info("%s; trying the next broker URL", exc)
-                continue
-            self.failover.using(url)
-            self._connection = connection
-            break
-        else:
-            raise BrokerConnectionError("; ".join(failures))
+        connection = await connect_first(
+            self.failover, heartbeat=self.heartbeat, connection_name=self.connection_name,
+            connection_timeout=self.connection_timeout, rpc_timeout=self.rpc_timeout,
+            publish_timeout=self.publish_timeout)
+        self._connection = connection
         # Per consumer, static (as Celery does on quorum queues): global QoS is refused on
         # quorum queues and, by default, by RabbitMQ 4.3 on every queue. Each consumer of
         # this channel may have this many deliveries unacknowledged.
         await connection.qos(self.prefetch_count, global_=False)
-
-    async def _connect(self, url: str) -> AMQPConnection:
-        try:
-            connection = AMQPConnection(url, heartbeat=self.heartbeat,
-                                        connection_name=self.connection_name,
-                                        connect_timeout=self.connection_timeout,
-                                        rpc_timeout=self.rpc_timeout,
-                                        publish_timeout=self.publish_timeout)
-            await connection.connect()
-        except ValueError as exc:
-            raise BrokerRefused(f"cannot use broker_url {mask_url(url)}: {exc}") from exc
-        except (TimeoutError, OSError) as exc:
-            code = getattr(exc, "reply_code", None)
-            if code in REFUSED_CODES:
-                raise BrokerRefused(
-                    f"broker {mask_url(url)} refused the connection: "
-                    f"{describe_error(exc)}. Check the user, password and vhost in "
-                    "broker_url, and the user's permissions on that vhost.") from exc
-            raise BrokerConnectionError(
-                f"cannot connect to broker {mask_url(url)}: {describe_error(exc)}") from exc
-        return connection
 
     async def closed(self) -> str:
         """Return why, once the connection or the channel is lost or closed (the broker

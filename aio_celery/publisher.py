@@ -22,13 +22,12 @@ from typing import Protocol
 from aio_celery.amqp.connection import RPC_TIMEOUT, AMQPConnection
 from aio_celery.amqp.wire import encode_properties
 from aio_celery.broker import (
-    REFUSED_CODES,
     DelayedDeliveryRefused,
     HoldingQueueRefused,
+    connect_first,
     describe_error,
     holding_queue_arguments,
 )
-from aio_celery.config import mask_url
 from aio_celery.exceptions import BrokerConnectionError, PublishRefusedError
 from aio_celery.failover import Failover
 from aio_celery.protocol import Envelope
@@ -129,26 +128,14 @@ class WorkerPublisher:
         self.failover.lost()
 
     async def _connect(self) -> AMQPConnection:
-        failures = []
-        for url in self.failover.order():
-            try:
-                connection = AMQPConnection(url, heartbeat=self.heartbeat,
-                                            connection_name=self.connection_name,
-                                            connect_timeout=self.connection_timeout,
-                                            rpc_timeout=self.rpc_timeout,
-                                            publish_timeout=self.publish_timeout)
-                await connection.connect()
-            except (OSError, TimeoutError, ValueError) as exc:
-                failures.append(f"cannot connect to broker {mask_url(url)}: "
-                                f"{describe_error(exc)}")
-                code = getattr(exc, "reply_code", None)
-                if code in REFUSED_CODES or isinstance(exc, ValueError):
-                    break  # the consumer's connection says the same, and stops the worker
-                continue
-            self.failover.using(url)
-            self._connection = connection
-            return connection
-        raise BrokerConnectionError("; ".join(failures))
+        # A refused login is BrokerRefused (a BrokerConnectionError): the consumer's
+        # connection gets the same answer and stops the worker.
+        connection = await connect_first(
+            self.failover, heartbeat=self.heartbeat, connection_name=self.connection_name,
+            connection_timeout=self.connection_timeout, rpc_timeout=self.rpc_timeout,
+            publish_timeout=self.publish_timeout)
+        self._connection = connection
+        return connection
 
     async def close(self) -> None:
         self._closed = True
