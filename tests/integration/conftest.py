@@ -4,6 +4,7 @@ look at queues and stored results from the outside."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -14,6 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 # last, which may be this one: it offers the same names as ``tests/conftest.py`` so that
 # they keep working. New code imports them from ``helpers``.
 from helpers import AMQP_URL, REDIS_HOST_URL, delete_queues_with_prefix  # noqa: F401
+from tcp_proxy import TcpProxy
 
 
 @pytest.fixture
@@ -41,3 +43,27 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+async def _proxy_to(url: str, default_port: int) -> AsyncIterator[TcpProxy]:
+    parts = urlsplit(url)
+    tcp = TcpProxy(parts.hostname or "127.0.0.1", parts.port or default_port)
+    await tcp.start()
+    try:
+        yield tcp
+    finally:
+        await tcp.close()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[TcpProxy]:
+    """A :class:`~tcp_proxy.TcpProxy` in front of the test RabbitMQ, to cut or stall."""
+    async for tcp in _proxy_to(AMQP_URL, 5672):
+        yield tcp
+
+
+@pytest.fixture
+async def redis_proxy() -> AsyncIterator[TcpProxy]:
+    """A :class:`~tcp_proxy.TcpProxy` in front of the test Redis (never stop the shared one)."""
+    async for tcp in _proxy_to(REDIS_HOST_URL, 6379):
+        yield tcp

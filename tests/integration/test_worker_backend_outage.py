@@ -12,11 +12,10 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import pytest
 from aio_pika.abc import AbstractConnection
-from helpers import AMQP_URL, REDIS_HOST_URL, eventually, ready_count, stays
+from helpers import AMQP_URL, eventually, ready_count, stays
 from tcp_proxy import TcpProxy
 
 from aio_celery import Celery, exitcodes, states
@@ -25,17 +24,6 @@ from aio_celery.worker import Worker, WorkerOptions
 
 #: how long Redis stays away in the long test (the issue asks for 30 s)
 OUTAGE_SECONDS = 30.0
-
-
-@pytest.fixture
-async def redis_proxy() -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(REDIS_HOST_URL)
-    tcp = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
-    await tcp.start()
-    try:
-        yield tcp
-    finally:
-        await tcp.close()
 
 
 @pytest.fixture

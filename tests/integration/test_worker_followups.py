@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -101,24 +100,13 @@ async def test_a_refused_link_callback_fails_the_task_but_not_the_chain_step_alr
 
 
 @pytest.fixture
-async def publish_proxy() -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(AMQP_URL)
-    tcp = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    await tcp.start()
-    try:
-        yield tcp
-    finally:
-        await tcp.close()
-
-
-@pytest.fixture
-def publishing_via_proxy(app: Celery, publish_proxy: TcpProxy,
+def publishing_via_proxy(app: Celery, proxy: TcpProxy,
                          monkeypatch: pytest.MonkeyPatch) -> Celery:
     """The test's app, whose workers publish (on their second connection, connected on
     first send) through the proxy, while their consumer connects to RabbitMQ directly."""
     parts = urlsplit(AMQP_URL)
-    url = publish_proxy.url(parts.username or "guest", parts.password or "guest",
-                            parts.path[1:] or "/")
+    url = proxy.url(parts.username or "guest", parts.password or "guest",
+                    parts.path[1:] or "/")
     new_publisher = Worker._new_publisher
 
     def via_proxy(self: Worker) -> WorkerPublisher:
@@ -132,7 +120,7 @@ def publishing_via_proxy(app: Celery, publish_proxy: TcpProxy,
 
 
 async def test_a_chain_step_waits_for_the_broker_and_the_first_task_runs_once(
-        publishing_via_proxy: Celery, publish_proxy: TcpProxy, start_worker,
+        publishing_via_proxy: Celery, proxy: TcpProxy, start_worker,
         amqp: AbstractConnection, unique_name: str,
         caplog: pytest.LogCaptureFixture) -> None:
     app = publishing_via_proxy
@@ -154,14 +142,14 @@ async def test_a_chain_step_waits_for_the_broker_and_the_first_task_runs_once(
     last = await chain(first.s(), second.s()).apply_async()
     handle = await start_worker(app, concurrency=2, burst=True)
     await eventually(lambda: runs["first"] == 1, what="the first step running")
-    publish_proxy.cut()
-    await publish_proxy.pause()
+    proxy.cut()
+    await proxy.pause()
     release.set()  # the step is sent while the publisher's connection is down
     session = handle.worker._session
     await eventually(lambda: session._pending == 1, timeout=10, what="the step waiting")
     # The outage goes on (connections refused): the task does not run again.
     await stays(lambda: runs == {"first": 1} and session._pending == 1, duration=3)
-    await publish_proxy.resume()
+    await proxy.resume()
     assert await handle.wait(timeout=30) == exitcodes.OK
     assert runs == {"first": 1, "second": 1}
     assert await last.get(timeout=5) == 2
@@ -170,7 +158,7 @@ async def test_a_chain_step_waits_for_the_broker_and_the_first_task_runs_once(
 
 
 async def test_a_retry_that_cannot_be_published_is_sent_after_the_body_without_rerunning_it(
-        publishing_via_proxy: Celery, publish_proxy: TcpProxy, start_worker,
+        publishing_via_proxy: Celery, proxy: TcpProxy, start_worker,
         amqp: AbstractConnection, unique_name: str) -> None:
     app = publishing_via_proxy
     runs: list[int] = []
@@ -187,12 +175,12 @@ async def test_a_retry_that_cannot_be_published_is_sent_after_the_body_without_r
     result = await flaky.delay()
     handle = await start_worker(app, concurrency=2, burst=True)
     await eventually(lambda: runs == [0], what="the first run")
-    publish_proxy.cut()
-    await publish_proxy.pause()
+    proxy.cut()
+    await proxy.pause()
     release.set()
     session = handle.worker._session
     await eventually(lambda: session._pending == 1, timeout=10, what="the retry waiting")
-    await publish_proxy.resume()
+    await proxy.resume()
     assert await handle.wait(timeout=30) == exitcodes.OK
     assert runs == [0, 1]
     assert await result.get(timeout=5) == "done"
@@ -203,7 +191,7 @@ async def test_a_retry_that_cannot_be_published_is_sent_after_the_body_without_r
 
 
 async def test_a_link_error_waits_for_the_broker_and_the_failed_task_runs_once(
-        publishing_via_proxy: Celery, publish_proxy: TcpProxy, start_worker,
+        publishing_via_proxy: Celery, proxy: TcpProxy, start_worker,
         amqp: AbstractConnection, unique_name: str) -> None:
     app = publishing_via_proxy
     runs: collections.Counter[str] = collections.Counter()
@@ -223,12 +211,12 @@ async def test_a_link_error_waits_for_the_broker_and_the_failed_task_runs_once(
     result = await boom.apply_async(link_error=on_error.s())
     handle = await start_worker(app, concurrency=2, burst=True)
     await eventually(lambda: runs["boom"] == 1, what="the task running")
-    publish_proxy.cut()
-    await publish_proxy.pause()
+    proxy.cut()
+    await proxy.pause()
     release.set()
     session = handle.worker._session
     await eventually(lambda: session._pending == 1, timeout=10, what="the errback waiting")
-    await publish_proxy.resume()
+    await proxy.resume()
     assert await handle.wait(timeout=30) == exitcodes.OK
     assert runs == {"boom": 1, "on_error": 1}
     with pytest.raises(ValueError, match="broken"):

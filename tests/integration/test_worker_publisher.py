@@ -72,17 +72,6 @@ async def test_a_refused_publish_is_publish_refused_and_the_next_one_reconnects(
     assert "The worker's publishing connection" in caplog.text
 
 
-@pytest.fixture
-async def proxy() -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(AMQP_URL)
-    tcp = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    await tcp.start()
-    try:
-        yield tcp
-    finally:
-        await tcp.close()
-
-
 async def test_a_cut_publishing_connection_is_opened_again_on_next_use(
         app: Celery, proxy: TcpProxy, amqp: AbstractConnection, unique_name: str,
         caplog: pytest.LogCaptureFixture) -> None:

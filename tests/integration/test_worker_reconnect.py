@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import pytest
@@ -28,17 +28,6 @@ async def _until(predicate: Callable[[], bool], deadline: float, what: str) -> N
         if time.monotonic() > end:
             pytest.fail(f"timed out after {deadline}s waiting until {what}")
         await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def proxy() -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(AMQP_URL)
-    tcp = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    await tcp.start()
-    try:
-        yield tcp
-    finally:
-        await tcp.close()
 
 
 @pytest.fixture
