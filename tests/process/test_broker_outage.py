@@ -14,12 +14,10 @@ import re
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 from helpers import AMQP_URL
 from tcp_proxy import TcpProxy
 from test_supervisor import Book, Supervised, health, publish, wait_until
@@ -65,33 +63,6 @@ class ThreadedProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
-
-
-@pytest.fixture
-def supervise(tmp_path: Path, unique_name: str,
-              redis_url: str) -> Iterator[Callable[..., Supervised]]:
-    """As in ``test_supervisor``: supervisors on the test's queue, killed at the end."""
-    started: list[Supervised] = []
-
-    def start(*extra: str, **options: Any) -> Supervised:
-        sup = Supervised(tmp_path, unique_name, redis_url, *extra, **options)
-        started.append(sup)
-        return sup
-
-    try:
-        yield start
-    finally:
-        for sup in started:
-            sup.kill()
-
-
-@pytest.fixture
-def book(redis_url: str, unique_name: str) -> Iterator[Book]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        yield Book(client, unique_name)
-    finally:
-        client.close()
 
 
 @pytest.fixture

@@ -213,15 +213,6 @@ class ClientThread:
             self._loop.close()
 
 
-@pytest.fixture
-def book(redis_url: str, unique_name: str) -> Iterator[Book]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        yield Book(client, unique_name)
-    finally:
-        client.close()
-
-
 def stored_statuses(client: redis.Redis, ids: list[str]) -> dict[str, str | None]:
     raws = client.mget([f"celery-task-meta-{task_id}" for task_id in ids])
     return {task_id: None if raw is None else str(json.loads(raw)["status"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,24 +23,6 @@ from aio_celery import Celery
 from aio_celery.exceptions import WorkerLostError
 
 APP_SPEC = "tests.process.poison_tasks:app"
-
-
-@pytest.fixture
-def supervise(tmp_path: Path, unique_name: str,
-              redis_url: str) -> Iterator[Callable[..., Supervised]]:
-    started: list[Supervised] = []
-
-    def start(*extra: str, **options: Any) -> Supervised:
-        sup = Supervised(tmp_path, unique_name, redis_url, *extra, app_spec=APP_SPEC,
-                         **options)
-        started.append(sup)
-        return sup
-
-    try:
-        yield start
-    finally:
-        for sup in started:
-            sup.kill()
 
 
 @pytest.fixture

@@ -166,25 +166,6 @@ class Supervised:
 
 
 @pytest.fixture
-def supervise(tmp_path: Path, unique_name: str,
-              redis_url: str) -> Iterator[Callable[..., Supervised]]:
-    """``supervise(*extra_args, processes=2, concurrency=5, ...)``: start a supervisor for
-    ``tests.process.sup_tasks:app`` on the test's queue; killed (whole group) at the end."""
-    started: list[Supervised] = []
-
-    def start(*extra: str, **options: Any) -> Supervised:
-        sup = Supervised(tmp_path, unique_name, redis_url, *extra, **options)
-        started.append(sup)
-        return sup
-
-    try:
-        yield start
-    finally:
-        for sup in started:
-            sup.kill()
-
-
-@pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -218,11 +199,6 @@ class Book:
         twice = {task_id: n for task_id, n in counts.items() if n != 1}
         assert not twice, f"tasks completed more than once: {twice}"
         assert set(self.done()) == set(ids)
-
-
-@pytest.fixture
-def book(redis_client: redis.Redis, unique_name: str) -> Book:
-    return Book(redis_client, unique_name)
 
 
 def publish(queue: str, redis_url: str, calls: list[tuple[str, tuple[Any, ...]]]) -> list[str]:
