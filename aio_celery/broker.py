@@ -328,6 +328,15 @@ class Broker:
             with contextlib.suppress(Exception):
                 await channel.close()
 
+    async def _drop_channel_after_nack(self) -> None:
+        """The next publish opens a new channel: RabbitMQ 3.10 went on nacking every publish
+        of a channel to a quorum queue whose leader's node was killed, for minutes, while a
+        new channel was served within a second of the new leader's election."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), self.connection_timeout)
+
     def _publisher(self) -> AbstractChannel:
         if self._channel is None:
             raise RuntimeError("broker is not connected: use `async with app.setup():`")
@@ -390,6 +399,8 @@ class Broker:
                 f"{describe_error(exc)}") from exc
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
                 ConnectionError, TimeoutError) as exc:  # the channel closed: reconnecting
+            if isinstance(exc, aiormq.exceptions.DeliveryError):
+                await self._drop_channel_after_nack()
             why = describe_error(exc)
             if isinstance(exc, TimeoutError):
                 why = (f"no confirm within {self.publish_timeout:g}s (broker_publish_timeout),"

@@ -15,11 +15,12 @@ aio-pika; the client side (:class:`~aio_celery.broker.Broker`) keeps it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 from typing import Protocol
 
-from aio_celery.amqp.connection import RPC_TIMEOUT, AMQPConnection
+from aio_celery.amqp.connection import RPC_TIMEOUT, AMQPConnection, Nacked
 from aio_celery.amqp.wire import encode_properties
 from aio_celery.broker import (
     DelayedDeliveryRefused,
@@ -246,7 +247,23 @@ class WorkerPublisher:
         except BrokerConnectionError:
             raise  # connecting or a declaration said what went wrong already
         except (ConnectionError, OSError, TimeoutError) as exc:
+            if isinstance(exc, Nacked):
+                await self._drop_after_nack()
             raise self._error(what, queue, exc) from exc
+
+    async def _drop_after_nack(self) -> None:
+        """A nack (a quorum queue without a leader, say) is answered on a new connection:
+        RabbitMQ 3.10 went on nacking every publish of the old channel to a quorum queue
+        whose leader's node was killed, for minutes, while a new channel was served within
+        a second of the new leader's election."""
+        connection, self._connection = self._connection, None
+        self._declared.clear()
+        self._delayed.clear()
+        if connection is not None:
+            logger.info("The broker nacked a publish: the next one opens a new publishing "
+                        "connection")
+            with contextlib.suppress(Exception):
+                await connection.close()
 
     async def _publish(self, body: bytes, properties: bytes, queue: str, delay: int) -> None:
         connection = await self._ready()
@@ -267,7 +284,11 @@ class WorkerPublisher:
         it, ConnectionClosed if the broker nacked it or the connection is gone,
         BrokerConnectionError if none could be opened."""
         connection = await self._ready()
-        await connection.publish(body, properties, routing_key, exchange, mandatory=True)
+        try:
+            await connection.publish(body, properties, routing_key, exchange, mandatory=True)
+        except Nacked:
+            await self._drop_after_nack()
+            raise
 
     def _error(self, what: str, queue: str, exc: BaseException) -> BrokerConnectionError:
         if getattr(exc, "reply_code", None) in CHANNEL_REFUSALS:

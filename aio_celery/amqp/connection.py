@@ -73,6 +73,10 @@ class ConnectionClosed(ConnectionError):
         self.reply_code = reply_code
 
 
+class Nacked(ConnectionClosed):
+    """The broker nacked a published message (the connection itself stays open)."""
+
+
 class Returned(Exception):
     """The broker returned a ``mandatory`` message: no queue took it (the text says why)."""
 
@@ -527,7 +531,7 @@ class AMQPConnection(asyncio.Protocol):
             self._confirmed(method.delivery_tag, method.multiple, None)
         elif isinstance(method, commands.Basic.Nack):
             self._confirmed(method.delivery_tag, method.multiple,
-                            ConnectionClosed("the broker refused (nacked) a published message"))
+                            Nacked("the broker refused (nacked) a published message"))
         elif isinstance(method, commands.Connection.Close | commands.Channel.Close):
             self._closed_by_broker(channel, method)
         elif isinstance(method, commands.Basic.Cancel):
