@@ -345,71 +345,75 @@ class Broker:
     async def publish(self, envelope: Envelope, queue: str, delay: int = 0) -> None:
         """Publish to ``queue`` through the default exchange (as Celery 5 does) and wait for
         the broker's confirm. ``delay`` (whole seconds, see :meth:`delays_natively`): through
-        native delayed delivery, to ``celery_delayed_27`` with Celery's routing key.
+        native delayed delivery, to ``celery_delayed_27`` with Celery's routing key. A
+        failure that may pass (a nack, a lost connection) is retried as ``retry_policy``
+        says (Celery's ``task_publish_retry_policy``).
 
         Raises :class:`PublishRefusedError` when the broker refuses for good (a channel
         error: the queue exists with other arguments, no permission, ...) and
         :class:`BrokerConnectionError` for what may pass (connection lost or not made, a
         nack, ``broker_publish_timeout`` reached)."""
+        import aiormq
+
         body, properties = envelope.body, EncodedProperties(envelope)
         task_name, task_id = envelope.headers.get("task"), envelope.correlation_id
         del envelope  # the header dict is not needed past this point
-        what = f"task {task_name}[{task_id}]"
-        for attempt, pause in enumerate((*self.retry_policy.pauses(), None)):
+        retries = 0
+        # One coroutine for the tries (no frame per try): tens of thousands of these wait
+        # for their confirms at once.
+        while True:
             try:
-                await self._publish_once(body, properties, what, queue, delay)
+                publisher = await self._publisher_ready()
+                declared = self._declared.get(queue)
+                if declared is None or not declared.done():
+                    await self.declare_queue(queue)  # waits for a declaration under way too
+                exchange, routing_key = _DEFAULT_EXCHANGE, queue
+                if delay:
+                    await self.ensure_delayed_delivery(queue)
+                    exchange = FIRST_DELAY_EXCHANGE
+                    routing_key = delayed_routing_key(delay, self.plan.queue(queue).routing_key)
+                raw = await publisher.get_underlay_channel()
+                assert isinstance(raw, aiormq.Channel)
+                async with asyncio.timeout(self.publish_timeout):
+                    # While the broker blocks publishing (a resource alarm) the message
+                    # stays here: sent, it would only wait in the socket, unconfirmed.
+                    await raw.connection.ready()
+                    # wait=False: do not hold aiormq's channel lock until the socket
+                    # drains; the publisher confirm awaited here proves the broker has it.
+                    await raw.basic_publish(body, exchange=exchange, routing_key=routing_key,
+                                            properties=properties, wait=False)
                 return
-            except BrokerConnectionError as exc:
-                if pause is None or not _may_retry(exc):
-                    raise
-                logger.warning("Publishing %s failed (%s): retry %d of %d in %.1fs "
-                               "(task_publish_retry_policy)", what, _cause(exc), attempt + 1,
-                               self.retry_policy.max_retries, pause)
-                await asyncio.sleep(pause)
+            except BrokerConnectionError as exc:  # the connect or a declaration said why
+                error = exc
+            except _refusals() as exc:
+                raise PublishRefusedError(
+                    f"the broker {self.failover.masked} refused task {task_name}[{task_id}] "
+                    f"for queue {queue!r}: {describe_error(exc)}") from exc
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError, TimeoutError) as exc:  # the channel closed: reconnecting
+                if isinstance(exc, aiormq.exceptions.DeliveryError):
+                    await self._drop_channel_after_nack()
+                error = self._unconfirmed(f"task {task_name}[{task_id}]", queue, exc)
+            pause = self.retry_policy.pause(retries)
+            if pause is None or not _may_retry(error):
+                raise error
+            retries += 1
+            logger.warning("Publishing task %s[%s] failed (%s): retry %d of %d in %.1fs "
+                           "(task_publish_retry_policy)", task_name, task_id, _cause(error),
+                           retries, self.retry_policy.max_retries, pause)
+            await asyncio.sleep(pause)
 
-    async def _publish_once(self, body: bytes, properties: EncodedProperties, what: str,
-                            queue: str, delay: int) -> None:
-        import aiormq
-
-        try:
-            publisher = await self._publisher_ready()
-            declared = self._declared.get(queue)
-            if declared is None or not declared.done():
-                await self.declare_queue(queue)  # waits for a declaration under way too
-            exchange, routing_key = _DEFAULT_EXCHANGE, queue
-            if delay:
-                await self.ensure_delayed_delivery(queue)
-                exchange = FIRST_DELAY_EXCHANGE
-                routing_key = delayed_routing_key(delay, self.plan.queue(queue).routing_key)
-            raw = await publisher.get_underlay_channel()
-            assert isinstance(raw, aiormq.Channel)
-            async with asyncio.timeout(self.publish_timeout):
-                # While the broker blocks publishing (a resource alarm) the message stays
-                # here: sent, it would only wait in the socket, unconfirmed.
-                await raw.connection.ready()
-                # wait=False: do not hold aiormq's channel lock until the socket drains;
-                # the publisher confirm awaited here proves the broker has the message.
-                await raw.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                        properties=properties, wait=False)
-        except BrokerConnectionError:
-            raise  # the connect or the declaration said what went wrong already
-        except _refusals() as exc:
-            raise PublishRefusedError(
-                f"the broker {self.failover.masked} refused {what} for queue {queue!r}: "
-                f"{describe_error(exc)}") from exc
-        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError, TimeoutError) as exc:  # the channel closed: reconnecting
-            if isinstance(exc, aiormq.exceptions.DeliveryError):
-                await self._drop_channel_after_nack()
-            why = describe_error(exc)
-            if isinstance(exc, TimeoutError):
-                why = (f"no confirm within {self.publish_timeout:g}s (broker_publish_timeout),"
-                       " or the broker blocked publishing that long (a resource alarm: see "
-                       "`rabbitmq-diagnostics alarms`)")
-            raise BrokerConnectionError(
-                f"publishing {what} to {queue!r} on "
-                f"{self.failover.masked} failed: {why}. The broker did not confirm it; it "
-                "may or may not have been queued.") from exc
+    def _unconfirmed(self, what: str, queue: str, exc: BaseException) -> BrokerConnectionError:
+        why = describe_error(exc)
+        if isinstance(exc, TimeoutError):
+            why = (f"no confirm within {self.publish_timeout:g}s (broker_publish_timeout),"
+                   " or the broker blocked publishing that long (a resource alarm: see "
+                   "`rabbitmq-diagnostics alarms`)")
+        error = BrokerConnectionError(
+            f"publishing {what} to {queue!r} on {self.failover.masked} failed: {why}. The "
+            "broker did not confirm it; it may or may not have been queued.")
+        error.__cause__ = exc
+        return error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,10 +437,16 @@ class RetryPolicy:
                                      f"{sorted(unknown)}; known: {sorted(known)}")
         return cls(**(policy or {}))
 
+    def pause(self, retries: int) -> float | None:
+        """The pause before the next retry, after ``retries`` of them; None: no more."""
+        if retries >= self.max_retries:
+            return None
+        return min(self.interval_start + retries * self.interval_step, self.interval_max)
+
     def pauses(self) -> list[float]:
         """The pause before each retry."""
-        return [min(self.interval_start + n * self.interval_step, self.interval_max)
-                for n in range(max(0, self.max_retries))]
+        return [pause for n in range(max(0, self.max_retries))
+                if (pause := self.pause(n)) is not None]
 
 
 def _may_retry(exc: BrokerConnectionError) -> bool:
