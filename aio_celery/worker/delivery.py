@@ -264,6 +264,27 @@ class Session:
         return len(self._ready) + len(self._waiting) + len(self._running)
 
     @property
+    def ready(self) -> int:
+        """Deliveries ready to run, waiting for a free slot."""
+        return len(self._ready)
+
+    @property
+    def free_slots(self) -> int:
+        """Slots of ``concurrency`` free now (a task whose result waits gives its up)."""
+        return self._free_slots
+
+    @property
+    def pending_results(self) -> int:
+        """Finished tasks waiting for the result backend or the broker (their follow-ups);
+        none starts while ``worker_max_pending_results`` wait."""
+        return self._pending
+
+    @property
+    def outcome(self) -> StopOutcome:
+        """How many deliveries were given back unstarted and tasks cancelled, so far."""
+        return dataclasses.replace(self._outcome)
+
+    @property
     def busy(self) -> bool:
         return bool(self._ready or self._waiting or self._running or len(self._tracker))
 

@@ -75,6 +75,12 @@ class Worker:
         self.publisher: WorkerPublisher | None = None
 
     @property
+    def session(self) -> Session | None:
+        """The broker session: the one consuming now, a new one after each reconnect (the
+        lost one stays here, abandoned, until then); None until the first is open."""
+        return self._session
+
+    @property
     def failover(self) -> Failover:
         """The URLs of ``broker_url``, the one in use, and where a reconnect starts."""
         if self._failover is None:
