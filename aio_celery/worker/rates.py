@@ -1,10 +1,10 @@
 """The worker's side of rate limits: one waiting line per rate-limited task type.
 
 The limit in force is read from ``app.tasks[name].rate_limit`` (else the app's
-``task_default_rate_limit``) at every receipt and again each time a waiting line tries its
-bucket, so a change made at runtime (the ``rate_limit`` control command sets that
-attribute) reaches the messages already waiting within :data:`RECHECK` seconds; the string
-is compared, and parsed again only when it changed.
+``task_default_rate_limit``, read as the worker starts) at every receipt and again each
+time a waiting line tries its bucket, so a change made at runtime (the ``rate_limit``
+control command sets that attribute) reaches the messages already waiting within
+:data:`RECHECK` seconds; the value is compared, and parsed again only when it changed.
 
 Messages of one task type take their tokens in the order they arrived: the head of the
 line polls the bucket (shared with the sibling processes, which may take a token first)
@@ -80,7 +80,10 @@ class Limiter:
         """``shared``: the supervisor's table (the limit holds for all its children
         together); None: this process's own buckets. ``clock``: monotonic seconds, the
         same in every process (CLOCK_MONOTONIC)."""
-        self._app = app
+        self._tasks = app.tasks
+        #: read once: the setting is not meant to change while a worker runs (a task's
+        #: own rate_limit is, by the rate_limit command)
+        self._default: RateLimit = app.conf.settings.task_default_rate_limit
         self._shared = shared
         self.clock = clock
         self._lines: dict[str, Line] = {}
@@ -115,8 +118,8 @@ class Limiter:
                         "off" if not line.gap else repr(spec))
 
     def _limit_of(self, name: str) -> RateLimit:
-        task = self._app.tasks.get(name)
+        task = self._tasks.get(name)
         if task is None:
             return None  # not registered here: it fails at once, unlimited
         own = task.rate_limit
-        return own if own is not None else self._app.conf.settings.task_default_rate_limit
+        return own if own is not None else self._default

@@ -240,6 +240,7 @@ def test_a_line_only_for_a_task_that_is_limited_now(rated_app: Celery) -> None:
     line = limiter.line("limited")
     assert line is not None and line.gap == pytest.approx(0.1)
     rated_app.conf.update(task_default_rate_limit="2/s")
+    limiter = Limiter(rated_app, clock=lambda: 0.0)  # the default is read as it starts
     free = limiter.line("free")
     assert free is not None and free.gap == pytest.approx(0.5)
     assert limiter.line("off") is None  # its own 0 wins over the default
