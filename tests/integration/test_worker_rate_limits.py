@@ -1,7 +1,7 @@
 """Rate limits in a worker on the real broker: the rate is kept, a task waiting for its
 token holds no concurrency slot and lets other tasks pass, a flood beyond the prefetch
 window is parked instead of filling it, and warm shutdown and the aging sweep give the
-waiting ones back."""
+waiting ones back; the poison guard is unaffected."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from aio_pika.abc import AbstractConnection
 from helpers import eventually, ready_count, resolves_to
 
 from aio_celery import Celery, exitcodes, states
+from aio_celery.exceptions import WorkerLostError
+from aio_celery.poison import DeathTable, Guard, task_key
+from aio_celery.worker import Worker, WorkerOptions
 from aio_celery.worker.delivery import wait_queue_name
 
 # --- helpers ------------------------------------------------------------------------------
@@ -265,3 +268,36 @@ async def test_the_aging_sweep_gives_back_a_message_that_waited_too_long_for_its
             assert not _logged(caplog, "Lost the broker connection")
         finally:
             assert await handle.stop() == 0
+
+
+async def test_a_task_the_poison_guard_retires_takes_no_token(
+        app: Celery, amqp: AbstractConnection, unique_name: str) -> None:
+    """A redelivered message that died three times is retired without running: it neither
+    waits for a token nor takes one, so the next message of its type (limited to 1/m)
+    finds the bucket full and runs at once."""
+    ran: list[str] = []
+
+    @app.task(name="limited", rate_limit="1/m", bind=True)
+    async def limited(self: object) -> str:
+        ran.append(str(self.request.id))  # type: ignore[attr-defined]
+        return "ran"
+
+    poison = await limited.delay()
+    channel = await amqp.channel()  # taken unacknowledged, then back: redelivered
+    box = await channel.get_queue(unique_name, ensure=False)
+    await box.get(no_ack=False)
+    await channel.close()
+    innocent = await limited.delay()
+    deaths = DeathTable(capacity=16)
+    try:
+        for _ in range(3):
+            deaths.record([task_key(poison.id)])  # three deaths alone
+        worker = Worker(app, WorkerOptions(concurrency=2, burst=True, banner=False),
+                        guard=Guard(3, None, None, deaths))
+        assert await asyncio.wait_for(worker.run(), 10) == 0
+    finally:
+        deaths.close()
+    assert ran == [innocent.id]
+    assert await innocent.get(timeout=5) == "ran"
+    with pytest.raises(WorkerLostError):
+        await poison.get(timeout=5)
