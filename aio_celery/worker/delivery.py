@@ -16,12 +16,12 @@ without requeue); only the decoded message is kept, not the wire bytes. Then:
   late when the window has no room for it);
 * a message of a rate-limited task (:mod:`aio_celery.worker.rates`) that cannot take its
   token at once waits for it without a slot, in its task type's line, unacknowledged, in
-  the same part of the prefetch window as the etas; when that part is full (or its token
+  the same part of the prefetch window as the etas. When that part is full (or its token
   is beyond the eta horizon) and its wait is a second or more, it is parked like an eta
-  due then (it comes back to the queue's tail,
-  and others behind it in the queue get through: a flood of one rate-limited task never
-  takes the ``concurrency`` places ready messages keep). An eta that falls due takes its
-  token in the same way, in the place it already holds;
+  due then: it comes back to the queue's tail, and the messages behind it get through (a
+  flood of one rate-limited task never takes the ``concurrency`` places kept for ready
+  messages). An eta that falls due takes its token in the same way, in the place it
+  already holds;
 * a message that is due joins the ready queue; whenever one of the ``concurrency`` slots is
   free the next one starts in an asyncio task of its own, runs, its result is stored, then
   the delivery is acknowledged: finished prefixes with one ``multiple`` ack per loop turn.
@@ -565,8 +565,10 @@ class Session:
                     await asyncio.sleep(retry_in)
                     retry_in = min(retry_in * 2, PARK_MAX_RETRY)
                     continue
-                logger.info("Task %s[%s] is due in %.0fs: parked in %s", job.message.task,
-                            job.message.id, self._until_due(job), parking.where)
+                logger.info("Task %s[%s] %s %.0fs: parked in %s", job.message.task,
+                            job.message.id, "waits for its rate limit for about"
+                            if job.rate_until else "is due in", self._until_due(job),
+                            parking.where)
                 return
         finally:
             self._uncount_held(job)
