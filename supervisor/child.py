@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from aio_celery import exitcodes
 from aio_celery.poison import DeathTable, Guard, RunningBoard
+from aio_celery.ratelimit import SharedRates
 from supervisor import heartbeat
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ class ChildSpec:
 
 def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
           handled: Iterable[signal.Signals], close_fds: Iterable[int],
-          poison: PoisonSeat) -> int:
+          poison: PoisonSeat, rates: SharedRates) -> int:
     """Fork a child for slot ``index``; returns its pid (in the parent only)."""
     handled = list(handled)
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
@@ -98,7 +99,7 @@ def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
     code = exitcodes.INTERNAL_ERROR
     try:
         _reset_after_fork(handled, close_fds)
-        code = _child_main(index, spec, beat, poison)
+        code = _child_main(index, spec, beat, poison, rates)
     except BaseException:  # never let a child return into the parent's code
         import traceback
 
@@ -164,7 +165,7 @@ def _load_only(spec: ChildSpec) -> int:
 
 
 def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
-                poison: PoisonSeat) -> int:
+                poison: PoisonSeat, rates: SharedRates) -> int:
     from aio_celery import logs
     from aio_celery.loader import AppLoadError, load_app
     from aio_celery.worker.process import run_worker
@@ -184,7 +185,7 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
     guard = Guard(options.max_task_deaths or app.conf.settings.worker_max_task_deaths,
                   poison.board, poison.seat, poison.deaths)
     return run_worker(app, options, on_tick=_ticker(beat, os.getppid()), guard=guard,
-                      retire_signal=STOP_SIGNAL)
+                      retire_signal=STOP_SIGNAL, rates=rates)
 
 
 def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], None]:
