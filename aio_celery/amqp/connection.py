@@ -338,8 +338,11 @@ class AMQPConnection(asyncio.Protocol):
         return await asyncio.shield(self._ended)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Close politely (``connection.close``, wait for its ok), then drop the socket."""
-        if self.is_open:
+        """Close politely (``connection.close``, wait for its ok), then drop the socket. A
+        connection the broker blocked is dropped at once: RabbitMQ reads nothing more from
+        it until the alarm ends, the close included, so waiting would only cost the
+        timeout (a worker's shutdown during an alarm)."""
+        if self.is_open and self.blocked is None:
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await asyncio.wait_for(self._call(
                     commands.Connection.Close(reply_code=200, reply_text="Normal shutdown",
