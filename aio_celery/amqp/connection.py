@@ -698,6 +698,23 @@ class AMQPConnection(asyncio.Protocol):
             self._parse_soon()
         await confirm
 
+    def publish_unconfirmed(self, body: bytes, properties: bytes, routing_key: str,
+                            exchange: str = "") -> None:
+        """Write a publish and return: no confirm is awaited or kept track of (monitoring
+        events, which may be lost). The channel numbers it like any other publish, so the
+        confirms of the others stay in step. The caller checks :attr:`blocked` and
+        :attr:`write_backlog` first: this never waits. ConnectionClosed when not open."""
+        self._write(frame.marshal(commands.Basic.Publish(exchange=exchange,
+                                                         routing_key=routing_key), CHANNEL)
+                    + amqpwire.content_frames(CHANNEL, body, properties, self.frame_max))
+        self._published += 1
+
+    @property
+    def write_backlog(self) -> int:
+        """Bytes written and not yet taken by the socket (a slow broker or network)."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     async def qos(self, prefetch_count: int, global_: bool = False) -> None:
         """``global_=False``: a limit for each consumer started afterwards (RabbitMQ refuses
         global QoS on quorum queues, and RabbitMQ 4.3 on every queue by default)."""

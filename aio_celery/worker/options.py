@@ -39,12 +39,20 @@ class WorkerOptions:
     max_task_deaths: int | None = None
     #: print the start-up banner
     banner: bool = True
+    #: send task events (``-E``; None: the app's ``worker_send_task_events``)
+    task_events: bool | None = None
+    #: seconds between ``worker-heartbeat`` events; None: no worker events at all
+    #: (``--without-heartbeat``)
+    heartbeat_interval: float | None = 2.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.max_task_deaths is not None and self.max_task_deaths < 1:
             raise ValueError(f"max_task_deaths must be at least 1, got {self.max_task_deaths}")
+        if self.heartbeat_interval is not None and self.heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be positive, got "
+                             f"{self.heartbeat_interval}")
         if self.eta_horizon <= 0:
             raise ValueError("eta_horizon must be positive")
         if self.unacked_max_age is not None and self.unacked_max_age < 0:

@@ -27,6 +27,7 @@ from aio_celery.quorum import QueuePlan
 from aio_celery.ratelimit import SharedRates
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
+from aio_celery.worker.events import EventDispatcher, Heart
 from aio_celery.worker.execution import TaskRunner
 from aio_celery.worker.options import WorkerOptions
 from aio_celery.worker.outage import Outage
@@ -37,6 +38,8 @@ logger = logging.getLogger("aio_celery.worker")
 
 #: the broker closes connections with this code when it shuts down (a restart, say)
 CONNECTION_FORCED = 320
+#: seconds a shutdown waits for the publishing connection to send worker-offline
+EVENTS_CLOSE_TIMEOUT = 2.0
 
 
 class StartupError(Exception):
@@ -80,6 +83,15 @@ class Worker:
         self._failover: Failover | None = None
         #: the worker's publishing connection (follow-ups, retries, parks), once started
         self.publisher: WorkerPublisher | None = None
+        settings = app.conf.settings
+        task_events = self.options.task_events
+        #: monitoring events of this process's node (``options.hostname``)
+        self.events = EventDispatcher(
+            self.options.hostname, None, self.stats, exchange=settings.event_exchange,
+            task_events=settings.worker_send_task_events if task_events is None
+            else task_events, load=self._load)
+        interval = self.options.heartbeat_interval
+        self._heart = Heart(self.events, interval) if interval is not None else None
 
     @property
     def session(self) -> Session | None:
@@ -146,6 +158,32 @@ class Worker:
                             f"{frame.f_code.co_name}\n" for frame in _awaited_frames(task))
             logger.warning("  %s\n%s", task.get_name(), stack.rstrip())
 
+    # --- events: what the remote control commands call ------------------------------------
+
+    @property
+    def task_events_enabled(self) -> bool:
+        return self.events.tasks_on
+
+    def enable_task_events(self) -> None:
+        """Send task events from now on (the ``enable_events`` command; Flower sends it
+        every 5 s)."""
+        if not self.events.tasks_on:
+            self.events.tasks_on = True
+            logger.info("Task events enabled by remote")
+
+    def disable_task_events(self) -> None:
+        if self.events.tasks_on:
+            self.events.tasks_on = False
+            logger.info("Task events disabled by remote")
+
+    def send_heartbeat(self, freq: float) -> None:
+        """Send one ``worker-heartbeat`` now (the ``heartbeat`` command, with freq 5)."""
+        self.events.worker("worker-heartbeat", freq)
+
+    def _load(self) -> tuple[int, int]:
+        session = self._session
+        return (session.active if session is not None else 0), self.stats.started
+
     @property
     def queues(self) -> tuple[str, ...]:
         return self.options.queues or (self.app.conf.settings.task_default_queue,)
@@ -207,6 +245,7 @@ class Worker:
             raise StartupError(str(exc)) from exc
         self.publisher = self._new_publisher()
         stack.push_async_callback(self.publisher.close)  # after the session's shutdown
+        self.events.publisher = self.publisher
         stack.enter_context(self.app.publishing_through(self.publisher))
         if self.app.conf.settings.result_backend:
             try:
@@ -223,6 +262,8 @@ class Worker:
         if session is None:  # stopped while waiting for the broker
             return
         self._session = session
+        if self._heart is not None:
+            self._heart.start()
         if self.options.banner:
             logger.info("%s", banner(self.app, self.options, self.queues,
                                      session.prefetch_count, self.failover))
@@ -257,9 +298,10 @@ class Worker:
             plan=QueuePlan.from_settings(settings),
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
-        runner = TaskRunner(self.app, self.options.hostname)
+        runner = TaskRunner(self.app, self.options.hostname, self.events)
         assert self.publisher is not None
         session = Session(channel, runner, self.options, self.stats, publisher=self.publisher,
+                          events=self.events,
                           on_task_done=self._on_task_done, guard=self._guard,
                           max_pending_results=settings.worker_max_pending_results,
                           unacked_max_age=self.options.max_age(settings.worker_unacked_max_age),
@@ -429,6 +471,9 @@ class Worker:
                    if self.options.shutdown_timeout is not None
                    else self.app.conf.settings.worker_shutdown_timeout)
         outcome = await self._session.stop(timeout, cold=self._cold)
+        if self._heart is not None:
+            self._heart.stop()
+        await self.events.close(timeout=EVENTS_CLOSE_TIMEOUT)
         kind = "Cold" if self._cold else "Warm"  # a second signal may have come meanwhile
         logger.info("%s shutdown in %.1fs: %d task(s) finished since start, %d returned to "
                     "the queue unstarted, %d cancelled and returned", kind,
