@@ -2,14 +2,15 @@
 """Benchmarks: aio-celery against plain aio-pika, on a real RabbitMQ.
 
     scripts/bench publish [--n 50000] [--rounds 3] [--broker amqp://...]
-    scripts/bench drain [--n 20000] [--concurrency 100] [--variants noop,results,sleep]
+    scripts/bench drain [--n 20000] [--concurrency 100] [--variants noop,results,sleep,...]
     scripts/bench scale [--n 20000] [--concurrency 100]
 
 * ``publish``: ``add.delay()`` against plain aio-pika confirms, twice: a small JSON message,
   and the very wire message aio-celery sends (Celery protocol v2 headers, body, properties).
 * ``drain``: a queue pre-filled with N task messages, drained by an in-process aio-celery
-  ``Worker`` against a plain aio-pika consumer that acks each message; three variants (no-op
-  tasks; with Redis results; ``asyncio.sleep(0.1)`` tasks at concurrency 1000).
+  ``Worker`` against a plain aio-pika consumer that acks each message; variants: no-op
+  tasks; with Redis results; ``asyncio.sleep(0.1)`` tasks at concurrency 1000; a quorum
+  queue; no-op tasks with task events on (``-E``, a monitor's queue bound to ``celeryev``).
 * ``scale``: our supervisor with ``-c 1`` against ``-c 2``, and 1 against 2 plain aio-pika
   consumer processes: does a second process gain as much for us as for the plain consumer?
 
@@ -489,6 +490,8 @@ DRAIN_VARIANTS: dict[str, tuple[str, str, str]] = {
     "sleep": ("drain/aio-celery-sleep", "drain/aio-pika-sleep", "asyncio.sleep tasks"),
     "quorum": ("drain/aio-celery-quorum", "drain/aio-pika-quorum",
                "no-op tasks on a quorum queue"),
+    "events": ("drain/aio-celery-events", "drain/aio-pika",
+               "no-op tasks, task events on (-E), a monitor's queue bound to celeryev"),
 }
 QUORUM_ARGUMENTS = {"x-queue-type": "quorum"}
 
@@ -549,10 +552,13 @@ class DrainProgress:
 @measurement("drain/aio-celery-results")
 @measurement("drain/aio-celery-sleep")
 @measurement("drain/aio-celery-quorum")
+@measurement("drain/aio-celery-events")
 async def drain_aio_celery(params: Params) -> Stopwatch:
-    """An in-process ``Worker`` (concurrency C, no banner) on the pre-filled queue; the app
-    has a Redis result backend when ``params["backend"]`` is set. Every execution of the
-    task is counted; the run ends when the worker has finished N."""
+    """An in-process ``Worker`` (concurrency C, no banner; worker events on, as by default)
+    on the pre-filled queue; the app has a Redis result backend when ``params["backend"]``
+    is set; with ``params["events"]`` task events are on and a queue bound to ``celeryev``
+    takes them (as Flower's would; dropped after 5 s unread). Every execution of the task
+    is counted; the run ends when the worker has finished N."""
     from aio_celery import Celery
     from aio_celery.worker import Worker, WorkerOptions
 
@@ -576,7 +582,38 @@ async def drain_aio_celery(params: Params) -> Stopwatch:
         progress.done()
 
     worker = Worker(app, WorkerOptions(concurrency=params["concurrency"],
-                                       queues=(params["queue"],), burst=False, banner=False))
+                                       queues=(params["queue"],), burst=False, banner=False,
+                                       task_events=bool(params.get("events"))))
+    async with AsyncExitStack() as stack:
+        if params.get("events"):
+            await stack.enter_async_context(monitor_queue(params["broker"]))
+        watch = await drain_with(worker, progress, n)
+    if params.get("events") and worker.stats.events_dropped:
+        print(f"events dropped: {worker.stats.events_dropped}", file=sys.stderr)
+    return watch
+
+
+@asynccontextmanager
+async def monitor_queue(broker: str) -> AsyncIterator[None]:
+    """An exclusive queue bound to ``celeryev`` with ``#``, as Flower's (TTL 5 s)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(broker)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("celeryev", aio_pika.ExchangeType.TOPIC,
+                                                  durable=True)
+        queue = await channel.declare_queue(f"{QUEUE_PREFIX}-celeryev-{uuid.uuid4().hex[:8]}",
+                                            exclusive=True,
+                                            arguments={"x-message-ttl": 5000})
+        await queue.bind(exchange, "#")
+        yield
+    finally:
+        await connection.close()
+
+
+async def drain_with(worker: Any, progress: DrainProgress, n: int) -> Stopwatch:
+    """Run ``worker`` until ``progress`` counts N executions and N are finished."""
     running = asyncio.create_task(worker.run())
 
     def on_stall() -> None:
@@ -742,6 +779,8 @@ async def cmd_drain(args: argparse.Namespace) -> int:
                 params["backend"] = backend
             if variant == "quorum":
                 params["quorum"] = True
+            if variant == "events":
+                params["events"] = True
             print(f"{variant}: {what}, concurrency {concurrency}, "
                   f"prefetch {4 * concurrency}"
                   + (f", results in {backend}" if variant == "results" else ""),
