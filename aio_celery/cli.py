@@ -77,8 +77,8 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
                    "(default: $AIO_CELERY_STATUS_FILE or a per-user temp file).")
 @click.option("-E", "--task-events", is_flag=True, default=None,
               help="Send task events (task-received, task-succeeded...) for monitors such "
-                   "as Flower (default: worker_send_task_events). Flower turns them on "
-                   "anyway through the enable_events command.")
+                   "as Flower (default: worker_send_task_events; the enable_events remote "
+                   "control command turns them on too).")
 @click.option("--without-heartbeat", is_flag=True,
               help="Send no worker events (worker-online, worker-heartbeat, "
                    "worker-offline): monitors then never see the worker's nodes.")
