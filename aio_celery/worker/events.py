@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import os
 import time
@@ -101,6 +102,9 @@ class EventDispatcher:
             self.stats.events_dropped += 1
             return
         active, processed = self.load()
+        # Taken again at each heartbeat rather than per event: a DST change is seen
+        # within one interval, and task events cost no localtime() call.
+        self._stamp = dataclasses.replace(self._stamp, utcoffset=events.utcoffset())
         self._workers.append(events.event(
             type_, self._stamp, self._now(), self.clock.forward(),
             **events.worker_fields(freq, active, processed, os.getloadavg())))
