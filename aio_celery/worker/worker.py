@@ -266,7 +266,8 @@ class Worker:
             self._heart.start()
         if self.options.banner:
             logger.info("%s", banner(self.app, self.options, self.queues,
-                                     session.prefetch_count, self.failover))
+                                     session.prefetch_count, self.failover,
+                                     self.events.tasks_on))
         logger.info("%s ready: consuming %s", self.options.hostname, ", ".join(self.queues))
 
     def _new_publisher(self) -> WorkerPublisher:

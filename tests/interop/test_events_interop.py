@@ -84,6 +84,7 @@ def test_celerys_state_sees_our_tasks_and_our_worker(client: celery.Celery, redi
     state = watcher.state
     try:
         worker.wait_ready()
+        assert "events:      task events ON, worker events every 1s, to celeryev" in worker.log
         ok = client.send_task("ours.add", (2, 3), queue=queue)
         bad = client.send_task("ours.fail", ("E42", {"k": 1}), queue=queue)
         assert ok.get(timeout=DEADLINE) == 5
