@@ -197,6 +197,39 @@ async def test_without_heartbeat_and_task_events_nothing_is_sent(
     assert worker.publisher is not None and worker.publisher.connection is None  # never used
 
 
+async def test_worker_send_task_events_and_event_exchange_settings(
+        app: Celery, start_worker: Callable[..., Awaitable[Any]], channel: AbstractChannel,
+        unique_name: str) -> None:
+    exchange_name = f"{unique_name}-events"
+    app.conf.update(worker_send_task_events=True, event_exchange=exchange_name)
+
+    @app.task(name="events.setting")
+    async def setting() -> int:
+        return 7
+
+    try:
+        handle = await start_worker(hostname=f"{unique_name}@settings")
+        # Declared as Celery's receivers declare it; the worker declares it the same way
+        # (whichever came second would fail with 406 PRECONDITION_FAILED otherwise).
+        exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC,
+                                                  durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "task.#")
+        result = await setting.delay()
+        assert await result.get(timeout=TIMEOUT) == 7
+        message = await queue.get(timeout=TIMEOUT, fail=False)
+        deadline = time.monotonic() + TIMEOUT
+        while message is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            message = await queue.get(fail=False)
+        assert message is not None and message.routing_key == "task.multi"
+        assert message.headers == {"hostname": f"{unique_name}@settings"}
+        assert {event["uuid"] for event in json.loads(message.body)} == {result.id}
+        assert await handle.stop() == 0
+    finally:
+        await channel.exchange_delete(exchange_name)
+
+
 # --- a broker that cannot take events does not slow the tasks -------------------------------
 
 async def _away_url() -> str:
