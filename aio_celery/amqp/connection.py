@@ -240,6 +240,9 @@ class AMQPConnection(asyncio.Protocol):
         self._abandoned_replies = 0
         self._consumers: dict[str, DeliveryCallback] = {}
         self._published = 0
+        #: the tag of the last unconfirmed-kind publish, and the highest tag confirmed
+        self._last_blind = 0
+        self._confirmed_upto = 0
         self._confirms: dict[int, asyncio.Future[None]] = {}
         #: the exchange and routing key of each mandatory publish not yet confirmed
         self._mandatory: dict[int, tuple[str, str]] = {}
@@ -498,9 +501,12 @@ class AMQPConnection(asyncio.Protocol):
             what = "channel"
         # A channel error caused by a request (a declaration) is that request's: the
         # publishes awaiting confirms meanwhile are lost with the channel, not refused.
+        # The same for a publish error while a publish of ours that nobody awaits may be
+        # the culprit (an event to an exchange deleted meanwhile): the others are lost,
+        # to be sent again, not refused for good.
         by_publish = what == "channel" and \
             ((method.class_id or 0) << 16 | (method.method_id or 0)) \
-            == commands.Basic.Publish.index
+            == commands.Basic.Publish.index and self._last_blind <= self._confirmed_upto
         self._abort(f"the broker closed the {what}: {method.reply_code} {method.reply_text}",
                     method.reply_code, confirms_too=by_publish)
 
@@ -537,6 +543,7 @@ class AMQPConnection(asyncio.Protocol):
             self._unblocked.set()
 
     def _confirmed(self, tag: int, multiple: bool, error: Exception | None) -> None:
+        self._confirmed_upto = max(self._confirmed_upto, tag)
         tags = [t for t in self._confirms if t <= tag] if multiple else [tag]
         for confirmed in tags:
             future = self._confirms.pop(confirmed, None)
@@ -708,6 +715,7 @@ class AMQPConnection(asyncio.Protocol):
                                                          routing_key=routing_key), CHANNEL)
                     + amqpwire.content_frames(CHANNEL, body, properties, self.frame_max))
         self._published += 1
+        self._last_blind = self._published
 
     @property
     def write_backlog(self) -> int:

@@ -28,11 +28,13 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from helpers import FakeBroker, eventually
 from pamqp import commands
-from test_worker_publisher import BlockingBroker
+from test_worker_publisher import BlockingBroker, envelope_for
 
-from aio_celery import Celery
+from aio_celery import Celery, events
+from aio_celery.exceptions import BrokerConnectionError, PublishRefusedError
 from aio_celery.failover import Failover
 from aio_celery.publisher import WorkerPublisher
+from aio_celery.quorum import QueuePlan
 from aio_celery.worker import Worker
 
 TIMEOUT = 15.0
@@ -289,3 +291,23 @@ async def test_a_blocked_or_absent_broker_does_not_slow_tasks_events_are_dropped
     # No task waited for an event: the whole drain took no longer than the tasks alone
     # would on a loaded machine (a waiting publish would take broker_publish_timeout).
     assert elapsed < 20.0
+
+
+async def test_an_event_the_broker_refuses_does_not_make_a_follow_up_refused(
+        app: Celery, amqp_url: str, unique_name: str) -> None:
+    """An event sent to an exchange deleted meanwhile closes the publishing channel (404):
+    a follow-up awaiting its confirm then was lost with the channel, to be sent again, not
+    refused for good (which would fail its task)."""
+    publisher = WorkerPublisher(Failover(amqp_url), plan=QueuePlan(), publish_timeout=TIMEOUT)
+    try:
+        await publisher.publish(envelope_for(app, unique_name), unique_name)  # connected
+        assert publisher.publish_nowait(b"{}", events.properties("x@y"), "worker.heartbeat",
+                                        f"{unique_name}-no-such-exchange",
+                                        backlog_limit=1 << 20)
+        with pytest.raises(BrokerConnectionError) as lost:
+            await publisher.publish(envelope_for(app, unique_name), unique_name)
+        assert not isinstance(lost.value, PublishRefusedError)
+        assert "404" in str(lost.value) or "closed" in str(lost.value)
+        await publisher.publish(envelope_for(app, unique_name), unique_name)  # reconnects
+    finally:
+        await publisher.close()
