@@ -93,6 +93,9 @@ class Task:
     ignore_result: bool | None = None
     soft_time_limit: float | None = None
     time_limit: float | None = None
+    #: Celery's ``"N/s"``, ``"N/m"``, ``"N/h"``; set at run time by the ``rate_limit``
+    #: control command
+    rate_limit: str | None = None
     queue: str | None = None
     priority: int | None = None
     acks_late: bool | None = None
