@@ -199,7 +199,7 @@ def test_rate_limit_sets_the_tasks_attribute() -> None:
     assert run("rate_limit", node, task_name="t.limited", rate_limit="10/m") == \
         {"ok": "new rate limit set successfully"}
     assert node.app.tasks["t.limited"].rate_limit == "10/m"
-    assert run("registered", node) == ["t.limited [rate_limit=10/m]"]
+    assert "t.limited [rate_limit=10/m]" in run("registered", node)
     assert run("rate_limit", node, task_name="t.limited", rate_limit=None) == \
         {"ok": "rate limit disabled successfully"}
     assert node.app.tasks["t.limited"].rate_limit is None
@@ -220,8 +220,10 @@ def test_time_limit_sets_both_limits() -> None:
 
 def test_registered_hides_celery_builtins_unless_asked() -> None:
     node = FakeNode()
-    assert run("registered", node) == ["t.limited"]
-    assert run("registered", node, builtins=True) == ["celery.builtin_like", "t.limited"]
+    shown = run("registered", node)  # (shared tasks of other tests' apps may show too)
+    assert "t.limited" in shown and "celery.builtin_like" not in shown
+    assert shown == sorted(shown)
+    assert "celery.builtin_like" in run("registered", node, builtins=True)
 
 
 def test_pool_resizing_and_shutdown_go_to_the_node() -> None:
