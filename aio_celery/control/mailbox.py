@@ -44,17 +44,22 @@ class Mailbox:
         self._reply_declared = False
         #: set while the mailbox is consumed (for tests and readiness)
         self.consuming = asyncio.Event()
+        self._closed = False
 
     @property
     def queue(self) -> str:
         return wire.queue_name(self.node.nodename)
 
     async def run(self) -> None:
+        """Until :meth:`close` (or cancelled): consume, and after a lost connection or a
+        refused declare, connect and declare again."""
         locked = failed = 0
-        while True:
+        while not self._closed:
             try:
                 connection = await self._open()
             except (ConnectionError, OSError, TimeoutError) as exc:
+                if self._closed:
+                    return
                 if getattr(exc, "reply_code", None) == RESOURCE_LOCKED:
                     delay = _LOCKED_DELAYS[min(locked, len(_LOCKED_DELAYS) - 1)]
                     locked += 1
@@ -71,11 +76,16 @@ class Mailbox:
             locked = failed = 0
             reason = await connection.closed()
             self.consuming.clear()
+            if self._closed:
+                return
             logger.warning("Remote control connection lost (%s): declaring mailbox %s again",
                            reason, self.queue)
 
     async def _open(self) -> AMQPConnection:
         connection = await self._connect()
+        if self._closed:
+            await connection.close()
+            raise ConnectionError("the mailbox is closed")
         self._connection = connection
         self._reply_declared = False
         try:
@@ -91,6 +101,7 @@ class Mailbox:
         return connection
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._handlers):
             task.cancel()
         if self._handlers:

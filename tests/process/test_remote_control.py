@@ -225,12 +225,12 @@ def test_a_child_started_later_honours_earlier_revokes(
     sup.signal(signal.SIGHUP)  # a rolling restart: a new child, the same node name
     wait_until(lambda: sup.all_ready(1) and sup.pids_by_index() != old, 30,
                "the child was replaced", sup.diagnostics)
-    sup.wait_for_log(r"ready: consuming")
+    # the new child starts while its predecessor still holds the node's mailbox
+    sup.wait_for_log(r"still held by a connection that is closing \(405 RESOURCE_LOCKED\)")
     client.send_task("sup.noop", queue=unique_name, task_id=task_id)
     sup.wait_for_log(rf"Discarding revoked task: sup\.noop\[{task_id}\]")
     assert task_id not in book.started()
-    # the new child took over the node's mailbox (its predecessor held it for a while:
-    # 405 RESOURCE_LOCKED, retried) and answers under the same name
+    # the new child took over the node's mailbox and answers under the same name
     wait_until(lambda: client.control.ping(destination=name, timeout=1.0) ==
                [{name[0]: {"ok": "pong"}}], 20, "the new child answers ping",
                sup.diagnostics)
