@@ -39,7 +39,8 @@ def scheduled_info(message: TaskMessage, info: dict[str, Any]) -> dict[str, Any]
 
 def broker_info(url: str, *, connect_timeout: float, heartbeat: float,
                 failover_strategy: str, alternates: list[str]) -> dict[str, Any]:
-    """kombu's ``Connection.info()`` keys (``inspect stats``' ``broker``); no password."""
+    """kombu's ``Connection.info()`` keys (``inspect stats``' ``broker``), without the
+    password, as Celery's stats drop it."""
     endpoint = Endpoint.from_url(url)
     return {
         "hostname": endpoint.host, "userid": endpoint.username,
@@ -47,7 +48,7 @@ def broker_info(url: str, *, connect_timeout: float, heartbeat: float,
         "ssl": endpoint.tls, "transport": "amqp", "connect_timeout": connect_timeout,
         "transport_options": {}, "login_method": endpoint.mechanism, "uri_prefix": None,
         "heartbeat": heartbeat, "failover_strategy": failover_strategy,
-        "alternates": alternates,
+        "alternates": alternates, "credential_provider": None,
     }
 
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ import redis
 from celery import Celery as CeleryApp
 from celery.exceptions import TaskRevokedError
 from helpers import AMQP_URL, close_celery_client
-from test_supervisor import ROOT, Book, Supervised, wait_until
+from test_supervisor import ROOT, Book, Supervised, child_env, sup_env, wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -234,3 +235,72 @@ def test_a_child_started_later_honours_earlier_revokes(
     wait_until(lambda: client.control.ping(destination=name, timeout=1.0) ==
                [{name[0]: {"ok": "pong"}}], 20, "the new child answers ping",
                sup.diagnostics)
+
+
+def test_add_and_cancel_consumer(worker: tuple[Supervised, list[str]], client: CeleryApp,
+                                 unique_name: str, book: Book) -> None:
+    sup, names = worker
+    extra = f"{unique_name}-extra"
+
+    def consumed(node: str) -> list[str]:
+        replies = client.control.inspect(destination=[node], timeout=REPLY_TIMEOUT) \
+            .active_queues() or {}
+        return [queue["name"] for queue in replies.get(node, [])]
+
+    reply = client.control.add_consumer(extra, reply=True, destination=names,
+                                        timeout=REPLY_TIMEOUT)
+    assert sorted(reply, key=lambda r: next(iter(r))) == \
+        [{name: {"ok": f"add consumer {extra}"}} for name in sorted(names)]
+    wait_until(lambda: all(consumed(name) == [unique_name, extra] for name in names), 10,
+               "both children consume the new queue", sup.diagnostics)
+    assert client.send_task("sup.noop", queue=extra).get(timeout=20) is None
+
+    reply = client.control.cancel_consumer(extra, reply=True, destination=names,
+                                           timeout=REPLY_TIMEOUT)
+    assert sorted(reply, key=lambda r: next(iter(r))) == \
+        [{name: {"ok": f"no longer consuming from {extra}"}} for name in sorted(names)]
+    assert all(consumed(name) == [unique_name] for name in names)
+    left = client.send_task("sup.noop", queue=extra)
+    assert client.send_task("sup.noop", queue=unique_name).get(timeout=20) is None
+    assert left.id not in book.started()
+
+
+def test_revoke_leaves_a_finished_result_alone(worker: tuple[Supervised, list[str]],
+                                              client: CeleryApp, unique_name: str) -> None:
+    _sup, names = worker
+    finished = client.send_task("sup.noop", queue=unique_name)
+    assert finished.get(timeout=20) is None
+    reply = client.control.revoke(finished.id, reply=True, destination=names,
+                                  timeout=REPLY_TIMEOUT)
+    assert len(reply) == 2
+    assert finished.state == "SUCCESS"  # Celery 5.7: a ready state is never overwritten
+    never_sent = client.AsyncResult(f"never-sent-{unique_name}")
+    client.control.revoke(never_sent.id, reply=True, destination=names, timeout=REPLY_TIMEOUT)
+    assert never_sent.state == "REVOKED"  # PENDING: REVOKED at once
+
+
+def test_shutdown_of_a_worker_without_supervisor(tmp_path: Path, unique_name: str,
+                                                 redis_url: str, client: CeleryApp) -> None:
+    node = f"{unique_name}@{socket.gethostname()}"
+    log_path = tmp_path / "solo.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aio_celery", "worker", "-P", "solo", "-Q", unique_name,
+             "-n", f"{unique_name}%I@%h", "tests.process.sup_tasks:app"],
+            cwd=ROOT, env=child_env(sup_env(unique_name, redis_url)),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        wait_until(lambda: client.control.ping(destination=[node], timeout=1.0) ==
+                   [{node: {"ok": "pong"}}], 30, "the solo worker answers ping",
+                   log_path.read_text)
+        reply = client.control.pool_grow(1, reply=True, destination=[node],
+                                         timeout=REPLY_TIMEOUT)
+        assert reply == [{node: {"error": "the pool cannot change size without the "
+                                          "supervisor (-P processes)"}}]
+        client.control.broadcast("shutdown", destination=[node])
+        assert process.wait(timeout=30) == 0
+        assert "Warm shutdown" in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)

@@ -13,8 +13,10 @@ import pytest
 
 from aio_celery import Celery
 from aio_celery.amqp import wire as amqpwire
-from aio_celery.control import commands, nodenames, wire
+from aio_celery.control import commands, info, nodenames, wire
 from aio_celery.control.revoked import RevokedSet
+from aio_celery.protocol import TaskMessage
+from aio_celery.quorum import QueuePlan
 
 MESSAGES = Path(__file__).resolve().parents[1] / "messages"
 
@@ -258,3 +260,54 @@ def test_merge_orders_by_time_and_trims() -> None:
     revoked.add("new", now=50.0)
     revoked.merge([("old", 10.0), ("mid", 30.0), ("older", 5.0), ("expired", -60.0)], now=50.0)
     assert revoked.ids() == ["old", "mid", "new"]
+
+
+# --- the shapes of inspect replies, against kombu's and Celery's own ------------------------
+
+def test_broker_info_has_kombus_keys_and_no_password() -> None:
+    from kombu import Connection
+
+    url = "amqp://user:s3cret@rabbit.example:5673/vhost"
+    ours = info.broker_info(url, connect_timeout=4.0, heartbeat=60.0,
+                            failover_strategy="round-robin", alternates=[])
+    theirs = Connection(url).info()
+    assert set(ours) == set(theirs) - {"password"}  # Celery's stats drop it too
+    for key in ("hostname", "userid", "virtual_host", "port", "insist", "ssl"):
+        assert ours[key] == theirs[key], key
+    assert "s3cret" not in json.dumps(ours)
+
+
+def test_request_info_has_celerys_keys() -> None:
+    from celery.worker.request import Request as CeleryRequest
+
+    message = TaskMessage(id="i-1", task="t.add", args=[1, 2], kwargs={"x": 3},
+                          argsrepr="(1, 2)", kwargsrepr="{'x': 3}")
+    delivery = {"exchange": "", "routing_key": "q", "priority": 0, "redelivered": False,
+                "queue": "q"}
+    plain = info.request_info(message, delivery, hostname="a@h", worker_pid=12,
+                              time_start=1.5, acknowledged=False, safe=False)
+    # the keys Celery's Request.info() returns, read from its code
+    celery_keys = next(c for c in CeleryRequest.info.__code__.co_consts
+                       if isinstance(c, tuple) and "worker_pid" in c)
+    assert list(plain) == list(celery_keys)
+    assert (plain["args"], plain["kwargs"]) == ([1, 2], {"x": 3})
+    assert plain["delivery_info"] == {"exchange": "", "routing_key": "q", "priority": 0,
+                                      "redelivered": False}
+    safe = info.request_info(message, delivery, hostname="a@h", worker_pid=12,
+                             time_start=1.5, acknowledged=True, safe=True)
+    assert (safe["args"], safe["kwargs"]) == ("(1, 2)", "{'x': 3}")
+    unrepr = TaskMessage(id="i-2", task="t.add", args=[1], kwargs={})
+    assert info.request_info(unrepr, delivery, hostname="a@h", worker_pid=None,
+                             time_start=None, acknowledged=False, safe=True)["args"] == "[1]"
+
+
+def test_queue_info_has_kombus_keys() -> None:
+    from kombu import Exchange, Queue
+
+    plan = QueuePlan(max_priority=10)
+    ours = info.queue_info("q", plan.queue("q"))
+    theirs = Queue("q", Exchange("q"), "q",
+                   queue_arguments={"x-max-priority": 10}).as_dict(recurse=True)
+    assert set(ours) == set(theirs)
+    assert set(ours["exchange"]) == set(theirs["exchange"])
+    assert ours["max_priority"] == 10 and ours["queue_arguments"] == {"x-max-priority": 10}
