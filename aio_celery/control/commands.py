@@ -66,6 +66,10 @@ class Node(Protocol):
 
     def conf(self) -> dict[str, Any]: ...
 
+    def hello(self, from_node: str, revoked_ids: list[str]) -> dict[str, Any] | None: ...
+
+    def clock(self) -> int: ...
+
 
 def command(name: str) -> Callable[[_C], _C]:
     def register(function: _C) -> _C:
@@ -114,6 +118,20 @@ async def active_queues(node: Node, **_: Any) -> list[dict[str, Any]]:
 @command("revoked")
 async def revoked(node: Node, **_: Any) -> list[str]:
     return node.revoked()
+
+
+@command("clock")
+async def clock(node: Node, **_: Any) -> dict[str, int]:
+    return {"clock": node.clock()}
+
+
+@command("hello")
+async def hello(node: Node, from_node: str = "", revoked: list[str] | None = None,
+                **_: Any) -> dict[str, Any] | None:
+    """Celery's mingle at a worker's start: a Celery worker starting next to ours gets our
+    revoked ids, and we take its."""
+    ids = [str(task_id) for task_id in revoked or [] if isinstance(task_id, str)]
+    return node.hello(from_node, ids)
 
 
 @command("conf")

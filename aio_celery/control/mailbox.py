@@ -69,10 +69,14 @@ class Mailbox:
                 else:
                     delay = _FAILED_DELAYS[min(failed, len(_FAILED_DELAYS) - 1)]
                     failed += 1
-                    logger.warning("Remote control mailbox %s unavailable: %s; retrying "
-                                   "in %gs", self.queue, exc, delay)
+                    # once per outage: the worker's own log already tells the broker's story
+                    log = logger.warning if failed == 1 else logger.debug
+                    log("Remote control mailbox %s unavailable: %s; retrying", self.queue,
+                        exc)
                 await asyncio.sleep(delay)
                 continue
+            if failed:
+                logger.info("Remote control mailbox %s consumed again", self.queue)
             locked = failed = 0
             reason = await connection.closed()
             self.consuming.clear()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import signal
 import time
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,9 @@ logger = logging.getLogger("aio_celery.worker")
 
 #: states a revoke overwrites with REVOKED at once (Celery 5.7's ``_revoke``)
 _REVOCABLE = frozenset({states.PENDING, states.RECEIVED, states.RETRY, "REJECTED"})
-_SECRET_WORDS = ("password", "secret", "key", "token", "url", "backend", "auth")
+#: Celery's ``HIDDEN_SETTINGS``: the settings ``inspect conf`` shows as ``********``
+_HIDDEN = re.compile("API|TOKEN|KEY|SECRET|PASS|PROFANITIES_LIST|SIGNATURE|DATABASE|"
+                     "BEAT_DBURI", re.IGNORECASE)
 
 
 class NoEvents:
@@ -99,7 +102,7 @@ class WorkerNode:
         return {
             "total": dict(worker.stats.total),
             "pid": os.getpid(),
-            "clock": str(worker.mailbox.clock if worker.mailbox else 0),
+            "clock": str(self.clock()),
             "uptime": int(time.monotonic() - self.started),
             "pool": {"implementation": "aio_celery.asyncio",
                      "max-concurrency": worker.options.concurrency,
@@ -124,21 +127,33 @@ class WorkerNode:
         return self.worker.revoked.ids()
 
     def conf(self) -> dict[str, Any]:
-        """The settings that differ from their defaults; URLs masked, secrets hidden."""
-        settings = self.app.conf.settings
+        """The settings that differ from their defaults, hidden as Celery hides them
+        (``filter_hidden_settings``), URLs without passwords."""
+        settings, default = self.app.conf.settings, Settings()
         result = {}
         for field in dataclasses.fields(Settings):
             value = getattr(settings, field.name)
-            default = Settings()
             if value == getattr(default, field.name):
                 continue
-            if isinstance(value, str) and "://" in value:
-                value = mask_url(value)
-            elif any(word in field.name for word in _SECRET_WORDS) and value is not None \
-                    and not isinstance(value, bool | int | float):
+            if _HIDDEN.search(field.name):
                 value = "********"
+            elif isinstance(value, str) and "://" in value:
+                value = mask_url(value)
             result[field.name] = value
         return result
+
+    def hello(self, from_node: str, revoked_ids: list[str]) -> dict[str, Any] | None:
+        """A starting Celery worker's mingle: take its revoked ids, give ours."""
+        if from_node == self.nodename:
+            return None
+        now = time.time()
+        self.worker.revoked.merge(((task_id, now) for task_id in revoked_ids
+                                   if not self.worker.revoked.revoked(task_id, now)), now)
+        return {"revoked": self.worker.revoked.ids(), "clock": self.clock()}
+
+    def clock(self) -> int:
+        mailbox = self.worker.mailbox
+        return mailbox.clock if mailbox is not None else 0
 
     # --- control ------------------------------------------------------------------------
 

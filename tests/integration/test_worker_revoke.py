@@ -118,3 +118,29 @@ async def test_a_process_started_later_loads_the_persisted_revokes(
     score = await app.backend.client.zscore(revoked_ids.REDIS_KEY, task_id)
     assert score is not None
     await later.stop()
+
+
+async def test_hello_exchanges_revoked_ids_with_a_starting_celery_worker(
+        app: Celery, start_worker: Any, unique_name: str) -> None:
+    handle = await start_worker(concurrency=1, hostname=f"{unique_name}@test")
+    node = node_of(handle)
+    ours, theirs = f"ours-{uuid.uuid4()}", f"theirs-{uuid.uuid4()}"
+    await node.revoke([ours], terminate=False)
+    reply = node.hello("celery@elsewhere", [theirs])
+    assert reply is not None
+    # (revokes of the run's other tests, loaded from Redis at start, come first)
+    assert reply["revoked"][-2:] == [ours, theirs]
+    assert isinstance(reply["clock"], int)
+    assert handle.worker.runner.is_revoked(theirs)
+    assert node.hello(f"{unique_name}@test", ["x"]) is None  # its own hello
+    await handle.stop()
+
+
+async def test_conf_shows_the_changed_settings_without_passwords(
+        app: Celery, start_worker: Any, unique_name: str) -> None:
+    handle = await start_worker(concurrency=1, hostname=f"{unique_name}@test")
+    conf = node_of(handle).conf()
+    assert conf["task_default_queue"] == unique_name
+    assert conf["broker_url"].startswith("amqp://guest:***@")
+    assert "worker_prefetch_multiplier" not in conf  # a default
+    await handle.stop()
