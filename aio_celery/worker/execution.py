@@ -395,7 +395,8 @@ class TaskRunner:
         return Settle.ACK
 
     def is_revoked(self, task_id: str) -> bool:
-        return self.revoked.revoked(task_id, time.time())
+        # hot path: checked twice per message; an empty set costs no clock read
+        return bool(self.revoked) and self.revoked.revoked(task_id, time.time())
 
     async def skip_revoked(self, message: TaskMessage) -> Settle:
         """A revoked task that came to run (at its receipt or its eta): not run, REVOKED

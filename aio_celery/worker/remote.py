@@ -54,7 +54,9 @@ class NoEvents:
 
 
 class WorkerNode:
-    """:class:`aio_celery.control.commands.Node` for one worker process."""
+    """:class:`aio_celery.control.commands.Node` for one worker process. ``events``: the
+    event dispatcher's side of ``enable_events``/``disable_events``/``heartbeat``
+    (:class:`NoEvents` until there is one)."""
 
     def __init__(self, worker: Worker, events: EventsControl | None = None) -> None:
         self.worker = worker

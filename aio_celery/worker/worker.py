@@ -82,8 +82,8 @@ class Worker:
         #: this process's remote control mailbox, once consuming tasks
         self.mailbox: Mailbox | None = None
         self._mailbox_task: asyncio.Task[None] | None = None
-        self._queues: list[str] = list(self.options.queues
-                                       or (app.conf.settings.task_default_queue,))
+        #: the queues consumed, once asked for (add_consumer/cancel_consumer change it)
+        self._queues: list[str] | None = None
 
     @property
     def failover(self) -> Failover:
@@ -148,7 +148,13 @@ class Worker:
     def queues(self) -> tuple[str, ...]:
         """The queues consumed: ``-Q`` (else ``task_default_queue``), changed at run time
         by remote control's ``add_consumer``/``cancel_consumer``."""
-        return tuple(self._queues)
+        return tuple(self._queue_list())
+
+    def _queue_list(self) -> list[str]:
+        if self._queues is None:
+            self._queues = list(self.options.queues
+                                or (self.app.conf.settings.task_default_queue,))
+        return self._queues
 
     @property
     def session(self) -> Session | None:
@@ -160,17 +166,19 @@ class Worker:
 
     async def add_queue(self, queue: str) -> None:
         """Consume ``queue`` too (declared as the others); kept across reconnects."""
-        if queue in self._queues:
+        queues = self._queue_list()
+        if queue in queues:
             return
-        self._queues.append(queue)
+        queues.append(queue)
         if self._session is not None:
             await self._session.add_queue(queue)
 
     async def cancel_queue(self, queue: str) -> None:
         """Stop consuming ``queue``; what was delivered from it still runs."""
-        if queue not in self._queues:
+        queues = self._queue_list()
+        if queue not in queues:
             return
-        self._queues.remove(queue)
+        queues.remove(queue)
         if self._session is not None:
             await self._session.cancel_queue(queue)
 
