@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 
 import click
 
 from aio_celery import exitcodes
+from aio_celery.control import nodenames
 from aio_celery.worker.options import WorkerOptions
 
 _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
@@ -38,7 +40,11 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("-Q", "--queues", multiple=True, callback=_queues,
               help="Queues to consume, comma separated (default: task_default_queue).")
 @click.option("-l", "--loglevel", default="INFO", show_default=True, type=_LEVELS)
-@click.option("-n", "--hostname", default=None, help="Node name (default aio_celery@HOST).")
+@click.option("-n", "--hostname", default=None,
+              help="Node name template: %h host, %n its first label, %d its domain, %i the "
+                   "child's index (0 alone), %I -INDEX (empty alone). Each child is a node "
+                   "of its own; a template without %i/%I gets -INDEX after the name part. "
+                   "Default aio_celery%I@%h: aio_celery-1@HOST, aio_celery-2@HOST...")
 @click.option("--prefetch-multiplier", type=click.IntRange(min=1), default=None,
               help="Prefetch = this x concurrency (default: worker_prefetch_multiplier).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
@@ -109,23 +115,27 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
         eta_horizon=eta_horizon, unacked_max_age=unacked_max_age,
         max_tasks=max_tasks_per_child,
         max_memory_kib=max_memory_per_child, max_task_deaths=max_task_deaths)
-    if hostname:
-        options = dataclasses.replace(options, hostname=hostname)
+    template = hostname or nodenames.DEFAULT_TEMPLATE
+    try:
+        solo_name = nodenames.expand(template, socket.gethostname())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'-n' / '--hostname'") from None
     if pool == "processes":
         sys.exit(_supervise(app, options, processes, loglevel, log_config,
-                            (heartbeat_timeout, startup_timeout), status_file))
-    sys.exit(_solo(app, options))
+                            (heartbeat_timeout, startup_timeout), status_file, template))
+    sys.exit(_solo(app, dataclasses.replace(options, hostname=solo_name)))
 
 
 def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel: str,
-               log_config: bool, timeouts: tuple[float, float], status_file: str | None) -> int:
+               log_config: bool, timeouts: tuple[float, float], status_file: str | None,
+               node_template: str) -> int:
     """``timeouts``: (heartbeat, start-up) in seconds."""
     from supervisor import ChildSpec, Supervisor, SupervisorOptions
     from supervisor.status import default_status_path
 
     count = processes or os.cpu_count() or 1
     spec = ChildSpec(app_spec=app, worker=options, loglevel=loglevel, log_config=log_config,
-                     processes=count)
+                     processes=count, node_template=node_template)
     shutdown = options.shutdown_timeout if options.shutdown_timeout is not None else 25.0
     # Children and supervisor must agree on the bound, or the supervisor would SIGKILL a
     # child in the middle of a longer warm shutdown taken from the app's settings.

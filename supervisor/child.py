@@ -14,6 +14,7 @@ import faulthandler
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -80,6 +81,8 @@ class ChildSpec:
     loglevel: str
     log_config: bool
     processes: int
+    #: the ``-n`` template each child's node name is expanded from
+    node_template: str = "aio_celery%I@%h"
 
 
 def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
@@ -180,8 +183,12 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
     except AppLoadError as exc:
         sys.stderr.write(f"Error: cannot load the app: {exc}\n")
         return exitcodes.APP_LOAD_ERROR
-    name, _, host = spec.worker.hostname.partition("@")
-    options = dataclasses.replace(spec.worker, hostname=f"{name}-{index}@{host}")
+    from aio_celery.control import nodenames
+
+    # Each child is a remote control node of its own: a name of its own (see nodenames).
+    options = dataclasses.replace(
+        spec.worker, supervisor_pid=os.getppid(),
+        hostname=nodenames.for_child(spec.node_template, socket.gethostname(), index))
     guard = Guard(options.max_task_deaths or app.conf.settings.worker_max_task_deaths,
                   poison.board, poison.seat, poison.deaths)
     return run_worker(app, options, on_tick=_ticker(beat, os.getppid()), guard=guard,

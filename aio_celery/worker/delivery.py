@@ -245,6 +245,16 @@ class Session:
             self._sweeper = asyncio.create_task(self._sweep_forever(self._max_age),
                                                 name="unacked max age sweep")
 
+    async def add_queue(self, queue: str) -> None:
+        """Declare and consume one more queue (remote control's ``add_consumer``)."""
+        await self.channel.declare(queue)
+        if self.channel.plan.quorum_mode:
+            await self._bind_delayed_delivery((queue,))
+        await self.channel.consume(queue, self._receiver(queue))
+
+    async def cancel_queue(self, queue: str) -> None:
+        await self.channel.cancel_queue(queue)
+
     async def _bind_delayed_delivery(self, queues: tuple[str, ...]) -> None:
         """Quorum mode: declare Celery's ``celery_delayed_*`` topology and bind each queue
         whose exchange is not direct, as a Celery worker does at every start (else a Celery
@@ -317,6 +327,15 @@ class Session:
     def running_tasks(self) -> set[asyncio.Task[None]]:
         return set(self._running)
 
+    def reserved(self) -> list[tuple[protocol.TaskMessage, dict[str, Any]]]:
+        """Messages received and due, waiting for a slot (``inspect reserved``)."""
+        return [(job.message, job.delivery_info) for job in self._ready]
+
+    def scheduled(self) -> list[tuple[protocol.TaskMessage, dict[str, Any]]]:
+        """Messages whose eta is still to come, waiting here (``inspect scheduled``)."""
+        return [(job.message, job.delivery_info) for job in self._waiting.values()
+                if job.held and job.message.eta is not None]
+
     # --- deliveries ----------------------------------------------------------------------
 
     def _receiver(self, queue: str) -> Callable[[Delivery], None]:
@@ -361,8 +380,12 @@ class Session:
         self._admit(job, raw)
 
     def _admit(self, job: _Job, raw: Delivery) -> None:
-        """A decoded message joins the ready queue, or waits for its eta."""
+        """A decoded message joins the ready queue, or waits for its eta; a revoked one is
+        acknowledged (it is checked again when it comes to run)."""
         message = job.message
+        if self.runner.is_revoked(message.id):
+            self._wait(job, self._discard_revoked(job), "revoked")
+            return
         delay = 0.0 if message.eta is None else \
             (message.eta - self.runner.app.now()).total_seconds()
         if delay <= 0:
@@ -538,6 +561,10 @@ class Session:
                            "(worker_max_pending_results): no new task starts until they are "
                            "recorded", self._pending)
         self._start_ready()
+
+    async def _discard_revoked(self, job: _Job) -> None:
+        settle = await self.runner.skip_revoked(job.message)
+        self._settle(job.tag, settle)
 
     async def _hold_until_due(self, job: _Job, delay: float) -> None:
         """An eta with room in the prefetch window: wait without a slot, then join the

@@ -19,6 +19,8 @@ tried once: the next state replaces them anyway.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import enum
 import functools
 import logging
@@ -33,6 +35,7 @@ from aio_celery import resultmeta, signals, states
 from aio_celery.app import Celery
 from aio_celery.canvas import Signature, send_signature
 from aio_celery.config import first_set
+from aio_celery.control.revoked import RevokedSet
 from aio_celery.exceptions import (
     BackendError,
     BrokerConnectionError,
@@ -60,12 +63,37 @@ class Settle(enum.Enum):
     REQUEUE = "requeue"  # give it back: it will run again (at-least-once)
 
 
+@dataclasses.dataclass(slots=True)
+class Active:
+    """A task whose body runs now (what ``inspect active`` lists and ``revoke
+    --terminate`` cancels)."""
+
+    message: TaskMessage
+    delivery_info: dict[str, Any]
+    time_start: float  # time.time()
+    acknowledged: bool
+    task: asyncio.Task[Any]
+    terminating: bool = False
+
+
 class TaskRunner:
     """Executes task messages for one app in one worker process."""
 
-    def __init__(self, app: Celery, hostname: str) -> None:
+    def __init__(self, app: Celery, hostname: str,
+                 revoked: RevokedSet | None = None,
+                 total: collections.Counter[str] | None = None) -> None:
         self.app = app
         self.hostname = hostname
+        #: ids revoked by remote control: skipped when they come to run
+        self.revoked = revoked if revoked is not None else RevokedSet()
+        #: the tasks whose body runs now, by id
+        self.active: dict[str, Active] = {}
+        #: tasks started, by name (``inspect stats``' ``total``)
+        self.total: collections.Counter[str] = total if total is not None \
+            else collections.Counter()
+        #: told of each revoked task skipped or terminated: (task id, terminated, expired)
+        #: (the task-revoked event, once events are wired)
+        self.on_revoked: Callable[[str, bool, bool], None] = _ignore_revoked
         settings = app.conf.settings
         self._has_backend = bool(settings.result_backend)
         self._ignore_default = settings.task_ignore_result
@@ -90,6 +118,9 @@ class TaskRunner:
             return await self._unknown(message)
         if message.expires is not None and self.app.now() >= message.expires:
             return await self._expired(task, message)
+        if self.is_revoked(message.id):
+            return await self.skip_revoked(message)
+        self.total[message.task] += 1
         request = self._context(message, delivery_info)
         request_token = current_request.set(request)
         task_token = current_task.set(task)
@@ -144,20 +175,28 @@ class TaskRunner:
         hard = first_set(message.time_limit, task.time_limit, settings.task_time_limit)
         started = time.monotonic()
         outcome: BaseException | None = None
+        active = self.active[message.id] = Active(
+            message, request.delivery_info or {}, time.time(), self.acks_early(message),
+            asyncio.current_task())  # type: ignore[arg-type]
         try:
             value = await run_with_limits(task(*message.args, **message.kwargs), soft, hard)
         except Exception as exc:
             outcome = await self._autoretry(task, request, exc)
         except asyncio.CancelledError as exc:
-            if _being_cancelled():
+            if _being_cancelled() and not active.terminating:
                 raise  # a stop or a lost connection: the session gives the message back
-            outcome = exc  # the task's own (it awaited something cancelled): a failure
+            outcome = exc  # terminated, or the task's own (it awaited something cancelled)
         except BaseException as exc:
             # SystemExit, KeyboardInterrupt, GeneratorExit raised by the task body (it
             # called sys.exit(), say) are its failure: they must not end the worker
             # (asyncio re-raises the first two out of the event loop). Our own stop
             # requests reach a task as cancellation, never as these.
             outcome = exc
+        finally:
+            if self.active.get(message.id) is active:
+                del self.active[message.id]
+        if active.terminating:  # even if the body swallowed the CancelledError
+            return await self._terminated(task, message, ignore)
         runtime = time.monotonic() - started
         settle, state = await self._conclude(task, request, message, outcome,
                                              None if outcome is not None else value, ignore,
@@ -355,6 +394,49 @@ class TaskRunner:
         await signals.task_revoked.send(sender=task, request=message, expired=True)
         return Settle.ACK
 
+    def is_revoked(self, task_id: str) -> bool:
+        # hot path: checked twice per message; an empty set costs no clock read
+        return bool(self.revoked) and self.revoked.revoked(task_id, time.time())
+
+    async def skip_revoked(self, message: TaskMessage) -> Settle:
+        """A revoked task that came to run (at its receipt or its eta): not run, REVOKED
+        stored, to be acknowledged."""
+        logger.info("Discarding revoked task: %s[%s]", message.task, message.id)
+        await self._revoked(message, "revoked", terminated=False)
+        return Settle.ACK
+
+    def terminate(self, task_id: str) -> bool:
+        """Cancel the running body of ``task_id`` (CancelledError raised at its current
+        await); its run then stores REVOKED and acknowledges it. False if it does not run."""
+        active = self.active.get(task_id)
+        if active is None or active.task.done():
+            return False
+        active.terminating = True
+        active.task.cancel()
+        return True
+
+    async def _terminated(self, task: Task, message: TaskMessage, ignore: bool) -> Settle:
+        current = asyncio.current_task()
+        if current is not None:
+            while current.cancelling():
+                current.uncancel()  # the cancellation was the terminate: consumed here
+        logger.info("Terminated task %s[%s]: stored as REVOKED", message.task, message.id)
+        await self._revoked(message, "terminated", terminated=True, store=not ignore)
+        return Settle.ACK
+
+    async def _revoked(self, message: TaskMessage, reason: str, *, terminated: bool,
+                       store: bool | None = None) -> None:
+        task = self.app.tasks.get(message.task)
+        error = resultmeta.exception_to_dict(TaskRevokedError(reason))
+        if store is None:
+            store = task is not None and not self._ignores_result(task, message)
+        if store:
+            await self._store(message, states.REVOKED, error)
+        await self._chord_part(message, states.REVOKED, error)
+        self.on_revoked(message.id, terminated, False)
+        await signals.task_revoked.send(sender=task, request=message, terminated=terminated,
+                                        signum=None, expired=False)
+
     async def retire(self, message: TaskMessage, delivery_info: dict[str, Any],
                      deaths: int) -> Settle:
         """The poison guard's end for a task that killed its worker process ``deaths`` times:
@@ -510,6 +592,10 @@ class TaskRunner:
 
 
 def _nothing() -> None:
+    pass
+
+
+def _ignore_revoked(_task_id: str, _terminated: bool, _expired: bool) -> None:
     pass
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 
@@ -11,3 +12,5 @@ class Stats:
     finished: int = 0
     #: messages rejected because they could not be decoded
     rejected: int = 0
+    #: tasks started, by name (``inspect stats``' ``total``)
+    total: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)

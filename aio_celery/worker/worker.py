@@ -16,9 +16,12 @@ import types
 from collections.abc import Callable
 
 from aio_celery import exitcodes, preflight, signals
+from aio_celery.amqp.connection import AMQPConnection
 from aio_celery.app import Celery
-from aio_celery.broker import BrokerRefused, ConsumerChannel
+from aio_celery.broker import BrokerRefused, ConsumerChannel, connect_first
 from aio_celery.config import mask_url
+from aio_celery.control import revoked
+from aio_celery.control.mailbox import Mailbox
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
 from aio_celery.failover import Failover
 from aio_celery.poison import Guard
@@ -31,6 +34,7 @@ from aio_celery.worker.execution import TaskRunner
 from aio_celery.worker.options import WorkerOptions
 from aio_celery.worker.outage import Outage
 from aio_celery.worker.rates import Limiter
+from aio_celery.worker.remote import WorkerNode
 from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
@@ -80,6 +84,13 @@ class Worker:
         self._failover: Failover | None = None
         #: the worker's publishing connection (follow-ups, retries, parks), once started
         self.publisher: WorkerPublisher | None = None
+        #: task ids revoked by remote control (loaded from the result backend at start)
+        self.revoked = revoked.RevokedSet()
+        #: this process's remote control mailbox, once consuming tasks
+        self.mailbox: Mailbox | None = None
+        self._mailbox_task: asyncio.Task[None] | None = None
+        #: the queues consumed, once asked for (add_consumer/cancel_consumer change it)
+        self._queues: list[str] | None = None
 
     @property
     def session(self) -> Session | None:
@@ -148,7 +159,37 @@ class Worker:
 
     @property
     def queues(self) -> tuple[str, ...]:
-        return self.options.queues or (self.app.conf.settings.task_default_queue,)
+        """The queues consumed: ``-Q`` (else ``task_default_queue``), changed at run time
+        by remote control's ``add_consumer``/``cancel_consumer``."""
+        return tuple(self._queue_list())
+
+    def _queue_list(self) -> list[str]:
+        if self._queues is None:
+            self._queues = list(self.options.queues
+                                or (self.app.conf.settings.task_default_queue,))
+        return self._queues
+
+    @property
+    def runner(self) -> TaskRunner | None:
+        return self._session.runner if self._session is not None else None
+
+    async def add_queue(self, queue: str) -> None:
+        """Consume ``queue`` too (declared as the others); kept across reconnects."""
+        queues = self._queue_list()
+        if queue in queues:
+            return
+        queues.append(queue)
+        if self._session is not None:
+            await self._session.add_queue(queue)
+
+    async def cancel_queue(self, queue: str) -> None:
+        """Stop consuming ``queue``; what was delivered from it still runs."""
+        queues = self._queue_list()
+        if queue not in queues:
+            return
+        queues.remove(queue)
+        if self._session is not None:
+            await self._session.cancel_queue(queue)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -219,14 +260,52 @@ class Worker:
             logger.exception("The app context (define_app_context) raised")
             raise StartupError(f"app context failed: {exc!r}") from exc
         await signals.worker_process_init.send(sender=self)
+        await self._load_revoked()
         session = await self._connect(at_startup=True)
         if session is None:  # stopped while waiting for the broker
             return
         self._session = session
+        self._start_mailbox(stack)
         if self.options.banner:
             logger.info("%s", banner(self.app, self.options, self.queues,
                                      session.prefetch_count, self.failover))
         logger.info("%s ready: consuming %s", self.options.hostname, ", ".join(self.queues))
+
+    async def _load_revoked(self) -> None:
+        """The revokes of the last 3 hours, so that a child started after them honours
+        them too (see :mod:`aio_celery.control.revoked`)."""
+        if not self.app.conf.settings.result_backend:
+            return
+        now = time.time()
+        try:
+            self.revoked.merge(await revoked.load(self.app.backend.client, now), now)
+        except Exception as exc:  # redis' own errors: a start without them, said so
+            logger.warning("Could not load the revoked task ids from the result backend "
+                           "(%r): revokes sent before this process started are not honoured",
+                           exc)
+
+    def _start_mailbox(self, stack: contextlib.AsyncExitStack) -> None:
+        self.mailbox = Mailbox(WorkerNode(self), self._control_connection)
+        self._mailbox_task = asyncio.ensure_future(self.mailbox.run())
+        stack.push_async_callback(self._stop_mailbox)
+
+    async def _control_connection(self) -> AMQPConnection:
+        settings = self.app.conf.settings
+        return await connect_first(
+            Failover(settings.broker_url, settings.broker_failover_strategy),
+            heartbeat=settings.broker_heartbeat,
+            connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()} "
+                            "remote control",
+            connection_timeout=settings.broker_connection_timeout,
+            rpc_timeout=15.0, publish_timeout=settings.broker_publish_timeout)
+
+    async def _stop_mailbox(self) -> None:
+        task, self._mailbox_task = self._mailbox_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        if self.mailbox is not None:
+            await self.mailbox.close()
 
     def _new_publisher(self) -> WorkerPublisher:
         """A second connection, for publishing only (it connects on first use): RabbitMQ
@@ -257,7 +336,8 @@ class Worker:
             plan=QueuePlan.from_settings(settings),
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
-        runner = TaskRunner(self.app, self.options.hostname)
+        runner = TaskRunner(self.app, self.options.hostname, revoked=self.revoked,
+                            total=self.stats.total)
         assert self.publisher is not None
         session = Session(channel, runner, self.options, self.stats, publisher=self.publisher,
                           on_task_done=self._on_task_done, guard=self._guard,
