@@ -51,6 +51,8 @@ class Child:
     retiring: bool = False
     #: the parent killed it (stale heartbeat): its death is not a crash
     killed: bool = False
+    #: why the parent retired or killed it, when it is replaced (see supervisor.metrics)
+    restart_cause: str | None = None
     kill_at: float | None = None
     #: it reached "ready" at least once
     was_ready: bool = False
@@ -79,12 +81,21 @@ class ChildSpec:
     loglevel: str
     log_config: bool
     processes: int
+    #: record Prometheus metrics (into the supervisor's multiprocess directory)
+    metrics: bool = False
 
 
 def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
           handled: Iterable[signal.Signals], close_fds: Iterable[int],
           poison: PoisonSeat) -> int:
     """Fork a child for slot ``index``; returns its pid (in the parent only)."""
+    return fork_process(handled, close_fds, lambda: _child_main(index, spec, beat, poison))
+
+
+def fork_process(handled: Iterable[signal.Signals], close_fds: Iterable[int],
+                 main: Callable[[], int]) -> int:
+    """Fork a process that resets what it inherited (see the module's docstring), runs
+    ``main`` and exits with its code; returns its pid (in the parent only)."""
     handled = list(handled)
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     try:
@@ -98,7 +109,7 @@ def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
     code = exitcodes.INTERNAL_ERROR
     try:
         _reset_after_fork(handled, close_fds)
-        code = _child_main(index, spec, beat, poison)
+        code = main()
     except BaseException:  # never let a child return into the parent's code
         import traceback
 
@@ -183,8 +194,13 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
     options = dataclasses.replace(spec.worker, hostname=f"{name}-{index}@{host}")
     guard = Guard(options.max_task_deaths or app.conf.settings.worker_max_task_deaths,
                   poison.board, poison.seat, poison.deaths)
+    recorder = None
+    if spec.metrics:
+        from aio_celery.metrics import PrometheusRecorder
+
+        recorder = PrometheusRecorder()  # in no registry: the exporter reads the files
     return run_worker(app, options, on_tick=_ticker(beat, os.getppid()), guard=guard,
-                      retire_signal=STOP_SIGNAL)
+                      retire_signal=STOP_SIGNAL, recorder=recorder)
 
 
 def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], None]:

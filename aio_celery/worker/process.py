@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from aio_celery import exitcodes
 from aio_celery.app import Celery
+from aio_celery.metrics import Recorder
 from aio_celery.poison import Guard
 from aio_celery.worker.options import WorkerOptions
 from aio_celery.worker.worker import Worker, install_signal_handlers
@@ -18,13 +19,15 @@ logger = logging.getLogger("aio_celery.worker")
 
 def run_worker(app: Celery, options: WorkerOptions,
                on_tick: Callable[[Worker], None] | None = None,
-               guard: Guard | None = None, retire_signal: int | None = None) -> int:
+               guard: Guard | None = None, retire_signal: int | None = None,
+               recorder: Recorder | None = None) -> int:
     """Run a worker on a fresh event loop until it stops; return its exit code.
 
     ``retire_signal``: the signal by which a supervisor asks for a warm stop (see
-    :func:`~aio_celery.worker.worker.install_signal_handlers`); None when run alone."""
+    :func:`~aio_celery.worker.worker.install_signal_handlers`); None when run alone.
+    ``recorder``: its metrics (None: off)."""
     try:
-        return asyncio.run(_serve(app, options, on_tick, guard, retire_signal))
+        return asyncio.run(_serve(app, options, on_tick, guard, retire_signal, recorder))
     except Exception:
         logger.exception("Worker crashed")
         return exitcodes.INTERNAL_ERROR
@@ -32,7 +35,7 @@ def run_worker(app: Celery, options: WorkerOptions,
 
 async def _serve(app: Celery, options: WorkerOptions,
                  on_tick: Callable[[Worker], None] | None, guard: Guard | None,
-                 retire_signal: int | None) -> int:
-    worker = Worker(app, options, on_tick=on_tick, guard=guard)
+                 retire_signal: int | None, recorder: Recorder | None) -> int:
+    worker = Worker(app, options, on_tick=on_tick, guard=guard, recorder=recorder)
     install_signal_handlers(worker, retire_signal)
     return await worker.run()
