@@ -358,3 +358,9 @@ def test_the_dashboard_queries_only_metrics_we_export() -> None:
     shown = {re.sub(r"_(bucket|count|sum)$", "", name) for name in used}
     missing = (set(WORKER_METRICS) | set(SUPERVISOR_METRICS)) - shown
     assert not missing, f"exported but on no panel: {sorted(missing)}"
+
+
+def test_the_readme_lists_every_metric_we_export() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| `(aio_celery_\w+)` \|", readme, flags=re.MULTILINE))
+    assert listed == set(WORKER_METRICS) | set(SUPERVISOR_METRICS)
