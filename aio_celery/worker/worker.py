@@ -35,7 +35,8 @@ logger = logging.getLogger("aio_celery.worker")
 
 #: the broker closes connections with this code when it shuts down (a restart, say)
 CONNECTION_FORCED = 320
-#: seconds between two samples of the in-flight and prefetched gauges
+#: seconds between two samples of the in-flight and prefetched gauges (and two flushes of
+#: the per-task counts)
 METRICS_SAMPLE_PERIOD = 1.0
 
 
@@ -158,6 +159,7 @@ class Worker:
         finally:
             for task in background:
                 task.cancel()
+            self.metrics.flush()
 
     async def _tick(self) -> None:
         while True:
@@ -165,14 +167,15 @@ class Worker:
             await asyncio.sleep(1.0)
 
     async def _sample_metrics(self) -> None:
-        """The gauges are sampled, not kept up to date at every delivery: the hot path
-        stays one counter and two histograms per task."""
+        """The gauges are sampled, and the per-task counts written, once a second: the hot
+        path only adds to plain dicts (see :class:`aio_celery.metrics.PrometheusRecorder`)."""
         while True:
             session = self._session
             if session is None:
                 self.metrics.sample(0, 0)
             else:
                 self.metrics.sample(session.running, session.prefetched)
+            self.metrics.flush()
             await asyncio.sleep(METRICS_SAMPLE_PERIOD)
 
     def _beat(self) -> None:

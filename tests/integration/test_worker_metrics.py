@@ -1,6 +1,7 @@
 """A worker's metrics recorder on real deliveries: tasks by outcome, the queue wait of an
 eta task, broker reconnects and result-store retries (through TCP proxies the test cuts
-and pauses), and the sampled gauges."""
+and pauses), and the sampled gauges. Per-task counts reach the metrics at the worker's
+flush, once a second: the tests wait for them."""
 
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ async def test_a_lost_broker_connection_counts_one_reconnect(
     assert _value(registry, "aio_celery_broker_reconnects_total") == 1
     result = await app.send_task("metrics.add", (2, 3))
     assert await result.get(timeout=15) == 5
-    assert _value(registry, "aio_celery_tasks_total", task="metrics.add",
-                  outcome="succeeded") == 1
+    await eventually(lambda: _value(registry, "aio_celery_tasks_total", task="metrics.add",
+                                    outcome="succeeded") == 1, what="the task counted")
     assert await handle.stop() == exitcodes.OK
 
 

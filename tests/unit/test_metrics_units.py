@@ -58,6 +58,8 @@ def test_tasks_are_counted_by_name_and_outcome_with_their_runtime(
     recorder.task_done("proj.add", metrics.FAILED, 3.0)
     recorder.task_done(metrics.UNKNOWN_TASK, metrics.REJECTED, None)
     ok = {"task": "proj.add", "outcome": "succeeded"}
+    assert _sample(registry, "aio_celery_tasks_total", **ok) == 0  # written by flush()
+    recorder.flush()
     assert _sample(registry, "aio_celery_tasks_total", **ok) == 2
     assert _sample(registry, "aio_celery_tasks_total", task="proj.add", outcome="failed") == 1
     assert _sample(registry, "aio_celery_tasks_total", task="unknown", outcome="rejected") == 1
@@ -85,11 +87,44 @@ def test_queue_wait_runs_from_delivery_or_from_the_eta(
     # an eta tasks starts a little early (a holding queue's TTL): no negative wait
     recorder.task_started("proj.add", time.monotonic(), now + datetime.timedelta(seconds=1),
                           clock)
+    recorder.flush()
     assert _sample(registry, "aio_celery_task_queue_wait_seconds_count", task="proj.add") == 3
     total = _sample(registry, "aio_celery_task_queue_wait_seconds_sum", task="proj.add")
     assert 42.0 <= total < 43.0
     assert _sample(registry, "aio_celery_task_queue_wait_seconds_bucket", task="proj.add",
                    le="0.001") == 1
+
+
+@pytest.mark.parametrize("values", [
+    [0.0, 0.001, 0.0010001, 0.3, 7.0, 3600.0, 99999.0],  # on, between and past the bounds
+    [0.02] * 5,
+    [],
+])
+def test_a_flush_writes_what_observe_would_have(values: list[float]) -> None:
+    """The flush adds to the histogram's bucket values itself (prometheus_client has no
+    bulk observe()): what it writes must be what observe() writes, value by value."""
+    direct, batched = CollectorRegistry(), CollectorRegistry()
+    recorder = PrometheusRecorder(batched)
+    reference = PrometheusRecorder(direct)
+    for value in values:
+        recorder.task_done("proj.add", metrics.SUCCEEDED, value)
+        reference._runtime.labels("proj.add").observe(value)
+    recorder.task_done("proj.add", metrics.SUCCEEDED, 1.0)  # one more, in a second flush
+    recorder.flush()
+    recorder.task_done("proj.add", metrics.SUCCEEDED, 1.0)
+    recorder.flush()
+    reference._runtime.labels("proj.add").observe(1.0)
+    reference._runtime.labels("proj.add").observe(1.0)
+
+    def runtimes(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+        return {(sample.name, sample.labels.get("le", "")): sample.value
+                for family in registry.collect()
+                if family.name == "aio_celery_task_runtime_seconds"
+                for sample in family.samples if not sample.name.endswith("_created")}
+
+    assert runtimes(batched) == pytest.approx(runtimes(direct))
+    assert _sample(batched, "aio_celery_tasks_total", task="proj.add",
+                   outcome="succeeded") == len(values) + 2
 
 
 def test_gauges_and_counters(registry: CollectorRegistry, recorder: PrometheusRecorder) -> None:
@@ -170,6 +205,7 @@ async def test_the_runner_records_each_outcome(worker_app: Celery,
     assert await runner.run(TaskMessage(id="3", task="m.nope"), info) is Settle.REJECT
     assert await runner.run(TaskMessage(id="4", task="m.ok", expires=past), info) is Settle.ACK
     assert await runner.retire(TaskMessage(id="5", task="m.made-up"), info, 3) is Settle.REJECT
+    runner.metrics.flush()
     counts = {(labels["task"], labels["outcome"]): value
               for family in registry.collect() if family.name == "aio_celery_tasks"
               for name, labels, value, *_ in family.samples if name.endswith("_total")}
