@@ -337,7 +337,7 @@ class Supervisor:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
-            if self._metrics.reaped(pid, code):
+            if self._metrics.reaped(pid, describe_exit(code), bool(self._stopping)):
                 continue
             record = self.children.pop(pid, None)
             if record is None:

@@ -79,8 +79,9 @@ class NoMetrics:
                  close_fds: Iterable[int]) -> None:
         """Fork the exporter if it is not running (and its restart delay is over)."""
 
-    def reaped(self, pid: int, code: int) -> bool:
-        """True if ``pid`` was the exporter (then it is forked again later)."""
+    def reaped(self, pid: int, how: str, stopping: bool) -> bool:
+        """True if ``pid`` was the exporter (``how`` it exited); it is forked again later
+        unless everything is ``stopping`` (a Ctrl-C reaches it too)."""
         return False
 
     def child_exited(self, pid: int) -> None:
@@ -149,13 +150,16 @@ class PrometheusMetrics(NoMetrics):
                                               lambda: _export(listener, directory))
         logger.debug("Started the metrics exporter (pid %d)", self.exporter)
 
-    def reaped(self, pid: int, code: int) -> bool:
+    def reaped(self, pid: int, how: str, stopping: bool) -> bool:
         if pid != self.exporter:
             return False
         self.exporter = None
+        if stopping:
+            logger.info("The metrics exporter (pid %d) exited: %s", pid, how)
+            return True
         self._exporter_due = time.monotonic() + EXPORTER_RESTART_DELAY
         logger.error("The metrics exporter (pid %d) exited (%s): starting it again in %.0fs",
-                     pid, code, EXPORTER_RESTART_DELAY)
+                     pid, how, EXPORTER_RESTART_DELAY)
         return True
 
     def child_exited(self, pid: int) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -42,6 +43,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples that carry ``labels`` (0 if there are none)."""
     wanted = set(labels.items())
     return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
+
+
+def exporter_pid(supervisor: int) -> int:
+    listing = subprocess.run(["ps", "-o", "pid=,cmd=", "--ppid", str(supervisor)],
+                             capture_output=True, text=True, check=False).stdout
+    [pid] = [int(line.split()[0]) for line in listing.splitlines()
+             if "aio_celery metrics exporter" in line]
+    return pid
 
 
 def scraped_or_nothing(port: int) -> Samples:
@@ -97,6 +106,16 @@ def test_one_metrics_endpoint_counts_every_childs_tasks_and_the_restarts(
     assert value(samples, "aio_celery_tasks_total") == len(ids)
     wait_until(lambda: value(scraped_or_nothing(port), "aio_celery_children_alive") == 2, 5,
                "two children alive again", sup.diagnostics)
+
+    # The exporter is supervised too: killed, it is forked again and serves the same sums.
+    exporter = exporter_pid(sup.pid)
+    os.kill(exporter, signal.SIGKILL)
+    sup.wait_for_log(rf"metrics exporter \(pid {exporter}\) exited \(killed by SIGKILL\): "
+                     "starting it again", 10)
+    samples = wait_until(lambda: scraped_or_nothing(port), 10, "/metrics answers again",
+                         sup.diagnostics)
+    assert value(samples, "aio_celery_tasks_total") == len(ids)
+    assert exporter_pid(sup.pid) != exporter
 
     assert sup.stop() == exitcodes.OK, sup.diagnostics()
     with pytest.raises((urllib.error.URLError, ConnectionError)):
