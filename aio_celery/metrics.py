@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import datetime
 import importlib.util
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -223,4 +224,5 @@ def serve_solo(port: int, bind: str) -> PrometheusRecorder:
     from prometheus_client import REGISTRY, start_http_server
 
     start_http_server(port, bind, registry=REGISTRY)
+    logging.getLogger("aio_celery.worker").info("Metrics on http://%s:%d/metrics", bind, port)
     return PrometheusRecorder(REGISTRY)

@@ -136,3 +136,22 @@ def test_a_metrics_port_in_use_stops_the_start_with_one_line(
     log = sup.log
     assert f"Cannot serve metrics on 127.0.0.1 port {port}" in log, log
     assert "Started child" not in log, log
+
+
+def test_a_solo_worker_serves_its_own_metrics(
+        supervise: Callable[..., Supervised], unique_name: str, redis_url: str) -> None:
+    port = free_port()
+    solo = supervise("-P", "solo", "--metrics-port", str(port), "--metrics-bind", "127.0.0.1")
+    solo.wait_for_log(rf"Metrics on http://127\.0\.0\.1:{port}/metrics")
+    solo.wait_for_log(r"ready: consuming")
+    publish(unique_name, redis_url, [("metrics.ok", (0.01,))] * 3 + [("metrics.fail", (0,))])
+
+    def counted() -> Samples | None:
+        samples = scraped_or_nothing(port)
+        return samples if value(samples, "aio_celery_tasks_total") == 4 else None
+
+    samples = wait_until(counted, 20, "/metrics counts the four tasks", solo.diagnostics)
+    assert value(samples, "aio_celery_tasks_total", task="metrics.fail", outcome="failed") == 1
+    # prometheus_client's default registry: its process collector is there too
+    assert value(samples, "process_resident_memory_bytes") > 0
+    assert solo.stop() == exitcodes.OK, solo.diagnostics()
