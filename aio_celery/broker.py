@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -530,7 +531,8 @@ async def connect_first(failover: Failover, *, heartbeat: int, connection_name: 
     """An :class:`AMQPConnection` to the first URL of ``failover`` that answers, in its
     order (``broker_failover_strategy``), which is then the URL in use;
     :class:`BrokerRefused` when trying again cannot help (login refused, vhost missing or
-    forbidden, an unusable URL), else BrokerConnectionError naming each URL tried."""
+    forbidden, an unusable URL, a TLS certificate not trusted), else BrokerConnectionError
+    naming each URL tried."""
     failures = []
     for url in failover.order():
         try:
@@ -555,6 +557,14 @@ async def _connect(url: str, heartbeat: int, connection_name: str, connection_ti
                                     connect_timeout=connection_timeout,
                                     rpc_timeout=rpc_timeout, publish_timeout=publish_timeout)
         await connection.connect()
+    except ssl.SSLCertVerificationError as exc:
+        # before ValueError, which it also is; the same CA and host name give the same
+        # verdict on every try
+        raise BrokerRefused(
+            f"cannot connect to broker {mask_url(url)}: its TLS certificate is not trusted "
+            f"({describe_error(exc)}). Check cafile/capath in broker_url (the CA that signed "
+            "the broker's certificate) and that the host name is one the certificate names; "
+            "no_verify_ssl=1 turns verification off.") from exc
     except ValueError as exc:
         raise BrokerRefused(f"cannot use broker_url {mask_url(url)}: {exc}") from exc
     except (TimeoutError, OSError) as exc:

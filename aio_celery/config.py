@@ -86,6 +86,9 @@ class Settings:
     task_time_limit: float | None = None
     #: aio-celery acknowledges after the task ran by default (Celery's default is False)
     task_acks_late: bool = True
+    #: the rate limit of every task that sets none ("10/s", "100/m", "1000/h", a number per
+    #: second; None: no limit), per worker (all its processes together)
+    task_default_rate_limit: str | int | float | None = None
     task_track_started: bool = False
     #: base for autoretry/``retry()`` without countdown, per task ``default_retry_delay``
     task_default_retry_delay: float = 180.0
@@ -98,6 +101,8 @@ class Settings:
     #: a task whose worker process died this many times while it ran is retired: FAILURE
     #: WorkerLostError stored, message rejected to the queue's dead-letter exchange
     worker_max_task_deaths: int = DEFAULT_MAX_TASK_DEATHS
+    #: ignore every rate limit (Celery's setting): tasks start as soon as a slot is free
+    worker_disable_rate_limits: bool = False
     #: finished tasks that may wait, per worker process, for the result backend or the
     #: broker to take their result, chord part or follow-up messages (their messages stay
     #: unacknowledged meanwhile); no new task starts while this many wait

@@ -16,6 +16,7 @@ from aio_celery.config import BACKEND_SCHEMES, BROKER_SCHEMES, Settings, mask_ur
 from aio_celery.exceptions import ConfigurationError
 from aio_celery.failover import STRATEGIES
 from aio_celery.quorum import QueuePlan
+from aio_celery.ratelimit import parse_rate
 
 if TYPE_CHECKING:
     from aio_celery.worker.options import WorkerOptions
@@ -31,6 +32,10 @@ def check(settings: Settings, options: WorkerOptions | None = None) -> None:
             f"{', '.join(map(repr, STRATEGIES))}")
     QueuePlan.from_settings(settings).check()
     RetryPolicy.from_settings(settings.task_publish_retry, settings.task_publish_retry_policy)
+    try:
+        parse_rate(settings.task_default_rate_limit)
+    except ValueError as exc:
+        raise ConfigurationError(f"task_default_rate_limit: {exc}") from None
     if options is not None:
         _check_max_age(settings, options)
     if settings.result_backend:

@@ -16,6 +16,7 @@ from aio_celery.exceptions import (
     PublishRefusedError,
     Retry,
 )
+from aio_celery.ratelimit import parse_rate
 
 if TYPE_CHECKING:
     from aio_celery.app import Celery
@@ -97,6 +98,10 @@ class Task:
     priority: int | None = None
     acks_late: bool | None = None
     track_started: bool | None = None
+    #: Celery's: at most this many of these tasks start per second, minute or hour in one
+    #: worker (all its processes together): "10/s", "100/m", "1000/h", or a number (per
+    #: second); None: ``task_default_rate_limit``; 0: no limit (see the README)
+    rate_limit: str | int | float | None = None
 
     def __init__(self, fn: TaskFunction, *, name: str, app: Celery | None = None,
                  bind: bool = False, **options: Any) -> None:
@@ -106,6 +111,11 @@ class Task:
             if not hasattr(Task, key) or key.startswith("_"):
                 raise TypeError(f"task {name!r}: unknown task option {key!r}")
             setattr(self, key, value)
+        if self.rate_limit is not None:
+            try:
+                parse_rate(self.rate_limit)
+            except ValueError as exc:
+                raise ValueError(f"task {name!r}: {exc}") from None
         if isinstance(self.autoretry_for, type):
             self.autoretry_for = (self.autoretry_for,)
         self.fn = fn

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from aio_celery import exitcodes
 from aio_celery.poison import DeathTable, RunningBoard, key_text
+from aio_celery.ratelimit import SharedRates
 from supervisor import child as children
 from supervisor import heartbeat
 from supervisor import metrics as restarts
@@ -92,6 +93,9 @@ class Supervisor:
         # inherits them (see aio_celery.poison).
         self._board: RunningBoard | None = None
         self._deaths: DeathTable | None = None
+        # The rate limits' buckets, shared likewise: a limit holds for all the children
+        # together, as Celery's for all the processes of one worker (aio_celery.ratelimit).
+        self._rates: SharedRates | None = None
         self._metrics = NoMetrics()
         self.notifier = Notifier()
 
@@ -125,6 +129,7 @@ class Supervisor:
         # child gets a board of its own (its siblings then cannot see what it ran).
         self._board = RunningBoard(2 * self.target + 2, spec.worker.concurrency)
         self._deaths = DeathTable()
+        self._rates = SharedRates()
         logger.info("Supervisor pid %d starting %d children for %s", os.getpid(), self.target,
                     spec.app_spec)
         try:
@@ -283,7 +288,8 @@ class Supervisor:
             spec = dataclasses.replace(spec, processes=self.target)
         poison = self._take_seat()
         try:
-            pid = children.spawn(index, spec, beat, HANDLED, others, poison)
+            assert self._rates is not None
+            pid = children.spawn(index, spec, beat, HANDLED, others, poison, self._rates)
         except BaseException:
             self._free_seat(poison)
             raise
@@ -583,7 +589,7 @@ class Supervisor:
     def _cleanup(self) -> None:
         for record in self.children.values():
             record.beat.close()
-        for table in (self._board, self._deaths):
+        for table in (self._board, self._deaths, self._rates):
             if table is not None:
                 table.close()
         if self._beat_dir:

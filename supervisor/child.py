@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from aio_celery import exitcodes
 from aio_celery.poison import DeathTable, Guard, RunningBoard
+from aio_celery.ratelimit import SharedRates
 from supervisor import heartbeat
 
 if TYPE_CHECKING:
@@ -87,9 +88,10 @@ class ChildSpec:
 
 def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
           handled: Iterable[signal.Signals], close_fds: Iterable[int],
-          poison: PoisonSeat) -> int:
+          poison: PoisonSeat, rates: SharedRates) -> int:
     """Fork a child for slot ``index``; returns its pid (in the parent only)."""
-    return fork_process(handled, close_fds, lambda: _child_main(index, spec, beat, poison))
+    return fork_process(handled, close_fds,
+                        lambda: _child_main(index, spec, beat, poison, rates))
 
 
 def fork_process(handled: Iterable[signal.Signals], close_fds: Iterable[int],
@@ -175,7 +177,7 @@ def _load_only(spec: ChildSpec) -> int:
 
 
 def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
-                poison: PoisonSeat) -> int:
+                poison: PoisonSeat, rates: SharedRates) -> int:
     from aio_celery import logs
     from aio_celery.loader import AppLoadError, load_app
     from aio_celery.worker.process import run_worker
@@ -200,7 +202,7 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
 
         recorder = PrometheusRecorder()  # in no registry: the exporter reads the files
     return run_worker(app, options, on_tick=_ticker(beat, os.getppid()), guard=guard,
-                      retire_signal=STOP_SIGNAL, recorder=recorder)
+                      retire_signal=STOP_SIGNAL, rates=rates, recorder=recorder)
 
 
 def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], None]:

@@ -136,7 +136,7 @@ async def start_worker(app: Celery) -> AsyncIterator[Callable[..., Awaitable[Wor
         # see "ready" before a first task can block the loop), a moment before the session
         # is the worker's: tests use both.
         while (worker.consuming is None or not worker.consuming.is_set()
-               or worker._session is None):
+               or worker.session is None):
             if task.done():
                 raise RuntimeError(f"worker exited during start-up with {task.result()}")
             await asyncio.sleep(0.01)

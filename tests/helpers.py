@@ -204,7 +204,8 @@ def close_celery_client(app: Any) -> None:
 
 class FakeBroker:
     """Speaks just enough AMQP on a local socket: the handshake, then whatever the test
-    sends; every frame the client sends is kept (decoded by pamqp)."""
+    sends; every frame the client sends is kept (decoded by pamqp). Declarations, binds and
+    ``basic.consume`` are answered; other requests wait for the test's answer."""
 
     def __init__(self) -> None:
         self.received: list[Any] = []
@@ -225,8 +226,12 @@ class FakeBroker:
             await self._server.wait_closed()
 
     def send(self, method: Any, channel: int = 0) -> None:
+        self.write(frame.marshal(method, channel))
+
+    def write(self, data: bytes) -> None:
+        """Send raw bytes: frames as the test builds them, bad ones too."""
         assert self._writer is not None
-        self._writer.write(frame.marshal(method, channel))
+        self._writer.write(data)
 
     def methods(self, kind: type) -> list[Any]:
         return [m for m in self.received if isinstance(m, kind)]
@@ -264,3 +269,5 @@ class FakeBroker:
         reply = replies.get(type(method))
         if reply is not None:
             self.send(*reply)
+        elif isinstance(method, commands.Basic.Consume):  # deliveries use the client's tag
+            self.send(commands.Basic.ConsumeOk(consumer_tag=method.consumer_tag), 1)

@@ -10,6 +10,8 @@
     await proxy.close()
 
 ``accepted`` counts the connections accepted so far (a reconnect shows up as a new one).
+With ``recording`` set, ``traffic`` keeps each chunk forwarded: ``(loop time, upstream,
+bytes)``, upstream true for client -> server.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class TcpProxy:
         self._pumps: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self.recording = False
+        self.traffic: list[tuple[float, bool, bytes]] = []
 
     @property
     def listening(self) -> bool:
@@ -62,8 +66,8 @@ class TcpProxy:
             return
         pair = (client_writer, upstream_writer)
         self._pairs.add(pair)
-        pumps = [asyncio.create_task(self._pump(client_reader, upstream_writer)),
-                 asyncio.create_task(self._pump(upstream_reader, client_writer))]
+        pumps = [asyncio.create_task(self._pump(client_reader, upstream_writer, True)),
+                 asyncio.create_task(self._pump(upstream_reader, client_writer, False))]
         self._pumps.update(pumps)
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -76,10 +80,14 @@ class TcpProxy:
             _abort(client_writer)
             _abort(upstream_writer)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    upstream: bool) -> None:
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
                 await self._flowing.wait()  # stalled: held here, neither sent nor dropped
+                if self.recording:
+                    self.traffic.append((loop.time(), upstream, data))
                 writer.write(data)
                 await writer.drain()
 

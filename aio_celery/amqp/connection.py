@@ -2,10 +2,13 @@
 
 aiormq reads each of the three frames of a delivery through a stream lock, a ``BytesIO``,
 pamqp's generic decoder and two queues, then starts a task per message; for a worker that
-runs no-op tasks that was more than half of its CPU. Here deliveries are cut straight out of
-the socket buffer by :mod:`aio_celery.amqp.wire` and handed to a plain callback, and acks
-are single ``write`` calls. The rare methods (handshake, declarations, consume, cancel) are
-encoded and decoded by pamqp.
+runs no-op tasks that was more than half of its CPU. Here the bytes read go to the sans-I/O
+:class:`~aio_celery.amqp.reader.FrameReader`, which cuts deliveries straight out of its
+buffer (:mod:`aio_celery.amqp.wire`) and calls back; each goes to its consumer's plain
+callback, and acks are single ``write`` calls. The rare methods (handshake, declarations,
+consume, cancel) are encoded and decoded by pamqp. This module is the I/O around the
+reader: the socket (paused while held deliveries pile up), heartbeats, requests and their
+replies, publisher confirms.
 
 One channel, in confirm mode, so that a republished message is known to be queued before
 the original is acked. Lost connections are not repaired here: :meth:`AMQPConnection.closed`
@@ -35,7 +38,8 @@ from pamqp import commands, exceptions, frame
 
 from aio_celery import __version__
 from aio_celery.amqp import wire as amqpwire
-from aio_celery.amqp.wire import Deliver, Properties, WireError
+from aio_celery.amqp.reader import Delivery, FrameReader
+from aio_celery.amqp.wire import WireError
 from aio_celery.config import BROKER_SCHEMES, url_problem
 
 logger = logging.getLogger(__name__)
@@ -50,8 +54,8 @@ CHANNEL_MAX = 2047
 #: takes seconds, but bounded, so that start-up, reconnect and shutdown never hang
 RPC_TIMEOUT = 15.0
 _PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
-#: while deliveries are held, stop reading the socket once this much is buffered
-_PAUSE_READING_AT = 65536
+#: while deliveries are held, stop reading the socket once this many bytes are buffered
+PAUSE_READING_AT = 65536
 _CAPABILITIES = {
     "publisher_confirms": True,
     "consumer_cancel_notify": True,
@@ -81,29 +85,11 @@ class Returned(Exception):
     """The broker returned a ``mandatory`` message: no queue took it (the text says why)."""
 
 
-@dataclass(slots=True)
-class Delivery:
-    """One message delivered to a consumer. ``properties`` is None when they could not be
-    decoded; ``problem`` then says why (the message is still handed over, so that its
-    owner can reject it rather than lose the connection over it)."""
-
-    deliver: Deliver
-    properties: Properties | None
-    body: bytes
-    problem: str | None = None
-
+__all__ = ["CHANNEL", "CHANNEL_MAX", "FRAME_MAX", "MECHANISMS", "PAUSE_READING_AT",
+           "RPC_TIMEOUT", "AMQPConnection", "ConnectionClosed", "Delivery", "DeliveryCallback",
+           "Endpoint", "Nacked", "Returned", "aio_pika_url"]
 
 DeliveryCallback = Callable[[Delivery], None]
-
-
-@dataclass(slots=True)
-class _Incoming:
-    deliver: Deliver | None  # None: the content of a basic.return, to be dropped
-    properties: Properties | None = None
-    problem: str | None = None
-    size: int = -1  # -1 until the content header arrives
-    received: int = 0
-    chunks: list[bytes] = field(default_factory=list)
 
 
 #: ``no_verify_ssl`` values that turn certificate verification off (any other value that
@@ -221,24 +207,6 @@ def aio_pika_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def _control_frame_end(buffer: bytearray, pos: int) -> int:
-    """Where the first complete frame from ``pos`` on that is a method other than
-    ``basic.deliver`` ends (a close from the broker, a consumer cancel, a reply), or ``pos``
-    if there is none: held deliveries must not hide those."""
-    start, size = pos, len(buffer)
-    head = amqpwire.FRAME_HEAD.unpack_from
-    while size - pos >= 8:
-        kind, _, length = head(buffer, pos)
-        end = pos + 7 + length
-        if end >= size:
-            break
-        if kind == amqpwire.FRAME_METHOD and length >= 4 and \
-                amqpwire.METHOD_ID.unpack_from(buffer, pos + 7) != amqpwire.BASIC_DELIVER:
-            return int(end) + 1
-        pos = end + 1
-    return start
-
-
 class AMQPConnection(asyncio.Protocol):
     """An AMQP connection and its one channel. Inert until :meth:`connect`."""
 
@@ -263,8 +231,7 @@ class AMQPConnection(asyncio.Protocol):
         self._consumer_queues: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._held = False
+        self._reader = self._new_reader()
         self._reading_paused = False
         self._ended: asyncio.Future[str] | None = None
         self._rpc_lock = asyncio.Lock()
@@ -272,7 +239,6 @@ class AMQPConnection(asyncio.Protocol):
         #: replies still to come for requests whose callers gave up waiting (cancelled)
         self._abandoned_replies = 0
         self._consumers: dict[str, DeliveryCallback] = {}
-        self._incoming: _Incoming | None = None
         self._published = 0
         self._confirms: dict[int, asyncio.Future[None]] = {}
         #: the exchange and routing key of each mandatory publish not yet confirmed
@@ -308,13 +274,24 @@ class AMQPConnection(asyncio.Protocol):
     @property
     def buffered(self) -> int:
         """Bytes received and not yet handed over (held deliveries, a partial frame)."""
-        return len(self._buffer)
+        return self._reader.buffered
+
+    @property
+    def held(self) -> bool:
+        """Deliveries are held back (:meth:`hold`, until :meth:`release`)."""
+        return self._reader.held
+
+    @property
+    def consumers(self) -> dict[str, str]:
+        """The queue of each consumer started and not cancelled, by consumer tag."""
+        return dict(self._consumer_queues)
 
     async def connect(self) -> None:
         """Connect, log in, open the channel in confirm mode; ConnectionClosed or OSError if
         that cannot be done within ``connect_timeout``."""
         self._loop = asyncio.get_running_loop()
         self._ended = self._loop.create_future()
+        self._reader = self._new_reader()
         self._unblocked = asyncio.Event()
         self._unblocked.set()
         try:
@@ -361,8 +338,11 @@ class AMQPConnection(asyncio.Protocol):
         return await asyncio.shield(self._ended)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Close politely (``connection.close``, wait for its ok), then drop the socket."""
-        if self.is_open:
+        """Close politely (``connection.close``, wait for its ok), then drop the socket. A
+        connection the broker blocked is dropped at once: RabbitMQ reads nothing more from
+        it until the alarm ends, the close included, so waiting would only cost the
+        timeout (a worker's shutdown during an alarm)."""
+        if self.is_open and self.blocked is None:
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await asyncio.wait_for(self._call(
                     commands.Connection.Close(reply_code=200, reply_text="Normal shutdown",
@@ -385,56 +365,33 @@ class AMQPConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         assert self._loop is not None
         self._last_received = self._loop.time()
-        self._buffer += data
-        self._parse()
+        self._parse(data)
 
-    def _parse(self) -> None:
-        """Handle every complete frame in the buffer. While deliveries are held, stop at the
-        next message boundary, unless a reply or confirm is due or a control frame (a close,
-        a consumer cancel) waits behind them: those are read through, deliveries and all."""
-        if self._transport is None:  # ended: nothing read now can be acted upon
-            return
-        buffer = self._buffer
-        size = len(buffer)
-        pos = 0
-        control_end = 0
-        head = amqpwire.FRAME_HEAD.unpack_from
+    def _new_reader(self) -> FrameReader:
+        return FrameReader(self._delivered, self._method, awaiting=self._awaiting_broker)
+
+    def _parse(self, data: bytes = b"") -> None:
+        """Feed the reader (it reads nothing once the connection has ended); a stream it
+        cannot read, or an answer that cannot be written, ends the connection."""
         try:
-            while size - pos >= 8:
-                if self._held and pos >= control_end and self._incoming is None \
-                        and not self._awaiting_broker():
-                    control_end = _control_frame_end(buffer, pos)
-                    if pos >= control_end:
-                        break
-                kind, channel, length = head(buffer, pos)
-                end = pos + 7 + length
-                if end >= size:
-                    break
-                if buffer[end] != amqpwire.FRAME_END:
-                    raise WireError(f"frame of type {kind} does not end with 0xCE")
-                payload = bytes(buffer[pos + 7:end])
-                pos = end + 1
-                self._frame(kind, channel, payload)
-                if self._transport is None:
-                    return
+            self._reader.feed(data)
         except (ValueError, struct.error, exceptions.PAMQPException) as exc:
-            # WireError is a ValueError; pamqp raises UnmarshalingException on a method it does
-            # not know; struct.error on a method frame too short for its ids. The stream is lost
+            # WireError is a ValueError: the reader's, or a reply nobody asked for. The
+            # others would be a bug in an answer to a method, as fatal
             self._abort(f"unreadable frame from the broker: {exc}")
             return
         except ConnectionError as exc:  # an answer could not be written: the socket is gone
             self._abort(str(exc))
             return
-        del buffer[:pos]
         self._pause_if_held()
 
     def _pause_if_held(self) -> None:
         """Stop reading the socket once enough held bytes are buffered. Only where holding
-        stopped the parse (a message boundary, nothing awaited): a paused socket would never
-        bring the rest of a frame, a reply or a confirm."""
-        if self._held and self._incoming is None and not self._awaiting_broker() \
-                and not self._reading_paused and len(self._buffer) > _PAUSE_READING_AT \
-                and self._transport is not None:
+        stopped the reader (a message boundary, nothing awaited): a paused socket would
+        never bring the rest of a frame, a reply or a confirm."""
+        reader = self._reader
+        if reader.held and not self._reading_paused and reader.buffered > PAUSE_READING_AT \
+                and reader.holding and self._transport is not None:
             self._transport.pause_reading()
             self._reading_paused = True
 
@@ -448,12 +405,12 @@ class AMQPConnection(asyncio.Protocol):
     def hold(self) -> None:
         """Stop handing over deliveries for now: the owner has enough waiting. What arrives
         stays in the buffer as wire bytes, and past a limit stays in the socket."""
-        self._held = True
+        self._reader.hold()
 
     def release(self) -> None:
         """Hand over deliveries again, starting with those held back."""
-        if self._held:
-            self._held = False
+        if self._reader.held:
+            self._reader.release()
             self._parse_soon()
 
     def _resume_reading(self) -> None:
@@ -468,65 +425,25 @@ class AMQPConnection(asyncio.Protocol):
         inside a delivery callback)."""
         assert self._loop is not None
         self._resume_reading()
-        if self._buffer:
+        if self._reader.buffered:
             self._loop.call_soon(self._parse)
 
     # --- incoming frames ----------------------------------------------------------------
 
-    def _frame(self, kind: int, channel: int, payload: bytes) -> None:
-        if kind == amqpwire.FRAME_METHOD:
-            if amqpwire.METHOD_ID.unpack_from(payload) == amqpwire.BASIC_DELIVER:
-                if self._incoming is not None:
-                    raise WireError("basic.deliver before the previous message's content")
-                self._incoming = _Incoming(amqpwire.decode_deliver(payload))
-            else:
-                self._method(channel, payload)
-        elif kind == amqpwire.FRAME_HEADER:
-            self._content_header(payload)
-        elif kind == amqpwire.FRAME_BODY:
-            incoming = self._incoming
-            if incoming is None or incoming.size < 0:
-                raise WireError("content body without a delivery")
-            incoming.chunks.append(payload)
-            incoming.received += len(payload)
-            if incoming.received >= incoming.size:
-                self._deliver(incoming)
-        elif kind != amqpwire.FRAME_HEARTBEAT:
-            raise WireError(f"unknown frame type {kind}")
-
-    def _content_header(self, payload: bytes) -> None:
-        incoming = self._incoming
-        if incoming is None or incoming.size >= 0:
-            raise WireError("content header without a delivery")
-        incoming.size = amqpwire.content_header_body_size(payload)
-        try:
-            incoming.properties = amqpwire.decode_properties(payload, 12)
-        except WireError as exc:
-            incoming.problem = str(exc)
-        if incoming.size == 0:
-            self._deliver(incoming)
-
-    def _deliver(self, incoming: _Incoming) -> None:
-        self._incoming = None
-        chunks = incoming.chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        deliver = incoming.deliver
-        if deliver is None:
-            return
+    def _delivered(self, delivery: Delivery) -> None:
+        deliver = delivery.deliver
         callback = self._consumers.get(deliver.consumer_tag)
         if callback is None:  # cannot happen: tags are registered before consuming starts
             logger.error("Delivery for unknown consumer %s: requeued", deliver.consumer_tag)
             self.reject(deliver.delivery_tag, requeue=True)
             return
         try:
-            callback(Delivery(deliver, incoming.properties, body, incoming.problem))
+            callback(delivery)
         except Exception:
             logger.exception("Delivery callback of consumer %s failed (delivery tag %d)",
                              deliver.consumer_tag, deliver.delivery_tag)
 
-    def _method(self, channel: int, payload: bytes) -> None:
-        wire = amqpwire.FRAME_HEAD.pack(amqpwire.FRAME_METHOD, channel, len(payload))
-        _, _, method = frame.unmarshal(wire + payload + b"\xce")
+    def _method(self, channel: int, method: Any) -> None:
         if isinstance(method, commands.Basic.Ack):
             self._confirmed(method.delivery_tag, method.multiple, None)
         elif isinstance(method, commands.Basic.Nack):
@@ -542,9 +459,8 @@ class AMQPConnection(asyncio.Protocol):
             self._unblocked_by_broker()
         elif isinstance(method, commands.Channel.Flow):
             self._write(frame.marshal(commands.Channel.FlowOk(active=method.active), channel))
-        elif isinstance(method, commands.Basic.Return):
+        elif isinstance(method, commands.Basic.Return):  # (the reader drops its content)
             self._returned_by_broker(method)
-            self._incoming = _Incoming(None)  # its content frames follow: dropped
         else:
             self._replied(method)
 
@@ -651,8 +567,7 @@ class AMQPConnection(asyncio.Protocol):
             self._heartbeat_timer.cancel()
             self._heartbeat_timer = None
         self._consumers.clear()
-        self._incoming = None
-        self._buffer.clear()
+        self._reader.close()
         self._abandoned_replies = 0
         self._mandatory.clear()
         self._returned.clear()
@@ -726,7 +641,7 @@ class AMQPConnection(asyncio.Protocol):
             try:
                 self._write(raw if raw is not None else frame.marshal(method, channel))
                 sent = True
-                if self._held:  # the reply may be queued behind held deliveries
+                if self._reader.held:  # the reply may be queued behind held deliveries
                     self._parse_soon()
                 answer = await future
             finally:
@@ -779,7 +694,7 @@ class AMQPConnection(asyncio.Protocol):
                                                          routing_key=routing_key,
                                                          mandatory=mandatory), CHANNEL)
                     + amqpwire.content_frames(CHANNEL, body, properties, self.frame_max))
-        if self._held:  # the confirm may be queued behind held deliveries
+        if self._reader.held:  # the confirm may be queued behind held deliveries
             self._parse_soon()
         await confirm
 

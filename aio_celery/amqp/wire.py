@@ -11,6 +11,7 @@ Celery message carries ~19 headers, so that cost dominated both publishing and c
 * Decoding (the worker) reads every field type RabbitMQ sends, to the values pamqp would
   give, and the frames of the hot path: ``basic.deliver``, content header and body, and
   ``basic.ack``/``basic.reject``/``basic.nack``. Both are tested against pamqp (``tests/unit``).
+  :mod:`aio_celery.amqp.reader` cuts those frames out of the byte stream and assembles them.
 """
 
 from __future__ import annotations

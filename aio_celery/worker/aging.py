@@ -14,7 +14,8 @@ arrives, and a periodic sweep, not per-message work, compares the stamps with
 ``worker_unacked_max_age``:
 
 * a message still waiting to start (in the ready queue, held back undecoded by the
-  connection's back-pressure, or waiting in memory for its eta) is given back to the queue
+  connection's back-pressure, or waiting in memory for its eta or its rate limit's token)
+  is given back to the queue
   before it gets that old. RabbitMQ hands it to a consumer with room, another worker if one
   is free; if none is, it comes back here with a fresh stamp and is given back again one
   max age later: one return per prefetched message per max age (with the defaults, 3
@@ -84,7 +85,7 @@ def problem(max_age: float | None, eta_horizon: float) -> str | None:
 
 def log_returned(count: int, waiting: int, max_age: float, running: int,
                  concurrency: int) -> None:
-    etas = f" ({waiting} of them waiting for their eta)" if waiting else ""
+    etas = f" ({waiting} of them waiting for their eta or rate limit)" if waiting else ""
     logger.warning(
         "Gave back %d message(s) that waited unstarted%s for nearly worker_unacked_max_age "
         "(%.0fs) while %d of %d slots ran: RabbitMQ hands them to a free consumer, or back "

@@ -14,6 +14,14 @@ without requeue); only the decoded message is kept, not the wire bytes. Then:
   largest power of two seconds not past its eta (it comes back no later than due, and
   waits here or is parked again; one that is due within a second may run up to a second
   late when the window has no room for it);
+* a message of a rate-limited task (:mod:`aio_celery.worker.rates`) that cannot take its
+  token at once waits for it without a slot, in its task type's line, unacknowledged, in
+  the same part of the prefetch window as the etas. When that part is full (or its token
+  is beyond the eta horizon) and its wait is a second or more, it is parked like an eta
+  due then: it comes back to the queue's tail, and the messages behind it get through (a
+  flood of one rate-limited task never takes the ``concurrency`` places kept for ready
+  messages). An eta that falls due takes its token in the same way, in the place it
+  already holds;
 * a message that is due joins the ready queue; whenever one of the ``concurrency`` slots is
   free the next one starts in an asyncio task of its own, runs, its result is stored, then
   the delivery is acknowledged: finished prefixes with one ``multiple`` ack per loop turn.
@@ -66,6 +74,7 @@ from aio_celery.worker import aging
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.execution import Settle, TaskRunner
 from aio_celery.worker.options import WorkerOptions
+from aio_celery.worker.rates import Limiter, Line
 from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
@@ -89,6 +98,10 @@ _COUNT_POLL = 0.02
 #: a park that failed is tried again after this many seconds, doubling up to PARK_MAX_RETRY
 PARK_FIRST_RETRY = 1.0
 PARK_MAX_RETRY = 60.0
+
+#: a rate-limited message that finds no room in the window waits in memory anyway if its
+#: token is due sooner than this: a holding queue could not bring it back any sooner
+RATE_PARK_MIN = 1.0
 
 
 def horizon_ms(horizon: float) -> int:
@@ -144,6 +157,7 @@ class _Job:
     board_slot: int = -1  # where the poison guard's running board shows it running
     aged: bool = False  # the aging sweep gave it back (while waiting) or warned (running)
     held: bool = False  # counted in Session._held (an eta waiting here, a park retried)
+    rate_until: float = 0.0  # time.monotonic() before which its token will not come (parks)
 
 
 @dataclasses.dataclass
@@ -159,16 +173,18 @@ class Session:
                  stats: Stats, on_task_done: Callable[[], None], *,
                  publisher: WorkerPublisher, guard: Guard | None = None,
                  max_pending_results: int = Settings.worker_max_pending_results,
-                 unacked_max_age: float | None = None) -> None:
+                 unacked_max_age: float | None = None, limiter: Limiter | None = None) -> None:
         """``max_pending_results``: no task starts while this many finished ones wait for
         the backend or the broker (the runner reports them: wire its ``on_waiting`` to
         :meth:`task_pending`). ``unacked_max_age``: see :mod:`aio_celery.worker.aging`
         (None: no sweep). ``publisher``: where parks go, and the declarations they need
-        (a connection other than ``channel``'s)."""
+        (a connection other than ``channel``'s). ``limiter``: the rate limits (None: off,
+        ``worker_disable_rate_limits``)."""
         self.channel = channel
         self.publisher = publisher
         guard = guard or Guard(DEFAULT_MAX_TASK_DEATHS)
         self._guard = guard
+        self._limiter = limiter
         self._seat = guard.seat
         self.runner = runner
         self.options = options
@@ -274,6 +290,27 @@ class Session:
         return len(self._ready) + len(self._waiting)
 
     @property
+    def ready(self) -> int:
+        """Deliveries ready to run, waiting for a free slot."""
+        return len(self._ready)
+
+    @property
+    def free_slots(self) -> int:
+        """Slots of ``concurrency`` free now (a task whose result waits gives its up)."""
+        return self._free_slots
+
+    @property
+    def pending_results(self) -> int:
+        """Finished tasks waiting for the result backend or the broker (their follow-ups);
+        none starts while ``worker_max_pending_results`` wait."""
+        return self._pending
+
+    @property
+    def outcome(self) -> StopOutcome:
+        """How many deliveries were given back unstarted and tasks cancelled, so far."""
+        return dataclasses.replace(self._outcome)
+
+    @property
     def busy(self) -> bool:
         return bool(self._ready or self._waiting or self._running or len(self._tracker))
 
@@ -340,6 +377,10 @@ class Session:
         delay = 0.0 if message.eta is None else \
             (message.eta - self.runner.app.now()).total_seconds()
         if delay <= 0:
+            line = self._rate_line(job)
+            if line is not None and not line.try_now():
+                self._wait_for_rate(job, raw, line)
+                return
             self._ready.append(job)
             self._start_ready()
             if len(self._ready) >= _HOLD_AT:
@@ -349,6 +390,34 @@ class Session:
         else:  # the wire bytes are not kept while it waits: only parking needs them
             self._count_held(job)  # now: the next delivery of this read must see it
             self._wait(job, self._hold_until_due(job, delay), "eta")
+
+    def _rate_line(self, job: _Job) -> Line | None:
+        """The line of a rate-limited task (None: it is not; nor is a message the poison
+        guard retires: it does not run)."""
+        if self._limiter is None or job.verdict is Verdict.RETIRE:
+            return None
+        return self._limiter.line(job.message.task)
+
+    def _wait_for_rate(self, job: _Job, raw: Delivery, line: Line) -> None:
+        """Wait here (counted with the etas) if the window has room and the token comes
+        within the eta horizon (so the aging sweep does not give it back), or if it comes
+        too soon for a park to help; else park it until about then."""
+        expected = line.expected_wait()
+        if expected < RATE_PARK_MIN or (self._held < self._eta_room
+                                        and expected <= self.options.eta_horizon):
+            self._count_held(job)  # now: the next delivery of this read must see it
+            self._wait(job, self._hold_for_rate(job, line), "rate")
+        else:
+            job.rate_until = time.monotonic() + expected
+            self._wait(job, self._park(job, raw), "park")
+
+    async def _hold_for_rate(self, job: _Job, line: Line) -> None:
+        """Wait for the token without a slot, then join the ready queue."""
+        self._count_held(job)
+        await line.wait_turn()
+        self._uncount_held(job)
+        self._ready.append(job)
+        self._start_ready()
 
     def _judge(self, job: _Job, headers: dict[str, Any] | None,
                count_pending: bool = True) -> bool:
@@ -491,6 +560,9 @@ class Session:
         ready queue."""
         self._count_held(job)
         await asyncio.sleep(delay)
+        line = self._rate_line(job)
+        if line is not None and not line.try_now():
+            await line.wait_turn()  # in the place it holds in the window
         self._uncount_held(job)
         self._ready.append(job)
         self._start_ready()
@@ -530,8 +602,10 @@ class Session:
                     await asyncio.sleep(retry_in)
                     retry_in = min(retry_in * 2, PARK_MAX_RETRY)
                     continue
-                logger.info("Task %s[%s] is due in %.0fs: parked in %s", job.message.task,
-                            job.message.id, self._until_due(job), parking.where)
+                logger.info("Task %s[%s] %s %.0fs: parked in %s", job.message.task,
+                            job.message.id, "waits for its rate limit for about"
+                            if job.rate_until else "is due in", self._until_due(job),
+                            parking.where)
                 return
         finally:
             self._uncount_held(job)
@@ -603,8 +677,12 @@ class Session:
         await self._hold_until_due(job, remaining)
 
     def _until_due(self, job: _Job) -> float:
+        """Seconds until its eta, or until its token (a rate-limited message parked)."""
+        rate = job.rate_until - time.monotonic()
         eta = job.message.eta
-        return 0.0 if eta is None else max(0.0, (eta - self.runner.app.now()).total_seconds())
+        if eta is None:
+            return max(0.0, rate)
+        return max(0.0, rate, (eta - self.runner.app.now()).total_seconds())
 
     # --- aging: RabbitMQ's consumer_timeout (see aging) ----------------------------------
 

@@ -24,11 +24,13 @@ from aio_celery.failover import Failover
 from aio_celery.poison import Guard
 from aio_celery.publisher import WorkerPublisher
 from aio_celery.quorum import QueuePlan
+from aio_celery.ratelimit import SharedRates
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
 from aio_celery.worker.execution import TaskRunner
 from aio_celery.worker.options import WorkerOptions
 from aio_celery.worker.outage import Outage
+from aio_celery.worker.rates import Limiter
 from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
@@ -53,13 +55,14 @@ class Worker:
 
     def __init__(self, app: Celery, options: WorkerOptions | None = None, *,
                  on_tick: Callable[[Worker], None] | None = None,
-                 guard: Guard | None = None,
+                 guard: Guard | None = None, rates: SharedRates | None = None,
                  recorder: metrics.Recorder | None = None) -> None:
         """``on_tick(worker)`` is called from the event loop about once a second while the
         worker runs (the supervisor's heartbeat: it proves the loop is not blocked).
         ``guard``: the supervisor's poison guard tables (default: ``x-delivery-count``
-        only, for a worker without a supervisor). ``recorder``: where metrics go (default:
-        nowhere, see :mod:`aio_celery.metrics`)."""
+        only, for a worker without a supervisor). ``rates``: the supervisor's rate limit
+        buckets, shared by its children (default: this process's own). ``recorder``: where
+        metrics go (default: nowhere, see :mod:`aio_celery.metrics`)."""
         self.app = app
         self.options = options or WorkerOptions()
         self.metrics = recorder or metrics.Recorder()
@@ -67,6 +70,10 @@ class Worker:
         self._guard = guard or Guard(self.options.max_task_deaths
                                      or app.conf.settings.worker_max_task_deaths)
         self.stats = Stats()
+        #: None with worker_disable_rate_limits; kept across sessions (a reconnect does not
+        #: refill the buckets)
+        self.limiter = None if app.conf.settings.worker_disable_rate_limits else \
+            Limiter(app, rates)
         self._stop_requested: asyncio.Event | None = None
         self._cold = False
         self._stop_requests = 0  # request_stop() calls: the second one is cold
@@ -79,6 +86,12 @@ class Worker:
         self._failover: Failover | None = None
         #: the worker's publishing connection (follow-ups, retries, parks), once started
         self.publisher: WorkerPublisher | None = None
+
+    @property
+    def session(self) -> Session | None:
+        """The broker session: the one consuming now, a new one after each reconnect (the
+        lost one stays here, abandoned, until then); None until the first is open."""
+        return self._session
 
     @property
     def failover(self) -> Failover:
@@ -272,7 +285,8 @@ class Worker:
         session = Session(channel, runner, self.options, self.stats, publisher=self.publisher,
                           on_task_done=self._on_task_done, guard=self._guard,
                           max_pending_results=settings.worker_max_pending_results,
-                          unacked_max_age=self.options.max_age(settings.worker_unacked_max_age))
+                          unacked_max_age=self.options.max_age(settings.worker_unacked_max_age),
+                          limiter=self.limiter)
         runner.on_waiting = session.task_pending  # a finished task waits: its slot is free
         assert self.consuming is not None
         try:

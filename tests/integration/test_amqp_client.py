@@ -12,7 +12,7 @@
   once unblocked. RabbitMQ blocks only under a resource alarm, which would block every
   publisher of the shared test broker (other test runs included), so a fake server on a
   local socket speaks the handshake and sends the frames: what is under test is our parser
-  and publish path;
+  and publish path (``test_memory_alarm`` raises a real alarm on a node of its own);
 * a queue deleted under a running worker: RabbitMQ cancels the consumer, the worker logs it,
   declares the queue again and consumes it.
 """

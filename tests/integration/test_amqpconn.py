@@ -17,11 +17,15 @@ Pinned here:
 * ``hold()``/``release()``: deliveries stop at a message boundary (a message being read is
   finished first), reading pauses past 64 KiB, a request still gets its reply (bodies past
   64 KiB too) and a publish its confirm, everything arrives after ``release()``;
-* heartbeats (one per half interval) keep an idle connection alive, and RabbitMQ does drop
-  one that sends none;
+* heartbeats (one per half interval, seen through a recording proxy) keep an idle
+  connection alive, and RabbitMQ does drop one that sends none;
 * ``close()`` is polite and idempotent;
-* the frame parser, without a broker: any split of the byte stream gives the same
-  deliveries, a bad frame end or an unreadable method frame ends the connection.
+* the connection around its frame reader, on a fake broker that sends the test's bytes: a
+  bad frame end or an unreadable method frame ends the connection (what came before is
+  handed over, a pending request fails), held deliveries pause reading until released, a
+  reply gets through held deliveries, a return fails the publish it belongs to. The reader
+  itself (any split, holding at a boundary, control frames) is tested without I/O in
+  ``tests/unit/test_amqp_reader.py``.
 """
 
 from __future__ import annotations
@@ -40,14 +44,15 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from helpers import ready_count
+from helpers import FakeBroker, eventually, ready_count, stays
 from pamqp import body as pamqp_body
 from pamqp import commands, frame
 from pamqp import header as pamqp_header
+from tcp_proxy import TcpProxy
 
 from aio_celery.amqp import wire as amqpwire
 from aio_celery.amqp.connection import (
-    _PAUSE_READING_AT,
+    PAUSE_READING_AT,
     AMQPConnection,
     ConnectionClosed,
     Delivery,
@@ -491,6 +496,7 @@ async def test_qos_limits_and_cancel_stops_deliveries(
     await asyncio.wait_for(conn.qos(2), TIMEOUT)
     collector = Collector()
     tag = await asyncio.wait_for(conn.consume(unique_name, collector), TIMEOUT)
+    assert conn.consumers == {tag: unique_name}
     await collector.until(2)
     await nothing_more(collector, 2, 0.2)
     conn.ack(2, multiple=True)
@@ -498,7 +504,7 @@ async def test_qos_limits_and_cancel_stops_deliveries(
     assert [d.body for d in collector.deliveries] == [b"m0", b"m1", b"m2", b"m3"]
 
     await asyncio.wait_for(conn.cancel(tag), TIMEOUT)
-    assert tag not in conn._consumers
+    assert conn.consumers == {}
     conn.ack(4, multiple=True)
     await nothing_more(collector, 4, 0.2)  # the fifth stays in the queue
     assert conn.is_open
@@ -507,13 +513,14 @@ async def test_qos_limits_and_cancel_stops_deliveries(
 
 
 async def test_a_cancelled_request_does_not_take_the_next_reply(
-        conn: AMQPConnection, unique_name: str) -> None:
+        conn: AMQPConnection, channel: AbstractChannel, unique_name: str) -> None:
     await asyncio.wait_for(conn.queue_declare(unique_name, durable=False), TIMEOUT)
     # A request given up after it was sent (a timeout, a cancelled task): its reply still comes.
-    abandoned = asyncio.ensure_future(conn.queue_declare(unique_name, passive=True))
+    # (It declares a queue of its own: the queue's existence shows that it was sent.)
+    sent = unique_name + "-sent"
+    abandoned = asyncio.ensure_future(conn.queue_declare(sent, durable=False))
     queued = asyncio.ensure_future(conn.qos(3))  # waits its turn: never sent
     await asyncio.sleep(0)
-    assert conn._reply is not None and not conn._reply.done()  # queue.declare is on its way
     abandoned.cancel()
     queued.cancel()
     for task in (abandoned, queued):
@@ -530,6 +537,7 @@ async def test_a_cancelled_request_does_not_take_the_next_reply(
     await asyncio.sleep(0.1)
     assert conn.is_open and not ended.done()
     ended.cancel()
+    assert (await channel.declare_queue(sent, passive=True)).name == sent  # it was sent
 
 
 # --- the broker ending things -----------------------------------------------------------------
@@ -611,8 +619,7 @@ async def test_hold_and_release(conn: AMQPConnection, amqp: AbstractConnection,
     while not conn.reading_paused:  # the bytes keep coming until 64 KiB wait
         assert time.monotonic() < deadline, "reading never paused"
         await asyncio.sleep(0.01)
-    assert conn.buffered > _PAUSE_READING_AT
-    assert conn._incoming is None and conn._buffer[0] == 1  # a basic.deliver is next
+    assert conn.buffered > PAUSE_READING_AT and conn.held
     await asyncio.sleep(0.2)
     assert len(received) == hold_at
     check(received)
@@ -754,7 +761,7 @@ async def test_broker_ending_things_behind_held_deliveries_is_seen_while_held(
     reason = await asyncio.wait_for(conn.closed(), 2)
     assert "cancelled consumer" in reason and tag in reason
     assert not conn.is_open
-    assert conn._held  # seen without a release
+    assert conn.held  # seen without a release
 
 
 async def test_heartbeats_read_a_paused_connection_while_held(
@@ -791,7 +798,7 @@ async def test_heartbeats_read_a_paused_connection_while_held(
         await channel.queue_delete(unique_name)
         reason = await asyncio.wait_for(conn.closed(), 2.5)
         assert "cancelled consumer" in reason
-        assert conn._held
+        assert conn.held
     finally:
         await conn.close()
 
@@ -799,94 +806,112 @@ async def test_heartbeats_read_a_paused_connection_while_held(
 # --- heartbeats -------------------------------------------------------------------------------
 
 
-async def test_heartbeats_keep_an_idle_connection(amqp_url: str, unique_name: str,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    url = amqp_url + ("&" if "?" in amqp_url else "?") + "heartbeat=1"
-    alive = await connected(url)
-    silent = await connected(amqp_url, heartbeat=1)
+def through(proxy: TcpProxy, url: str) -> str:
+    """``url`` by way of ``proxy`` (same credentials, vhost and query)."""
+    parts = urlsplit(url)
+    netloc = f"{parts.username or 'guest'}:{parts.password or 'guest'}@{proxy.listen_host}" \
+             f":{proxy.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+async def silent_login(url: str, heartbeat: int) -> None:
+    """Log in with pamqp's frames, agree on ``heartbeat``, then send nothing at all (no
+    heartbeat either); return once the broker has closed the socket."""
+    endpoint = Endpoint.from_url(url)
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    buffer = b""
+
+    async def receive(kind: type) -> Any:
+        nonlocal buffer
+        while True:
+            consumed, _, method = frame.unmarshal(buffer) if len(buffer) >= 8 else (0, 0, None)
+            if consumed:
+                buffer = buffer[consumed:]
+                if isinstance(method, kind):
+                    return method
+                continue
+            data = await reader.read(65536)
+            assert data, "the broker closed the connection during the handshake"
+            buffer += data
+
     try:
-        assert alive.heartbeat == 1 and silent.heartbeat == 1
+        writer.write(b"AMQP\x00\x00\x09\x01")
+        await receive(commands.Connection.Start)
+        mechanism, response = endpoint.login()
+        writer.write(frame.marshal(commands.Connection.StartOk(
+            client_properties={"connection_name": "aio-celery test_amqpconn silent"},
+            mechanism=mechanism, response=response, locale="en_US"), 0))
+        tune = await receive(commands.Connection.Tune)
+        writer.write(frame.marshal(commands.Connection.TuneOk(
+            channel_max=tune.channel_max, frame_max=tune.frame_max, heartbeat=heartbeat), 0)
+            + frame.marshal(commands.Connection.Open(virtual_host=endpoint.vhost), 0))
+        await receive(commands.Connection.OpenOk)
+        with contextlib.suppress(ConnectionResetError):  # RabbitMQ resets it
+            while await reader.read(65536):  # the broker's heartbeats, then the end
+                pass
+    finally:
+        writer.close()
+
+
+async def test_heartbeats_keep_an_idle_connection(amqp_url: str, unique_name: str,
+                                                  proxy: TcpProxy) -> None:
+    """Seen on the wire (a recording proxy): one heartbeat every half interval, and the
+    broker's arrive. The control: a login that sends no heartbeats is dropped."""
+    proxy.recording = True
+    url = through(proxy, amqp_url)
+    alive = await connected(url + ("&" if "?" in url else "?") + "heartbeat=1")
+    silent = asyncio.ensure_future(silent_login(amqp_url, heartbeat=1))
+    try:
+        assert alive.heartbeat == 1
         loop = asyncio.get_running_loop()
-        beats: list[float] = []
-        write = alive._write
-
-        def recording(data: bytes) -> None:
-            if data == amqpwire.HEARTBEAT:
-                beats.append(loop.time())
-            write(data)
-
-        monkeypatch.setattr(alive, "_write", recording)
-        # The control: a connection that sends no heartbeats is dropped by the broker.
-        assert silent._heartbeat_timer is not None
-        silent._heartbeat_timer.cancel()
         started = loop.time()
         await asyncio.sleep(3.5)
         assert alive.is_open
+        beats = [when for when, upstream, data in proxy.traffic if upstream and when > started
+                 for _ in range(data.count(HEARTBEAT))]
         # one every half interval (the broker drops a client silent for ~3 intervals)
         assert len(beats) >= 5
         assert max(b - a for a, b in zip([started, *beats], beats, strict=False)) < 0.8
-        assert loop.time() - alive._last_received < 1.5  # the broker's heartbeats arrive
+        heard = [when for when, upstream, data in proxy.traffic
+                 if not upstream and HEARTBEAT in data]
+        assert heard and loop.time() - heard[-1] < 1.5  # the broker's heartbeats arrive
         declared = await asyncio.wait_for(alive.queue_declare(unique_name, durable=False), 1)
         assert declared.queue == unique_name
         assert await asyncio.wait_for(alive.qos(3), 1) is None
-        reason = await asyncio.wait_for(silent.closed(), 1)
-        assert reason != "closed"
-        assert not silent.is_open
+        await asyncio.wait_for(silent, 1)  # the control was dropped by then
     finally:
+        silent.cancel()
         await alive.close()
-        await silent.close()
 
 
-# --- the parser, without a broker -------------------------------------------------------------
+# --- the connection around its reader, on a fake broker ---------------------------------------
+# (the reader itself, fed bytes: tests/unit/test_amqp_reader.py)
 
 
-class FakeTransport(asyncio.Transport):
-    """Just enough of a transport for :class:`AMQPConnection` to write to and pause."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-        self.closing = False
-        self.paused = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written.append(bytes(data))
-
-    def close(self) -> None:
-        self.closing = True
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeBroker]:
+    broker = FakeBroker()
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.close()
 
 
-def wired(callback: Any, tag: str = "ctag") -> tuple[AMQPConnection, FakeTransport]:
-    """A connection as :meth:`AMQPConnection.connect` leaves it, on a fake transport."""
-    connection = AMQPConnection("amqp://unused/")
-    loop = asyncio.get_running_loop()
-    connection._loop = loop
-    connection._ended = loop.create_future()
-    connection._unblocked = asyncio.Event()
-    connection._unblocked.set()
-    transport = FakeTransport()
-    connection.connection_made(transport)
-    connection._consumers[tag] = callback
-    return connection, transport
+@pytest.fixture
+async def fake_conn(fake: FakeBroker) -> AsyncIterator[AMQPConnection]:
+    connection = await connected(f"amqp://guest:guest@127.0.0.1:{fake.port}/")
+    try:
+        yield connection
+    finally:
+        await asyncio.wait_for(connection.close(), TIMEOUT)
 
 
 def message_frames(delivery_tag: int, body: bytes, properties: commands.Basic.Properties, *,
-                   redelivered: bool = False, exchange: str = "", routing_key: str = "q",
-                   body_frame: int = 131064, consumer_tag: str = "ctag") -> bytes:
+                   consumer_tag: str, body_frame: int = 131064) -> bytes:
     frames = [
         frame.marshal(commands.Basic.Deliver(consumer_tag=consumer_tag,
-                                             delivery_tag=delivery_tag,
-                                             redelivered=redelivered, exchange=exchange,
-                                             routing_key=routing_key), 1),
+                                             delivery_tag=delivery_tag, routing_key="q"), 1),
         frame.marshal(pamqp_header.ContentHeader(0, len(body), properties), 1),
     ]
     frames += [frame.marshal(pamqp_body.ContentBody(body[i:i + body_frame]), 1)
@@ -894,190 +919,119 @@ def message_frames(delivery_tag: int, body: bytes, properties: commands.Basic.Pr
     return b"".join(frames)
 
 
-def bad_headers_message(delivery_tag: int) -> bytes:
-    """A delivery whose headers table holds a value of an unknown type ('Z')."""
-    table = b"\x01kZ"
-    properties = (1 << 13).to_bytes(2, "big") + len(table).to_bytes(4, "big") + table
-    payload = (60).to_bytes(2, "big") + b"\x00\x00" + (3).to_bytes(8, "big") + properties
-    content_header = b"\x02\x00\x01" + len(payload).to_bytes(4, "big") + payload + b"\xce"
-    return (frame.marshal(commands.Basic.Deliver(consumer_tag="ctag", delivery_tag=delivery_tag,
-                                                 routing_key="q"), 1)
-            + content_header + frame.marshal(pamqp_body.ContentBody(b"bad"), 1))
-
-
 HEARTBEAT = amqpwire.HEARTBEAT
 
 
-async def test_parser_gives_the_same_deliveries_for_any_split() -> None:
-    stream = b"".join([
-        message_frames(1, b"hello", commands.Basic.Properties(
-            content_type="application/json", headers={"a": 1, "s": "x", "n": None},
-            correlation_id="c1", delivery_mode=2)),
-        HEARTBEAT,
-        message_frames(2, b"", commands.Basic.Properties(), redelivered=True, exchange="ex",
-                       routing_key="rk"),
-        message_frames(3, bytes(range(256)) + b"tail", commands.Basic.Properties(priority=3),
-                       body_frame=100),
-        bad_headers_message(4),
-        HEARTBEAT,
-    ])
-    expected_deliver = [
-        Deliver("ctag", 1, False, "", "q"), Deliver("ctag", 2, True, "ex", "rk"),
-        Deliver("ctag", 3, False, "", "q"), Deliver("ctag", 4, False, "", "q")]
-
-    whole = Collector()
-    connection, transport = wired(whole)
-    connection.data_received(stream)
-    reference = whole.deliveries
-    assert [d.deliver for d in reference] == expected_deliver
-    assert [d.body for d in reference] == [b"hello", b"", bytes(range(256)) + b"tail", b"bad"]
-    first = reference[0].properties
-    assert first is not None
-    assert (first.content_type, first.headers, first.correlation_id, first.delivery_mode) == \
-        ("application/json", {"a": 1, "s": "x", "n": None}, "c1", 2)
-    assert reference[1].properties == Properties()
-    assert reference[2].properties is not None and reference[2].properties.priority == 3
-    # unreadable properties: the message is still handed over, with the reason
-    assert reference[3].properties is None
-    assert reference[3].problem is not None and "unknown field type" in reference[3].problem
-    assert connection.is_open and transport.written == [] and not connection._buffer
-
-    for cut in range(len(stream) + 1):
-        collector = Collector()
-        connection, _ = wired(collector)
-        connection.data_received(stream[:cut])
-        connection.data_received(stream[cut:])
-        assert collector.deliveries == reference, f"split at byte {cut}"
-        assert connection.is_open and not connection._buffer and connection._incoming is None
-
+async def test_a_bad_frame_end_ends_the_connection(fake: FakeBroker,
+                                                   fake_conn: AMQPConnection) -> None:
     collector = Collector()
-    connection, _ = wired(collector)
-    for byte in range(len(stream)):
-        connection.data_received(stream[byte:byte + 1])
-    assert collector.deliveries == reference
-
-
-async def test_parser_ends_on_a_bad_frame_end() -> None:
-    collector = Collector()
-    connection, transport = wired(collector)
-    good = message_frames(1, b"fine", commands.Basic.Properties())
-    connection.data_received(good + b"\x08\x00\x00\x00\x00\x00\x00\x00" + good)
-    reason = await asyncio.wait_for(connection.closed(), 1)
-    assert "does not end with 0xCE" in reason
+    tag = await asyncio.wait_for(fake_conn.consume("q", collector), TIMEOUT)
+    good = message_frames(1, b"fine", commands.Basic.Properties(), consumer_tag=tag)
+    fake.write(good + b"\x08\x00\x00\x00\x00\x00\x00\x00" + good)
+    reason = await asyncio.wait_for(fake_conn.closed(), TIMEOUT)
+    assert reason == "unreadable frame from the broker: frame of type 8 does not end with 0xCE"
     assert [d.body for d in collector.deliveries] == [b"fine"]  # what came before counts
-    assert transport.closing and not connection.is_open
+    assert not fake_conn.is_open and fake_conn.buffered == 0
     with pytest.raises(ConnectionClosed, match="0xCE"):
-        connection.ack(1)
-
-    collector = Collector()
-    connection, transport = wired(collector)
-    connection.data_received(good[:-1] + b"\x00")  # the body frame's end is wrong
-    assert "does not end with 0xCE" in await asyncio.wait_for(connection.closed(), 1)
-    assert collector.deliveries == [] and transport.closing
+        fake_conn.ack(1)
 
 
 @pytest.mark.parametrize("payload", [
     pytest.param(b"\x00\x63\x00\x63", id="unknown-method"),  # 99.99: pamqp knows no such method
     pytest.param(b"\x00\x3c", id="too-short"),  # a class id and no method id
 ])
-async def test_parser_ends_on_an_unreadable_method(payload: bytes) -> None:
+async def test_an_unreadable_method_ends_the_connection(
+        fake: FakeBroker, fake_conn: AMQPConnection, payload: bytes) -> None:
     collector = Collector()
-    connection, transport = wired(collector)
-    reply = connection._reply = asyncio.get_running_loop().create_future()
-    good = message_frames(1, b"fine", commands.Basic.Properties())
+    tag = await asyncio.wait_for(fake_conn.consume("q", collector), TIMEOUT)
+    request = asyncio.ensure_future(fake_conn.exchange_bind("a", "b", "k"))  # not answered
+    await eventually(lambda: fake.methods(commands.Exchange.Bind), TIMEOUT)
+    good = message_frames(1, b"fine", commands.Basic.Properties(), consumer_tag=tag)
     bad = amqpwire.FRAME_HEAD.pack(amqpwire.FRAME_METHOD, 1, len(payload)) + payload + b"\xce"
-    connection.data_received(good + bad + good)  # ends the connection, raises nothing
-    reason = await asyncio.wait_for(connection.closed(), 1)
+    fake.write(good + bad + good)  # ends the connection, raises nothing
+    reason = await asyncio.wait_for(fake_conn.closed(), TIMEOUT)
     assert reason.startswith("unreadable frame from the broker")
     assert [d.body for d in collector.deliveries] == [b"fine"]  # what came before counts
-    assert transport.closing and not connection.is_open and not connection._buffer
+    assert not fake_conn.is_open and fake_conn.buffered == 0
     with pytest.raises(ConnectionClosed, match="unreadable frame"):
-        reply.result()  # a request waiting for its reply fails
+        await asyncio.wait_for(request, TIMEOUT)  # a request waiting for its reply fails
     with pytest.raises(ConnectionClosed, match="unreadable frame"):
-        connection.ack(1)
+        fake_conn.ack(1)
 
 
-async def test_parser_holds_at_a_message_boundary() -> None:
+async def test_held_deliveries_pause_reading_until_released(
+        fake: FakeBroker, fake_conn: AMQPConnection) -> None:
     count = 100
-    stream = b"".join(message_frames(tag, tag.to_bytes(2, "big") * 500,
-                                     commands.Basic.Properties()) for tag in range(1, count + 1))
-    assert len(stream) > _PAUSE_READING_AT
     received: list[Delivery] = []
+    holding = True
 
     def callback(delivery: Delivery) -> None:
         received.append(delivery)
-        connection.hold()
+        if holding:
+            fake_conn.hold()
 
-    connection, transport = wired(callback)
-    connection.data_received(stream)
-    assert len(received) == 1
-    assert connection._incoming is None and connection._buffer[0] == 1
-    assert transport.paused and connection._reading_paused
-    connection.data_received(b"")  # more bytes while held hand nothing over
-    assert len(received) == 1
+    tag = await asyncio.wait_for(fake_conn.consume("q", callback), TIMEOUT)
+    stream = b"".join(message_frames(n, n.to_bytes(2, "big") * 500,
+                                     commands.Basic.Properties(), consumer_tag=tag)
+                      for n in range(1, count + 1))
+    assert len(stream) > PAUSE_READING_AT
+    fake.write(stream)
+    await eventually(lambda: fake_conn.reading_paused, TIMEOUT)
+    assert fake_conn.held and fake_conn.buffered > PAUSE_READING_AT
+    await stays(lambda: len(received) == 1, duration=0.2)
 
-    connection._consumers["ctag"] = received.append  # no more holding
-    connection.release()
-    assert not transport.paused and not connection._reading_paused
+    holding = False
+    fake_conn.release()
+    assert not fake_conn.reading_paused and not fake_conn.held
     assert len(received) == 1  # handed over from the event loop, not re-entrantly
-    await asyncio.sleep(0)
+    await eventually(lambda: len(received) == count, TIMEOUT)
     assert [d.deliver.delivery_tag for d in received] == list(range(1, count + 1))
     assert all(d.body == d.deliver.delivery_tag.to_bytes(2, "big") * 500 for d in received)
-    assert not connection._buffer
+    assert fake_conn.buffered == 0 and fake_conn.is_open
 
 
-async def test_parser_finishes_a_message_before_holding() -> None:
-    stream = b"".join(message_frames(tag, bytes([tag]) * 1000, commands.Basic.Properties(),
-                                     body_frame=300) for tag in (1, 2, 3))
+async def test_a_reply_gets_through_held_deliveries(fake: FakeBroker,
+                                                    fake_conn: AMQPConnection) -> None:
     collector = Collector()
-    connection, _ = wired(collector)
-    connection.data_received(stream[:500])  # deliver, header and part of the body
-    assert collector.deliveries == [] and connection._incoming is not None
-    connection.hold()
-    connection.data_received(stream[500:])
-    assert [d.body for d in collector.deliveries] == [b"\x01" * 1000]  # whole, then held
-    assert connection._incoming is None and connection._buffer[0] == 1
-    connection.release()
-    await asyncio.sleep(0)
-    assert [d.body for d in collector.deliveries] == [bytes([t]) * 1000 for t in (1, 2, 3)]
+    tag = await asyncio.wait_for(fake_conn.consume("q", collector), TIMEOUT)
 
+    def message(delivery_tag: int) -> bytes:
+        return message_frames(delivery_tag, b"m%d" % delivery_tag, commands.Basic.Properties(),
+                              consumer_tag=tag)
 
-async def test_parser_lets_a_reply_through_while_held() -> None:
-    def message(tag: int) -> bytes:
-        return message_frames(tag, b"m%d" % tag, commands.Basic.Properties())
-
-    collector = Collector()
-    connection, _ = wired(collector)
-    connection.hold()
-    connection.data_received(message(1))
+    fake_conn.hold()
+    fake.write(message(1))
+    await eventually(lambda: fake_conn.buffered == len(message(1)), TIMEOUT)
     assert collector.deliveries == []  # held, and no reply awaited
-    reply = connection._reply = asyncio.get_running_loop().create_future()
-    connection.data_received(message(2) + frame.marshal(commands.Basic.QosOk(), 1) + message(3))
-    assert isinstance(reply.result(), commands.Basic.QosOk)
+    request = asyncio.ensure_future(fake_conn.qos(3))
+    await eventually(lambda: fake.methods(commands.Basic.Qos), TIMEOUT)
+    fake.write(message(2) + frame.marshal(commands.Basic.QosOk(), 1) + message(3))
+    assert await asyncio.wait_for(request, TIMEOUT) is None
     # what came before the reply was handed over; after it, holding resumes
     assert [d.body for d in collector.deliveries] == [b"m1", b"m2"]
-    assert connection._incoming is None and connection._buffer[0] == 1
+    await eventually(lambda: fake_conn.buffered == len(message(3)), TIMEOUT)
+    await stays(lambda: len(collector) == 2, duration=0.2)
 
 
-async def test_a_return_fails_the_publish_it_belongs_to_whatever_confirm_comes_first() -> None:
+async def test_a_return_fails_the_publish_it_belongs_to_whatever_confirm_comes_first(
+        fake: FakeBroker, fake_conn: AMQPConnection) -> None:
     """RabbitMQ returns an unroutable mandatory message at once, while the confirm of an
     earlier one waits for its queue: the return still belongs to the later one."""
-    connection, transport = wired(Collector())
+    connection = fake_conn
     routed = asyncio.ensure_future(connection.publish(b"1", b"\x00\x00", "q", mandatory=True))
     lost = asyncio.ensure_future(connection.publish(b"2", b"\x00\x00", "gone", mandatory=True))
     other = asyncio.ensure_future(connection.publish(b"3", b"\x00\x00", "gone", mandatory=True))
-    await asyncio.sleep(0)
-    assert connection.unconfirmed == 3 and len(transport.written) == 3
+    await eventually(lambda: len(fake.methods(commands.Basic.Publish)) == 3, TIMEOUT)
+    assert connection.unconfirmed == 3
     returned = (frame.marshal(commands.Basic.Return(reply_code=312, reply_text="NO_ROUTE",
                                                     exchange="", routing_key="gone"), 1)
                 + frame.marshal(pamqp_header.ContentHeader(0, 1, commands.Basic.Properties()),
                                 1)
                 + frame.marshal(pamqp_body.ContentBody(b"2"), 1))
-    connection.data_received(returned + frame.marshal(commands.Basic.Ack(delivery_tag=1), 1))
-    connection.data_received(frame.marshal(commands.Basic.Ack(delivery_tag=3, multiple=True),
-                                           1))
-    assert await routed is None
+    fake.write(returned + frame.marshal(commands.Basic.Ack(delivery_tag=1), 1))
+    fake.write(frame.marshal(commands.Basic.Ack(delivery_tag=3, multiple=True), 1))
+    assert await asyncio.wait_for(routed, TIMEOUT) is None
     with pytest.raises(Returned, match=r"312 NO_ROUTE .*'gone'"):
-        await lost
-    assert await other is None  # the same routing key, but only one return came
+        await asyncio.wait_for(lost, TIMEOUT)
+    assert await asyncio.wait_for(other, TIMEOUT) is None  # one return came, not two
     assert connection.unconfirmed == 0 and connection.is_open

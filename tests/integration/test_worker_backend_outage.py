@@ -69,8 +69,8 @@ async def test_a_30s_redis_outage_runs_each_task_once_and_stores_every_result(
     release.set()
     # Every task runs during the outage (no bound is reached), once, and none is acked.
     await eventually(lambda: len(runs) == 12, timeout=10, what="all twelve tasks run")
-    session = handle.worker._session
-    await eventually(lambda: session._pending == 12, timeout=10, what="twelve results wait")
+    session = handle.worker.session
+    await eventually(lambda: session.pending_results == 12, timeout=10, what="twelve results wait")
     # The rest of the outage: Redis refuses, nothing runs again, nothing is acked.
     await stays(lambda: max(runs.values()) == 1 and handle.worker.stats.finished == 0,
                 duration=OUTAGE_SECONDS - 2)
@@ -102,10 +102,10 @@ async def test_no_new_task_starts_while_max_pending_results_wait(
     results = [await work.delay(i) for i in range(5)]
     await redis_proxy.pause()  # refused from the start
     handle = await start_worker(proxied_app, concurrency=1, burst=True)
-    session = handle.worker._session
-    await eventually(lambda: session._pending == 2, what="two results waiting")
+    session = handle.worker.session
+    await eventually(lambda: session.pending_results == 2, what="two results waiting")
     # The slot is free, three messages are there, and still none starts.
-    await stays(lambda: runs == [0, 1] and session._free_slots == 1, duration=1.5)
+    await stays(lambda: runs == [0, 1] and session.free_slots == 1, duration=1.5)
     assert any("worker_max_pending_results" in r.getMessage() for r in caplog.records)
 
     await redis_proxy.resume()
@@ -139,8 +139,8 @@ async def test_chord_part_waits_for_redis_and_completes_the_chord(
     redis_proxy.cut()
     await redis_proxy.pause()
     release.set()
-    session = handle.worker._session
-    await eventually(lambda: session._pending == 3, what="three parts waiting")
+    session = handle.worker.session
+    await eventually(lambda: session.pending_results == 3, what="three parts waiting")
     await redis_proxy.resume()
     assert await handle.wait(timeout=20) == exitcodes.OK
     assert runs == {"part0": 1, "part1": 1, "part2": 1, "total": 1}
@@ -162,8 +162,8 @@ async def test_a_warm_shutdown_gives_waiting_results_their_time(
     results = [await work.delay(i) for i in range(3)]
     await redis_proxy.pause()
     handle = await start_worker(proxied_app, concurrency=3, shutdown_timeout=15)
-    session = handle.worker._session
-    await eventually(lambda: session._pending == 3, what="three results waiting")
+    session = handle.worker.session
+    await eventually(lambda: session.pending_results == 3, what="three results waiting")
     stopping = asyncio.ensure_future(handle.stop())
     await stays(lambda: not stopping.done(), duration=0.5)
     await redis_proxy.resume()

@@ -60,7 +60,7 @@ async def test_prefetch_is_multiplier_times_concurrency(
     results = [await blocked.delay(i) for i in range(total)]
     handle = await start_worker(**options)
     try:
-        assert handle.worker._session.prefetch_count == expected
+        assert handle.worker.session.prefetch_count == expected
         await eventually(lambda: running == options["concurrency"], what="slots filled")
         # The broker hands out exactly `expected` unacked messages and keeps the rest ready.
         await eventually(lambda: resolves_to(ready_count(amqp, unique_name), total - expected),
@@ -181,8 +181,8 @@ async def test_a_tasks_own_cancelled_error_is_a_failure_and_the_backlog_goes_on(
     handle = await start_worker(concurrency=1, prefetch_multiplier=2 * backlog)
     await eventually(lambda: resolves_to(ready_count(amqp, unique_name), 0), timeout=3,
                      what="the whole backlog delivered")
-    session = handle.worker._session
-    await eventually(lambda: len(session._ready) >= 64, timeout=3,
+    session = handle.worker.session
+    await eventually(lambda: session.ready >= 64, timeout=3,
                      what="64 jobs ready: deliveries held from here on")
     delivered.set()
     await eventually(lambda: len(done) == backlog, timeout=3, what="the whole backlog run")

@@ -145,10 +145,10 @@ async def test_a_chain_step_waits_for_the_broker_and_the_first_task_runs_once(
     proxy.cut()
     await proxy.pause()
     release.set()  # the step is sent while the publisher's connection is down
-    session = handle.worker._session
-    await eventually(lambda: session._pending == 1, timeout=10, what="the step waiting")
+    session = handle.worker.session
+    await eventually(lambda: session.pending_results == 1, timeout=10, what="the step waiting")
     # The outage goes on (connections refused): the task does not run again.
-    await stays(lambda: runs == {"first": 1} and session._pending == 1, duration=3)
+    await stays(lambda: runs == {"first": 1} and session.pending_results == 1, duration=3)
     await proxy.resume()
     assert await handle.wait(timeout=30) == exitcodes.OK
     assert runs == {"first": 1, "second": 1}
@@ -178,8 +178,8 @@ async def test_a_retry_that_cannot_be_published_is_sent_after_the_body_without_r
     proxy.cut()
     await proxy.pause()
     release.set()
-    session = handle.worker._session
-    await eventually(lambda: session._pending == 1, timeout=10, what="the retry waiting")
+    session = handle.worker.session
+    await eventually(lambda: session.pending_results == 1, timeout=10, what="the retry waiting")
     await proxy.resume()
     assert await handle.wait(timeout=30) == exitcodes.OK
     assert runs == [0, 1]
@@ -214,8 +214,8 @@ async def test_a_link_error_waits_for_the_broker_and_the_failed_task_runs_once(
     proxy.cut()
     await proxy.pause()
     release.set()
-    session = handle.worker._session
-    await eventually(lambda: session._pending == 1, timeout=10, what="the errback waiting")
+    session = handle.worker.session
+    await eventually(lambda: session.pending_results == 1, timeout=10, what="the errback waiting")
     await proxy.resume()
     assert await handle.wait(timeout=30) == exitcodes.OK
     assert runs == {"boom": 1, "on_error": 1}

@@ -95,9 +95,9 @@ async def test_a_lost_broker_connection_counts_one_reconnect(
     handle = await start_worker(proxied_broker_app, concurrency=2,
                                 recorder=PrometheusRecorder(registry))
     worker = handle.worker
-    old_session = worker._session
+    old_session = worker.session
     assert proxy.cut() >= 1
-    await eventually(lambda: worker._session is not old_session and worker.consuming.is_set(),
+    await eventually(lambda: worker.session is not old_session and worker.consuming.is_set(),
                      timeout=15, what="the worker reconnected")
     assert _value(registry, "aio_celery_broker_reconnects_total") == 1
     result = await app.send_task("metrics.add", (2, 3))

@@ -66,12 +66,12 @@ async def test_worker_reconnects_after_the_connection_is_cut(
 
     # A task in flight when the connection drops is cancelled and redelivered.
     in_flight = await app.send_task("reconnect.slow", ("survived", 0.5))
-    await _until(lambda: worker._session is not None and worker._session.in_flight > 0,
+    await _until(lambda: worker.session is not None and worker.session.in_flight > 0,
                  TIMEOUT, "the slow task is running")
-    old_session, accepted = worker._session, proxy.accepted
+    old_session, accepted = worker.session, proxy.accepted
     assert proxy.cut() >= 1
 
-    await _until(lambda: worker._session is not old_session and proxy.accepted > accepted
+    await _until(lambda: worker.session is not old_session and proxy.accepted > accepted
                  and worker.consuming.is_set(), TIMEOUT,
                  "the worker opened a new session through the proxy and consumes")
     assert not handle.task.done()  # type: ignore[attr-defined]
@@ -81,9 +81,9 @@ async def test_worker_reconnects_after_the_connection_is_cut(
     assert [await r.get(timeout=TIMEOUT) for r in after] == [2 * i for i in range(10)]
 
     # Twice in a row works too (the new session is as good as the first).
-    old_session = worker._session
+    old_session = worker.session
     assert proxy.cut() >= 1
-    await _until(lambda: worker._session is not old_session and worker.consuming.is_set(),
+    await _until(lambda: worker.session is not old_session and worker.consuming.is_set(),
                  TIMEOUT, "the worker reconnected a second time")
     again = await app.send_task("reconnect.add", (20, 22))
     assert await again.get(timeout=TIMEOUT) == 42

@@ -178,7 +178,7 @@ async def test_cold_stop_as_the_next_task_starts_leaves_nothing_unsettled(
     await eventually(lambda: resolves_to(ready_count(amqp, unique_name), 0), timeout=3,
                      what="every message delivered")
     await eventually(lambda: ran[0] == 1, timeout=3, what="the first task running")
-    session = handle.worker._session
+    session = handle.worker.session
     if trigger == "as it ends":
         (first,) = session.running_tasks()
         first.add_done_callback(lambda _: handle.worker.request_stop(cold=True))
@@ -187,7 +187,7 @@ async def test_cold_stop_as_the_next_task_starts_leaves_nothing_unsettled(
     finished = handle.worker.stats.finished
     assert finished == sum(done.values()) >= 1
     assert not session.busy, "deliveries left unsettled or tasks left running"
-    outcome = session._outcome
+    outcome = session.outcome
     assert outcome.returned + outcome.cancelled == count - finished
     await eventually(lambda: resolves_to(ready_count(amqp, unique_name), count - finished),
                      timeout=2, what="the unfinished messages back in the queue")
@@ -326,9 +326,9 @@ async def test_result_not_stored_keeps_the_message_and_the_task_does_not_run_aga
     await job.delay()
     await boom.delay()
     handle = await start_worker(dead_backend_app, concurrency=1, shutdown_timeout=0.5)
-    session = handle.worker._session
+    session = handle.worker.session
     # Both ran on the one slot: the first gave it up while its result waits.
-    await eventually(lambda: session._pending == 2, what="both results waiting")
+    await eventually(lambda: session.pending_results == 2, what="both results waiting")
     # A few of the backend's retry rounds: nothing runs again.
     await stays(lambda: sorted(runs) == ["boom", "job"], duration=1.5)
     assert handle.worker.stats.finished == 0

@@ -76,6 +76,12 @@ async def when(self: Any) -> dict[str, Any]:
             "exchange": delivery.get("exchange"), "routing_key": delivery.get("routing_key")}
 
 
+@app.task(name=PREFIX + "paced", rate_limit="5/s")
+async def paced() -> float:
+    """When it started (epoch seconds): at most five a second start in this worker."""
+    return time.time()
+
+
 @app.task(name=PREFIX + "flaky", bind=True)
 async def flaky(self: Any, succeed_after: int) -> dict[str, Any]:
     """Retries (0.1 s apart) until it has been retried ``succeed_after`` times."""

@@ -161,6 +161,17 @@ def test_countdown(celery_app: celery.Celery, our_worker: OurWorker) -> None:
         seconds=2)
 
 
+def test_a_rate_limited_task_called_by_celery_keeps_its_rate(
+        celery_app: celery.Celery, our_worker: OurWorker) -> None:
+    """``ours.paced`` is declared with ``rate_limit="5/s"``: eight calls from Celery's
+    client start at least 0.2 s apart in all (the first one finds the bucket full and may
+    start a few milliseconds after its token: 0.05 s for that)."""
+    results = [celery_app.send_task("ours.paced") for _ in range(8)]
+    started = sorted(get(result, our_worker) for result in results)
+    assert started[-1] - started[0] >= 7 * 0.2 - 0.05, started
+    assert started[-1] - started[0] < 7 * 0.2 + 4.0, started  # a loaded machine
+
+
 def test_eta_with_a_plus_0530_offset(celery_app: celery.Celery, our_worker: OurWorker) -> None:
     india = timezone(timedelta(hours=5, minutes=30))
     eta = datetime.now(india) + timedelta(seconds=1.2)

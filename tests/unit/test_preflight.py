@@ -24,6 +24,8 @@ from aio_celery.exceptions import ConfigurationError
     ({"result_backend": "memcached://u:pw9@h"}, "result_backend memcached://u:***@h: it must "
                                                  "start with redis://"),
     ({"result_backend": "redis://:pw9/x@h/0"}, "percent-encoded"),
+    ({"task_default_rate_limit": "10/day"}, "task_default_rate_limit: rate limit '10/day': "
+                                            "the unit after '/' must be s, m or h"),
 ])
 def test_settings_the_worker_cannot_use(settings: dict[str, Any], says: str) -> None:
     with pytest.raises(ConfigurationError) as raised:
@@ -48,6 +50,8 @@ def test_a_result_backend_without_redis_py_names_the_fix(
     {"broker_url": "pyamqp://guest@localhost//", "result_backend": "unix:///run/redis.sock"},
     {"broker_url": "amqp://u:pw@a//;amqp://u:pw@b:5673//; amqps://u:pw@c//",
      "broker_failover_strategy": "shuffle"},
+    {"task_default_rate_limit": "100/m"},
+    {"task_default_rate_limit": 2.5},
 ])
 def test_usable_settings_pass(settings: dict[str, Any]) -> None:
     preflight.check(Settings(**settings))
