@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 
 from aio_celery import Celery, cli, exitcodes, metrics
 from aio_celery.metrics import WORKER_METRICS, PrometheusRecorder
@@ -105,16 +105,17 @@ def test_a_flush_writes_what_observe_would_have(values: list[float]) -> None:
     bulk observe()): what it writes must be what observe() writes, value by value."""
     direct, batched = CollectorRegistry(), CollectorRegistry()
     recorder = PrometheusRecorder(batched)
-    reference = PrometheusRecorder(direct)
+    reference = Histogram("aio_celery_task_runtime_seconds", "the same", ["task"],
+                          registry=direct, buckets=metrics.RUNTIME_BUCKETS).labels("proj.add")
     for value in values:
         recorder.task_done("proj.add", metrics.SUCCEEDED, value)
-        reference._runtime.labels("proj.add").observe(value)
+        reference.observe(value)
     recorder.task_done("proj.add", metrics.SUCCEEDED, 1.0)  # one more, in a second flush
     recorder.flush()
     recorder.task_done("proj.add", metrics.SUCCEEDED, 1.0)
     recorder.flush()
-    reference._runtime.labels("proj.add").observe(1.0)
-    reference._runtime.labels("proj.add").observe(1.0)
+    reference.observe(1.0)
+    reference.observe(1.0)
 
     def runtimes(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
         return {(sample.name, sample.labels.get("le", "")): sample.value
@@ -321,7 +322,7 @@ def test_the_supervisors_metrics_reach_the_files_and_leave_no_directory() -> Non
         assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == m.directory
         m.children(3)
         m.restarted("crash"); m.restarted("crash"); m.restarted("recycled")
-        from prometheus_client import CollectorRegistry
+        from prometheus_client import CollectorRegistry, Histogram
         from prometheus_client.multiprocess import MultiProcessCollector
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=m.directory)
