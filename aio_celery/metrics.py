@@ -135,8 +135,9 @@ class PrometheusRecorder(Recorder):
                                 "or the broker), their messages not yet acknowledged",
                                 registry=registry, multiprocess_mode="livesum")
         self._prefetched = Gauge("aio_celery_tasks_prefetched",
-                                 "Messages delivered, not started (waiting for a slot or "
-                                 "their eta)", registry=registry, multiprocess_mode="livesum")
+                                 "Messages delivered, not started (waiting for a slot, their "
+                                 "eta or their rate limit)", registry=registry,
+                                 multiprocess_mode="livesum")
         self._reconnects = Counter("aio_celery_broker_reconnects",
                                    "Consumer connections lost to the broker and reopened",
                                    registry=registry)

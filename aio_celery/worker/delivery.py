@@ -286,7 +286,8 @@ class Session:
 
     @property
     def prefetched(self) -> int:
-        """Deliveries not started: waiting for a slot, for their eta, or being parked."""
+        """Deliveries not started: waiting for a slot, their eta or their rate limit, or
+        being parked."""
         return len(self._ready) + len(self._waiting)
 
     @property
