@@ -81,6 +81,15 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("--status-file", type=click.Path(dir_okay=False), default=None,
               help="Where the supervisor writes its status for `aio_celery health` "
                    "(default: $AIO_CELERY_STATUS_FILE or a per-user temp file).")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+              envvar="AIO_CELERY_METRICS_PORT", show_envvar=True,
+              help="Serve Prometheus metrics of the whole worker (every child and the "
+                   "supervisor) at http://<--metrics-bind>:PORT/metrics. Needs the "
+                   "[prometheus] extra: pip install 'aio-celery[prometheus]'.")
+@click.option("--metrics-bind", default="0.0.0.0", show_default=True,
+              envvar="AIO_CELERY_METRICS_BIND", show_envvar=True,
+              help="Address /metrics listens on: all interfaces by default, as exporters "
+                   "do (Prometheus scrapes the pod from outside); 127.0.0.1 keeps it local.")
 @click.option("--burst", is_flag=True,
               help="Exit once the queues are empty and no task is running.")
 @click.option("--log-config/--no-log-config", default=True, show_default=True,
@@ -91,7 +100,7 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
            eta_horizon: float, unacked_max_age: float | None, max_tasks_per_child: int,
            max_memory_per_child: int,
            max_task_deaths: int | None, heartbeat_timeout: float, startup_timeout: float,
-           status_file: str | None,
+           status_file: str | None, metrics_port: int | None, metrics_bind: str,
            burst: bool, log_config: bool) -> None:
     """Run workers for APP (module:attribute, e.g. proj.tasks:app).
 
@@ -106,7 +115,14 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
     missing vhost exits 4 at once.
     """
     from aio_celery import logs
+    from aio_celery.metrics import MetricsUnavailable, require_prometheus_client
 
+    if metrics_port is not None:
+        try:
+            require_prometheus_client()
+        except MetricsUnavailable as exc:
+            raise click.UsageError(f"--metrics-port: {exc}") from exc
+    metrics = None if metrics_port is None else (metrics_port, metrics_bind)
     if log_config:
         logs.configure(loglevel, label="supervisor" if pool == "processes" else "MainProcess")
     options = WorkerOptions(
@@ -122,20 +138,23 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
         raise click.BadParameter(str(exc), param_hint="'-n' / '--hostname'") from None
     if pool == "processes":
         sys.exit(_supervise(app, options, processes, loglevel, log_config,
-                            (heartbeat_timeout, startup_timeout), status_file, template))
-    sys.exit(_solo(app, dataclasses.replace(options, hostname=solo_name)))
+                            (heartbeat_timeout, startup_timeout), status_file, template,
+                            metrics))
+    sys.exit(_solo(app, dataclasses.replace(options, hostname=solo_name), metrics))
 
 
 def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel: str,
                log_config: bool, timeouts: tuple[float, float], status_file: str | None,
-               node_template: str) -> int:
-    """``timeouts``: (heartbeat, start-up) in seconds."""
+               node_template: str, metrics: tuple[int, str] | None) -> int:
+    """``timeouts``: (heartbeat, start-up) in seconds; ``metrics``: (port, bind)."""
     from supervisor import ChildSpec, Supervisor, SupervisorOptions
+    from supervisor.metrics import MetricsOptions
     from supervisor.status import default_status_path
 
     count = processes or os.cpu_count() or 1
     spec = ChildSpec(app_spec=app, worker=options, loglevel=loglevel, log_config=log_config,
-                     processes=count, node_template=node_template)
+                     processes=count, node_template=node_template,
+                     metrics=metrics is not None)
     shutdown = options.shutdown_timeout if options.shutdown_timeout is not None else 25.0
     # Children and supervisor must agree on the bound, or the supervisor would SIGKILL a
     # child in the middle of a longer warm shutdown taken from the app's settings.
@@ -143,11 +162,13 @@ def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel
     return Supervisor(SupervisorOptions(
         spec=spec, processes=count, shutdown_timeout=shutdown,
         heartbeat_timeout=timeouts[0], startup_timeout=timeouts[1],
-        status_file=status_file or default_status_path())).run()
+        status_file=status_file or default_status_path(),
+        metrics=None if metrics is None else MetricsOptions(*metrics))).run()
 
 
-def _solo(app: str, options: WorkerOptions) -> int:
+def _solo(app: str, options: WorkerOptions, metrics: tuple[int, str] | None) -> int:
     from aio_celery.loader import AppLoadError, load_app
+    from aio_celery.metrics import PrometheusRecorder, serve_solo
     from aio_celery.worker.process import run_worker
 
     try:
@@ -155,7 +176,15 @@ def _solo(app: str, options: WorkerOptions) -> int:
     except AppLoadError as exc:
         click.echo(f"Error: cannot load the app: {exc}", err=True)
         return exitcodes.APP_LOAD_ERROR
-    return run_worker(application, options)
+    recorder: PrometheusRecorder | None = None
+    if metrics is not None:
+        try:
+            recorder = serve_solo(*metrics)
+        except OSError as exc:
+            click.echo(f"Error: cannot serve metrics on {metrics[1]} port {metrics[0]}: {exc}",
+                       err=True)
+            return exitcodes.STARTUP_ERROR
+    return run_worker(application, options, recorder=recorder)
 
 
 @main.command()

@@ -2,14 +2,16 @@
 """Benchmarks: aio-celery against plain aio-pika, on a real RabbitMQ.
 
     scripts/bench publish [--n 50000] [--rounds 3] [--broker amqp://...]
-    scripts/bench drain [--n 20000] [--concurrency 100] [--variants noop,results,sleep]
+    scripts/bench drain [--n 20000] [--concurrency 100] [--variants noop,results,sleep,...]
     scripts/bench scale [--n 20000] [--concurrency 100]
 
 * ``publish``: ``add.delay()`` against plain aio-pika confirms, twice: a small JSON message,
   and the very wire message aio-celery sends (Celery protocol v2 headers, body, properties).
 * ``drain``: a queue pre-filled with N task messages, drained by an in-process aio-celery
-  ``Worker`` against a plain aio-pika consumer that acks each message; three variants (no-op
-  tasks; with Redis results; ``asyncio.sleep(0.1)`` tasks at concurrency 1000).
+  ``Worker`` against a plain aio-pika consumer that acks each message; variants: no-op
+  tasks; with Redis results; ``asyncio.sleep(0.1)`` tasks at concurrency 1000; no-op tasks
+  on a quorum queue; and ``metrics``: no-op tasks with Prometheus metrics on (in
+  multiprocess mode, as under the supervisor) against the same worker with them off.
 * ``scale``: our supervisor with ``-c 1`` against ``-c 2``, and 1 against 2 plain aio-pika
   consumer processes: does a second process gain as much for us as for the plain consumer?
 
@@ -489,6 +491,9 @@ DRAIN_VARIANTS: dict[str, tuple[str, str, str]] = {
     "sleep": ("drain/aio-celery-sleep", "drain/aio-pika-sleep", "asyncio.sleep tasks"),
     "quorum": ("drain/aio-celery-quorum", "drain/aio-pika-quorum",
                "no-op tasks on a quorum queue"),
+    # the baseline is our own worker with metrics off: the ratio is what metrics cost
+    "metrics": ("drain/aio-celery-metrics", "drain/aio-celery",
+                "no-op tasks, Prometheus metrics on (multiprocess files) against off"),
 }
 QUORUM_ARGUMENTS = {"x-queue-type": "quorum"}
 
@@ -551,8 +556,10 @@ class DrainProgress:
 @measurement("drain/aio-celery-quorum")
 async def drain_aio_celery(params: Params) -> Stopwatch:
     """An in-process ``Worker`` (concurrency C, no banner) on the pre-filled queue; the app
-    has a Redis result backend when ``params["backend"]`` is set. Every execution of the
-    task is counted; the run ends when the worker has finished N."""
+    has a Redis result backend when ``params["backend"]`` is set, and the worker records
+    Prometheus metrics (into a multiprocess directory, as a supervisor's child does) when
+    ``params["metrics"]`` is. Every execution of the task is counted; the run ends when the
+    worker has finished N."""
     from aio_celery import Celery
     from aio_celery.worker import Worker, WorkerOptions
 
@@ -575,8 +582,16 @@ async def drain_aio_celery(params: Params) -> Stopwatch:
         await asyncio.sleep(pause)
         progress.done()
 
+    recorder = None
+    if params.get("metrics"):
+        # before prometheus_client is imported: it picks its file-backed values then
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=f"{QUEUE_PREFIX}-")
+        from aio_celery.metrics import PrometheusRecorder
+
+        recorder = PrometheusRecorder()
     worker = Worker(app, WorkerOptions(concurrency=params["concurrency"],
-                                       queues=(params["queue"],), burst=False, banner=False))
+                                       queues=(params["queue"],), burst=False, banner=False),
+                    recorder=recorder)
     running = asyncio.create_task(worker.run())
 
     def on_stall() -> None:
@@ -594,10 +609,19 @@ async def drain_aio_celery(params: Params) -> Stopwatch:
     finally:
         worker.request_stop()
         code = await asyncio.wait_for(running, 60)
+        if recorder is not None:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     if code != 0 or progress.count != n or worker.stats.finished != n:
         raise RuntimeError(f"worker exit code {code}, {progress.count} executions and "
                            f"{worker.stats.finished} finished for {n} messages")
     return watch
+
+
+@measurement("drain/aio-celery-metrics")
+async def drain_aio_celery_metrics(params: Params) -> Stopwatch:
+    """:func:`drain_aio_celery` with metrics on (its baseline, drain/aio-celery, gets the
+    same params: the contender's name decides)."""
+    return await drain_aio_celery({**params, "metrics": True})
 
 
 @measurement("drain/aio-pika")

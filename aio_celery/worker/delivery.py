@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from aio_celery import protocol
+from aio_celery import metrics, protocol
 from aio_celery.amqp.connection import Delivery
 from aio_celery.broker import (
     ConsumerChannel,
@@ -290,6 +290,17 @@ class Session:
         return len(self._ready) + len(self._waiting) + len(self._running)
 
     @property
+    def running(self) -> int:
+        """Tasks started and not settled (finished ones waiting for the backend too)."""
+        return len(self._running)
+
+    @property
+    def prefetched(self) -> int:
+        """Deliveries not started: waiting for a slot, their eta or their rate limit, or
+        being parked."""
+        return len(self._ready) + len(self._waiting)
+
+    @property
     def ready(self) -> int:
         """Deliveries ready to run, waiting for a free slot."""
         return len(self._ready)
@@ -362,6 +373,7 @@ class Session:
             if not isinstance(exc, MessageDecodeError):
                 exc = MessageDecodeError(f"undecodable: {exc!r}", raw.body)
             self.stats.rejected += 1
+            self.runner.metrics.task_done(metrics.UNKNOWN_TASK, metrics.REJECTED, None)
             logger.error("Rejected a message from queue %s without requeue: %s. It is not a "
                          "Celery protocol v2 JSON task; a dead-letter exchange on the queue "
                          "would keep it for inspection.", queue, exc.summary())
@@ -500,6 +512,10 @@ class Session:
 
     async def _run(self, job: _Job) -> None:
         message = job.message
+        recorder = self.runner.metrics
+        if recorder.enabled:  # one test on the hot path while metrics are off
+            recorder.task_started(self.runner.label(message.task), job.arrived, message.eta,
+                                  self.runner.app.now)
         try:
             if job.verdict is Verdict.RETIRE:
                 settle = await self.runner.retire(message, job.delivery_info, job.deaths)
@@ -515,6 +531,7 @@ class Session:
             # A bug of ours (task errors are handled by the runner). Requeue once; a
             # message that fails like this again is rejected rather than looped.
             settle = Settle.REJECT if job.delivery_info["redelivered"] else Settle.REQUEUE
+            recorder.task_done(self.runner.label(message.task), metrics.INTERNAL_ERROR, None)
             logger.exception("Internal error while handling task %s[%s]: message %s",
                              message.task, message.id,
                              "rejected" if settle is Settle.REJECT else "requeued once")

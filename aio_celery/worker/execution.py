@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aio_celery import resultmeta, signals, states
+from aio_celery import metrics, resultmeta, signals, states
 from aio_celery.app import Celery
 from aio_celery.canvas import Signature, send_signature
 from aio_celery.config import first_set
@@ -79,11 +79,13 @@ class Active:
 class TaskRunner:
     """Executes task messages for one app in one worker process."""
 
-    def __init__(self, app: Celery, hostname: str,
+    def __init__(self, app: Celery, hostname: str, *,
                  revoked: RevokedSet | None = None,
-                 total: collections.Counter[str] | None = None) -> None:
+                 total: collections.Counter[str] | None = None,
+                 recorder: metrics.Recorder | None = None) -> None:
         self.app = app
         self.hostname = hostname
+        self.metrics = recorder or metrics.Recorder()
         #: ids revoked by remote control: skipped when they come to run
         self.revoked = revoked if revoked is not None else RevokedSet()
         #: the tasks whose body runs now, by id
@@ -143,6 +145,11 @@ class TaskRunner:
             chord=message.chord,
         )
 
+    def label(self, name: str) -> str:
+        """The metrics' ``task`` label for ``name``: registered names only, so that a
+        stream of made-up names cannot grow the label set."""
+        return name if name in self.app.tasks else metrics.UNKNOWN_TASK
+
     def acks_early(self, message: TaskMessage) -> bool:
         """True when the message is to be acknowledged as the task starts (``acks_late``
         False on the task, or ``task_acks_late`` False in the app): at-most-once."""
@@ -201,6 +208,7 @@ class TaskRunner:
         settle, state = await self._conclude(task, request, message, outcome,
                                              None if outcome is not None else value, ignore,
                                              runtime)
+        self.metrics.task_done(task.name, _OUTCOMES[state], runtime)
         if signals.task_postrun.receivers:  # hot path: no coroutine when unused
             await signals.task_postrun.send(sender=task, task_id=message.id, task=task,
                                             args=message.args, kwargs=message.kwargs, state=state)
@@ -382,6 +390,7 @@ class TaskRunner:
             await self._store(message, states.FAILURE,
                               resultmeta.exception_to_dict(NotRegistered(message.task)))
         await signals.task_unknown.send(sender=None, name=message.task, id=message.id)
+        self.metrics.task_done(metrics.UNKNOWN_TASK, metrics.REJECTED, None)
         return Settle.REJECT
 
     async def _expired(self, task: Task, message: TaskMessage) -> Settle:
@@ -392,6 +401,7 @@ class TaskRunner:
             await self._store(message, states.REVOKED, error)
         await self._chord_part(message, states.REVOKED, error)
         await signals.task_revoked.send(sender=task, request=message, expired=True)
+        self.metrics.task_done(task.name, metrics.REVOKED, None)
         return Settle.ACK
 
     def is_revoked(self, task_id: str) -> bool:
@@ -433,6 +443,7 @@ class TaskRunner:
         if store:
             await self._store(message, states.REVOKED, error)
         await self._chord_part(message, states.REVOKED, error)
+        self.metrics.task_done(self.label(message.task), metrics.REVOKED, None)
         self.on_revoked(message.id, terminated, False)
         await signals.task_revoked.send(sender=task, request=message, terminated=terminated,
                                         signum=None, expired=False)
@@ -465,6 +476,7 @@ class TaskRunner:
         if not ignore:
             await self._store(message, states.FAILURE, error)
         await self._chord_part(message, states.FAILURE, error)
+        self.metrics.task_done(self.label(message.task), metrics.RETIRED, None)
         return Settle.REJECT
 
     # --- chords ------------------------------------------------------------------------------
@@ -578,6 +590,8 @@ class TaskRunner:
         try:
             while True:
                 await outage.next_try()
+                if outage is self.backend_outage:
+                    self.metrics.result_store_retried()
                 try:
                     await operation(*args)
                 except PublishRefusedError:
@@ -589,6 +603,11 @@ class TaskRunner:
                 return
         finally:
             outage.waiting -= 1
+
+
+#: a task's final state -> the metrics' outcome label
+_OUTCOMES = {states.SUCCESS: metrics.SUCCEEDED, states.FAILURE: metrics.FAILED,
+             states.RETRY: metrics.RETRIED}
 
 
 def _nothing() -> None:

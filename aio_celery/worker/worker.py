@@ -15,7 +15,7 @@ import time
 import types
 from collections.abc import Callable
 
-from aio_celery import exitcodes, preflight, signals
+from aio_celery import exitcodes, metrics, preflight, signals
 from aio_celery.amqp.connection import AMQPConnection
 from aio_celery.app import Celery
 from aio_celery.broker import BrokerRefused, ConsumerChannel, connect_first
@@ -41,6 +41,9 @@ logger = logging.getLogger("aio_celery.worker")
 
 #: the broker closes connections with this code when it shuts down (a restart, say)
 CONNECTION_FORCED = 320
+#: seconds between two samples of the in-flight and prefetched gauges (and two flushes of
+#: the per-task counts)
+METRICS_SAMPLE_PERIOD = 1.0
 
 
 class StartupError(Exception):
@@ -56,14 +59,17 @@ class Worker:
 
     def __init__(self, app: Celery, options: WorkerOptions | None = None, *,
                  on_tick: Callable[[Worker], None] | None = None,
-                 guard: Guard | None = None, rates: SharedRates | None = None) -> None:
+                 guard: Guard | None = None, rates: SharedRates | None = None,
+                 recorder: metrics.Recorder | None = None) -> None:
         """``on_tick(worker)`` is called from the event loop about once a second while the
         worker runs (the supervisor's heartbeat: it proves the loop is not blocked).
         ``guard``: the supervisor's poison guard tables (default: ``x-delivery-count``
         only, for a worker without a supervisor). ``rates``: the supervisor's rate limit
-        buckets, shared by its children (default: this process's own)."""
+        buckets, shared by its children (default: this process's own). ``recorder``: where
+        metrics go (default: nowhere, see :mod:`aio_celery.metrics`)."""
         self.app = app
         self.options = options or WorkerOptions()
+        self.metrics = recorder or metrics.Recorder()
         self._on_tick = on_tick
         self._guard = guard or Guard(self.options.max_task_deaths
                                      or app.conf.settings.worker_max_task_deaths)
@@ -197,17 +203,34 @@ class Worker:
         """Start, consume until asked to stop (or drained in burst mode), shut down."""
         self._stop_requested = asyncio.Event()
         self.consuming = asyncio.Event()
-        ticker = asyncio.ensure_future(self._tick()) if self._on_tick else None
+        background = []
+        if self._on_tick:
+            background.append(asyncio.ensure_future(self._tick()))
+        if self.metrics.enabled:
+            background.append(asyncio.ensure_future(self._sample_metrics()))
         try:
             return await self._run()
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            for task in background:
+                task.cancel()
+            self.metrics.flush()
 
     async def _tick(self) -> None:
         while True:
             self._beat()
             await asyncio.sleep(1.0)
+
+    async def _sample_metrics(self) -> None:
+        """The gauges are sampled, and the per-task counts written, once a second: the hot
+        path only adds to plain dicts (see :class:`aio_celery.metrics.PrometheusRecorder`)."""
+        while True:
+            session = self._session
+            if session is None:
+                self.metrics.sample(0, 0)
+            else:
+                self.metrics.sample(session.running, session.prefetched)
+            self.metrics.flush()
+            await asyncio.sleep(METRICS_SAMPLE_PERIOD)
 
     def _beat(self) -> None:
         if self._on_tick is None:
@@ -337,7 +360,7 @@ class Worker:
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
         runner = TaskRunner(self.app, self.options.hostname, revoked=self.revoked,
-                            total=self.stats.total)
+                            total=self.stats.total, recorder=self.metrics)
         assert self.publisher is not None
         session = Session(channel, runner, self.options, self.stats, publisher=self.publisher,
                           on_task_done=self._on_task_done, guard=self._guard,
@@ -464,6 +487,7 @@ class Worker:
         assert self._session is not None and self.consuming is not None
         self.consuming.clear()
         self.broker_lost_since = time.monotonic()
+        self.metrics.broker_reconnecting()
         failover = self.failover
         logger.warning("Lost the broker connection to %s (%s); %d task(s) in flight are "
                        "cancelled and will be redelivered. Reconnecting%s", failover.masked,
