@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aio_celery import jsoncodec, resultmeta, states
@@ -167,9 +168,40 @@ end
 return 0
 """
 
+#: Store and publish one document (KEYS[1]; ARGV[1] the expiry, 0 for none; ARGV[2] the
+#: document) only while no document is stored or its status is one of ARGV[3...]; 1 if
+#: stored. A revoke marks a waiting task REVOKED with it: a worker that runs the task may
+#: store its outcome (terminated, or a result) at the same moment, and must win.
+STORE_IF_STATUS_LUA = """
+local current = redis.pcall('GET', KEYS[1])
+if type(current) == 'string' then
+    local ok, meta = pcall(cjson.decode, current)
+    if not ok or type(meta) ~= 'table' then
+        return 0
+    end
+    local allowed = false
+    for i = 3, #ARGV do
+        if meta['status'] == ARGV[i] then
+            allowed = true
+        end
+    end
+    if not allowed then
+        return 0
+    end
+end
+local expires = tonumber(ARGV[1])
+if expires > 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', expires)
+else
+    redis.call('SET', KEYS[1], ARGV[2])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[2])
+return 1
+"""
+
 _SCRIPT_SHAS = {script: hashlib.sha1(script.encode()).hexdigest()
                 for script in (CHORD_PART_RETURN_LUA, CHORD_CLEANUP_LUA, CHORD_CLAIM_EXTEND_LUA,
-                               STORE_RESULTS_LUA)}
+                               STORE_RESULTS_LUA, STORE_IF_STATUS_LUA)}
 
 
 class ChordPart(NamedTuple):
@@ -275,6 +307,15 @@ class RedisBackend:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
+
+    async def store_if_status(self, meta: dict[str, Any], statuses: Iterable[str]) -> bool:
+        """Write and publish ``meta`` only while the task has no stored document or one whose
+        status is in ``statuses``, in one step (no write can come between the check and
+        the write); True if it was written."""
+        stored = await self._script(
+            STORE_IF_STATUS_LUA, [resultmeta.result_key(meta["task_id"])],
+            [self.expires or 0, resultmeta.encode_meta(meta), *statuses])
+        return bool(stored)
 
     async def get_meta(self, task_id: str) -> dict[str, Any] | None:
         """The stored document, or None when there is none (PENDING)."""

@@ -608,7 +608,7 @@ class ConsumerChannel:
         self.queue_arguments = queue_arguments
         self.connection_name = connection_name
         self._connection: AMQPConnection | None = None
-        self._consumer_tags: list[str] = []
+        self._consumer_tags: dict[str, str] = {}  # by queue
 
     @property
     def connection(self) -> AMQPConnection:
@@ -664,7 +664,7 @@ class ConsumerChannel:
         return int(result.message_count or 0)
 
     async def consume(self, queue: str, on_message: DeliveryCallback) -> None:
-        self._consumer_tags.append(await self.connection.consume(queue, on_message))
+        self._consumer_tags[queue] = await self.connection.consume(queue, on_message)
 
     @property
     def consumer_count(self) -> int:
@@ -672,12 +672,18 @@ class ConsumerChannel:
 
     async def cancel_consumers(self) -> None:
         """Stop deliveries (prefetched messages stay with us until settled)."""
-        tags, self._consumer_tags = self._consumer_tags, []
-        for tag in tags:
+        tags, self._consumer_tags = self._consumer_tags, {}
+        for tag in tags.values():
             if not self.is_open:
                 return
             with contextlib.suppress(ConnectionError):
                 await self.connection.cancel(tag)
+
+    async def cancel_queue(self, queue: str) -> None:
+        """Stop the consumer of ``queue`` (its deliveries so far stay with us)."""
+        tag = self._consumer_tags.pop(queue, None)
+        if tag is not None and self.is_open:
+            await self.connection.cancel(tag)
 
     def hold(self) -> None:
         """Enough deliveries wait to be run: keep the rest as wire bytes for now."""

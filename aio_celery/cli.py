@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 
 import click
 
 from aio_celery import exitcodes
+from aio_celery.control import nodenames
 from aio_celery.worker.options import WorkerOptions
 
 _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
@@ -38,7 +40,11 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("-Q", "--queues", multiple=True, callback=_queues,
               help="Queues to consume, comma separated (default: task_default_queue).")
 @click.option("-l", "--loglevel", default="INFO", show_default=True, type=_LEVELS)
-@click.option("-n", "--hostname", default=None, help="Node name (default aio_celery@HOST).")
+@click.option("-n", "--hostname", default=None,
+              help="Node name template: %h host, %n its first label, %d its domain, %i the "
+                   "child's index (0 alone), %I -INDEX (empty alone). Each child is a node "
+                   "of its own; a template without %i/%I gets -INDEX after the name part. "
+                   "Default aio_celery%I@%h: aio_celery-1@HOST, aio_celery-2@HOST...")
 @click.option("--prefetch-multiplier", type=click.IntRange(min=1), default=None,
               help="Prefetch = this x concurrency (default: worker_prefetch_multiplier).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
@@ -86,6 +92,15 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
               show_default=True,
               help="Seconds between worker-heartbeat events (monitors call a node offline "
                    "after twice this without one).")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+              envvar="AIO_CELERY_METRICS_PORT", show_envvar=True,
+              help="Serve Prometheus metrics of the whole worker (every child and the "
+                   "supervisor) at http://<--metrics-bind>:PORT/metrics. Needs the "
+                   "[prometheus] extra: pip install 'aio-celery[prometheus]'.")
+@click.option("--metrics-bind", default="0.0.0.0", show_default=True,
+              envvar="AIO_CELERY_METRICS_BIND", show_envvar=True,
+              help="Address /metrics listens on: all interfaces by default, as exporters "
+                   "do (Prometheus scrapes the pod from outside); 127.0.0.1 keeps it local.")
 @click.option("--burst", is_flag=True,
               help="Exit once the queues are empty and no task is running.")
 @click.option("--log-config/--no-log-config", default=True, show_default=True,
@@ -97,7 +112,8 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
            max_memory_per_child: int,
            max_task_deaths: int | None, heartbeat_timeout: float, startup_timeout: float,
            status_file: str | None, task_events: bool | None, without_heartbeat: bool,
-           heartbeat_interval: float, burst: bool, log_config: bool) -> None:
+           heartbeat_interval: float, metrics_port: int | None, metrics_bind: str,
+           burst: bool, log_config: bool) -> None:
     """Run workers for APP (module:attribute, e.g. proj.tasks:app).
 
     By default a supervisor forks --processes children, each running up to --concurrency
@@ -111,7 +127,14 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
     missing vhost exits 4 at once.
     """
     from aio_celery import logs
+    from aio_celery.metrics import MetricsUnavailable, require_prometheus_client
 
+    if metrics_port is not None:
+        try:
+            require_prometheus_client()
+        except MetricsUnavailable as exc:
+            raise click.UsageError(f"--metrics-port: {exc}") from exc
+    metrics = None if metrics_port is None else (metrics_port, metrics_bind)
     if log_config:
         logs.configure(loglevel, label="supervisor" if pool == "processes" else "MainProcess")
     options = WorkerOptions(
@@ -122,23 +145,30 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
         max_memory_kib=max_memory_per_child, max_task_deaths=max_task_deaths,
         task_events=task_events,
         heartbeat_interval=None if without_heartbeat else heartbeat_interval)
-    if hostname:
-        options = dataclasses.replace(options, hostname=hostname)
+    template = hostname or nodenames.DEFAULT_TEMPLATE
+    try:
+        solo_name = nodenames.expand(template, socket.gethostname())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'-n' / '--hostname'") from None
     if pool == "processes":
         sys.exit(_supervise(app, options, processes, loglevel, log_config,
-                            (heartbeat_timeout, startup_timeout), status_file))
-    sys.exit(_solo(app, options))
+                            (heartbeat_timeout, startup_timeout), status_file, template,
+                            metrics))
+    sys.exit(_solo(app, dataclasses.replace(options, hostname=solo_name), metrics))
 
 
 def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel: str,
-               log_config: bool, timeouts: tuple[float, float], status_file: str | None) -> int:
-    """``timeouts``: (heartbeat, start-up) in seconds."""
+               log_config: bool, timeouts: tuple[float, float], status_file: str | None,
+               node_template: str, metrics: tuple[int, str] | None) -> int:
+    """``timeouts``: (heartbeat, start-up) in seconds; ``metrics``: (port, bind)."""
     from supervisor import ChildSpec, Supervisor, SupervisorOptions
+    from supervisor.metrics import MetricsOptions
     from supervisor.status import default_status_path
 
     count = processes or os.cpu_count() or 1
     spec = ChildSpec(app_spec=app, worker=options, loglevel=loglevel, log_config=log_config,
-                     processes=count)
+                     processes=count, node_template=node_template,
+                     metrics=metrics is not None)
     shutdown = options.shutdown_timeout if options.shutdown_timeout is not None else 25.0
     # Children and supervisor must agree on the bound, or the supervisor would SIGKILL a
     # child in the middle of a longer warm shutdown taken from the app's settings.
@@ -146,11 +176,13 @@ def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel
     return Supervisor(SupervisorOptions(
         spec=spec, processes=count, shutdown_timeout=shutdown,
         heartbeat_timeout=timeouts[0], startup_timeout=timeouts[1],
-        status_file=status_file or default_status_path())).run()
+        status_file=status_file or default_status_path(),
+        metrics=None if metrics is None else MetricsOptions(*metrics))).run()
 
 
-def _solo(app: str, options: WorkerOptions) -> int:
+def _solo(app: str, options: WorkerOptions, metrics: tuple[int, str] | None) -> int:
     from aio_celery.loader import AppLoadError, load_app
+    from aio_celery.metrics import PrometheusRecorder, serve_solo
     from aio_celery.worker.process import run_worker
 
     try:
@@ -158,7 +190,15 @@ def _solo(app: str, options: WorkerOptions) -> int:
     except AppLoadError as exc:
         click.echo(f"Error: cannot load the app: {exc}", err=True)
         return exitcodes.APP_LOAD_ERROR
-    return run_worker(application, options)
+    recorder: PrometheusRecorder | None = None
+    if metrics is not None:
+        try:
+            recorder = serve_solo(*metrics)
+        except OSError as exc:
+            click.echo(f"Error: cannot serve metrics on {metrics[1]} port {metrics[0]}: {exc}",
+                       err=True)
+            return exitcodes.STARTUP_ERROR
+    return run_worker(application, options, recorder=recorder)
 
 
 @main.command()

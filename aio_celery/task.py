@@ -100,7 +100,8 @@ class Task:
     track_started: bool | None = None
     #: Celery's: at most this many of these tasks start per second, minute or hour in one
     #: worker (all its processes together): "10/s", "100/m", "1000/h", or a number (per
-    #: second); None: ``task_default_rate_limit``; 0: no limit (see the README)
+    #: second); None: ``task_default_rate_limit``; 0: no limit (see the README). The
+    #: ``rate_limit`` control command sets it at run time
     rate_limit: str | int | float | None = None
 
     def __init__(self, fn: TaskFunction, *, name: str, app: Celery | None = None,

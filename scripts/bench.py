@@ -9,8 +9,10 @@
   and the very wire message aio-celery sends (Celery protocol v2 headers, body, properties).
 * ``drain``: a queue pre-filled with N task messages, drained by an in-process aio-celery
   ``Worker`` against a plain aio-pika consumer that acks each message; variants: no-op
-  tasks; with Redis results; ``asyncio.sleep(0.1)`` tasks at concurrency 1000; a quorum
-  queue; no-op tasks with task events on (``-E``, a monitor's queue bound to ``celeryev``).
+  tasks; with Redis results; ``asyncio.sleep(0.1)`` tasks at concurrency 1000; no-op tasks
+  on a quorum queue; ``metrics``: no-op tasks with Prometheus metrics on (in multiprocess
+  mode, as under the supervisor) against the same worker with them off; ``events``: no-op
+  tasks with task events on (``-E``, a monitor's queue bound to ``celeryev``).
 * ``scale``: our supervisor with ``-c 1`` against ``-c 2``, and 1 against 2 plain aio-pika
   consumer processes: does a second process gain as much for us as for the plain consumer?
 
@@ -490,6 +492,9 @@ DRAIN_VARIANTS: dict[str, tuple[str, str, str]] = {
     "sleep": ("drain/aio-celery-sleep", "drain/aio-pika-sleep", "asyncio.sleep tasks"),
     "quorum": ("drain/aio-celery-quorum", "drain/aio-pika-quorum",
                "no-op tasks on a quorum queue"),
+    # the baseline is our own worker with metrics off: the ratio is what metrics cost
+    "metrics": ("drain/aio-celery-metrics", "drain/aio-celery",
+                "no-op tasks, Prometheus metrics on (multiprocess files) against off"),
     "events": ("drain/aio-celery-events", "drain/aio-pika",
                "no-op tasks, task events on (-E), a monitor's queue bound to celeryev"),
 }
@@ -556,9 +561,11 @@ class DrainProgress:
 async def drain_aio_celery(params: Params) -> Stopwatch:
     """An in-process ``Worker`` (concurrency C, no banner; worker events on, as by default)
     on the pre-filled queue; the app has a Redis result backend when ``params["backend"]``
-    is set; with ``params["events"]`` task events are on and a queue bound to ``celeryev``
-    takes them (as Flower's would; dropped after 5 s unread). Every execution of the task
-    is counted; the run ends when the worker has finished N."""
+    is set, and the worker records Prometheus metrics (into a multiprocess directory, as a
+    supervisor's child does) when ``params["metrics"]`` is; with ``params["events"]`` task
+    events are on and a queue bound to ``celeryev`` takes them (as Flower's would; dropped
+    after 5 s unread). Every execution of the task is counted; the run ends when the
+    worker has finished N."""
     from aio_celery import Celery
     from aio_celery.worker import Worker, WorkerOptions
 
@@ -581,13 +588,25 @@ async def drain_aio_celery(params: Params) -> Stopwatch:
         await asyncio.sleep(pause)
         progress.done()
 
+    recorder = None
+    if params.get("metrics"):
+        # before prometheus_client is imported: it picks its file-backed values then
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=f"{QUEUE_PREFIX}-")
+        from aio_celery.metrics import PrometheusRecorder
+
+        recorder = PrometheusRecorder()
     worker = Worker(app, WorkerOptions(concurrency=params["concurrency"],
                                        queues=(params["queue"],), burst=False, banner=False,
-                                       task_events=bool(params.get("events"))))
-    async with AsyncExitStack() as stack:
-        if params.get("events"):
-            await stack.enter_async_context(monitor_queue(params["broker"]))
-        watch = await drain_with(worker, progress, n)
+                                       task_events=bool(params.get("events"))),
+                    recorder=recorder)
+    try:
+        async with AsyncExitStack() as stack:
+            if params.get("events"):
+                await stack.enter_async_context(monitor_queue(params["broker"]))
+            watch = await drain_with(worker, progress, n)
+    finally:
+        if recorder is not None:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     if params.get("events") and worker.stats.events_dropped:
         print(f"events dropped: {worker.stats.events_dropped}", file=sys.stderr)
     return watch
@@ -635,6 +654,13 @@ async def drain_with(worker: Any, progress: DrainProgress, n: int) -> Stopwatch:
         raise RuntimeError(f"worker exit code {code}, {progress.count} executions and "
                            f"{worker.stats.finished} finished for {n} messages")
     return watch
+
+
+@measurement("drain/aio-celery-metrics")
+async def drain_aio_celery_metrics(params: Params) -> Stopwatch:
+    """:func:`drain_aio_celery` with metrics on (its baseline, drain/aio-celery, gets the
+    same params: the contender's name decides)."""
+    return await drain_aio_celery({**params, "metrics": True})
 
 
 @measurement("drain/aio-pika")

@@ -25,6 +25,8 @@ from aio_celery.poison import DeathTable, RunningBoard, key_text
 from aio_celery.ratelimit import SharedRates
 from supervisor import child as children
 from supervisor import heartbeat
+from supervisor import metrics as restarts
+from supervisor.metrics import MetricsOptions, NoMetrics, PrometheusMetrics
 from supervisor.notify import Notifier
 from supervisor.status import ChildStatus, Status, write_status
 
@@ -61,6 +63,8 @@ class SupervisorOptions:
     max_crashes: int = 10
     crash_window: float = 60.0
     status_file: str | None = None
+    #: serve Prometheus metrics (None: off)
+    metrics: MetricsOptions | None = None
 
 
 class Supervisor:
@@ -92,6 +96,7 @@ class Supervisor:
         # The rate limits' buckets, shared likewise: a limit holds for all the children
         # together, as Celery's for all the processes of one worker (aio_celery.ratelimit).
         self._rates: SharedRates | None = None
+        self._metrics = NoMetrics()
         self.notifier = Notifier()
 
     # --- signals: record only ---------------------------------------------------------------
@@ -117,6 +122,8 @@ class Supervisor:
             logger.error("The app %s %s (see above): no child started, exiting with code %d",
                          spec.app_spec, what, code)
             return code
+        if not self._open_metrics():
+            return exitcodes.STARTUP_ERROR
         self._beat_dir = tempfile.mkdtemp(prefix="aio_celery-beats-")
         # Seats for a rolling restart's extra child and some scaling up; beyond that a
         # child gets a board of its own (its siblings then cannot see what it ran).
@@ -131,10 +138,28 @@ class Supervisor:
         finally:
             self._kill_all(signal.SIGKILL)
             self._reap()
+            self._metrics.close()
             self._cleanup()
         logger.info("Supervisor exiting with code %d (%s)", self._exit_code,
                     exitcodes.NAMES.get(self._exit_code, "?"))
         return self._exit_code
+
+    def _open_metrics(self) -> bool:
+        """Before the first child: the metrics' directory and socket (False: cannot)."""
+        options = self.options.metrics
+        if options is None:
+            return True
+        metrics = PrometheusMetrics(options)
+        try:
+            metrics.open()
+        except OSError as exc:
+            metrics.close()
+            logger.error("Cannot serve metrics on %s port %d (--metrics-bind, "
+                         "--metrics-port): %s; no child started", options.bind, options.port,
+                         exc)
+            return False
+        self._metrics = metrics
+        return True
 
     def _validate_app(self) -> int | None:
         """Load the app once in a short-lived child and return its exit code; None when a
@@ -190,6 +215,8 @@ class Supervisor:
         else:
             self._check_heartbeats(now)
             self._maintain(now)
+            self._metrics.maintain(now, HANDLED, self._beat_fds())
+        self._metrics.children(len(self.children))
         self._report(now)
         return True
 
@@ -255,7 +282,7 @@ class Supervisor:
 
     def _spawn(self, index: int) -> int:
         beat = heartbeat.HeartbeatFile(self._beat_dir)
-        others = [record.beat.fd for record in self.children.values()]
+        others = [*self._beat_fds(), *self._metrics.fds()]
         spec = self.options.spec
         if spec.processes != self.target:  # scaled: new children are "i/<current target>"
             spec = dataclasses.replace(spec, processes=self.target)
@@ -269,6 +296,9 @@ class Supervisor:
         self.children[pid] = children.Child(index=index, pid=pid, beat=beat, poison=poison)
         logger.info("Started child %d (pid %d)", index, pid)
         return pid
+
+    def _beat_fds(self) -> list[int]:
+        return [record.beat.fd for record in self.children.values()]
 
     def _take_seat(self) -> children.PoisonSeat:
         assert self._board is not None and self._deaths is not None
@@ -312,6 +342,9 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            code = os.waitstatus_to_exitcode(status)
+            if self._metrics.reaped(pid, describe_exit(code), bool(self._stopping)):
+                continue
             record = self.children.pop(pid, None)
             if record is None:
                 # As PID 1 in a container we inherit orphans: reap them too.
@@ -320,47 +353,53 @@ class Supervisor:
             last_state = record.beat.read()[0]
             record.beat.close()
             self._count_deaths(record)
-            self._on_child_exit(record, os.waitstatus_to_exitcode(status), last_state)
+            self._metrics.child_exited(pid)
+            cause = self._on_child_exit(record, code, last_state)
+            if cause is not None and not self._stopping:
+                self._metrics.restarted(cause)
 
-    def _on_child_exit(self, record: children.Child, code: int, last_state: str) -> None:
+    def _on_child_exit(self, record: children.Child, code: int,
+                       last_state: str) -> str | None:
         """``last_state``: what the child last wrote to its heartbeat file ("stopping" once
-        its shutdown began, whoever asked for it)."""
+        its shutdown began, whoever asked for it). Returns why it is replaced (a restart
+        cause of :mod:`supervisor.metrics`), None if it is not."""
         cause = describe_exit(code)
         name = f"child {record.index} (pid {record.pid})"
         if self._replacing is not None and record.pid in self._replacing:
             self._replacing = None
         if record.retiring or record.killed:
             logger.info("%s exited: %s", name, cause)
-            return
+            return record.restart_cause
         if code == exitcodes.RECYCLE:
             logger.info("%s recycled (%s): replacing it", name, cause)
-            return
+            return restarts.RECYCLED
         if code == exitcodes.OK and self.options.spec.worker.burst:
             logger.info("%s drained its queues (burst mode): not replaced", name)
             self._drained_slots.add(record.index)
             if len(self._drained_slots) >= self.target and not self.children:
                 self.stop("warm")
-            return
+            return None
         if code == exitcodes.OK and last_state == "stopping":
             # Someone signalled the child itself (kill <pid>), or the user's group-wide stop
             # reached it before ours: a shutdown it went through, not a crash.
             logger.warning("%s stopped on a signal sent to it, not by the supervisor (%s): "
                            "replacing it", name, cause)
-            return
+            return restarts.SIGNALLED
         if code == exitcodes.OK:
             # It exited 0 without going through a shutdown: a task called os._exit(0), say.
             logger.error("%s exited by itself (%s) without being asked to: a crash",
                          name, cause)
             self._record_crash()
-            return
+            return restarts.CRASH
         if code in (exitcodes.APP_LOAD_ERROR, exitcodes.STARTUP_ERROR) and not self._ever_ready:
             logger.error("%s failed to start (%s) and no child ever started: stopping, "
                          "check the error above", name, cause)
             self.stop("warm", exit_code=code)
-            return
+            return None
         hint = ": out of memory?" if code == -signal.SIGKILL else ""
         logger.error("%s %s%s", name, cause, hint)
         self._record_crash()
+        return restarts.CRASH
 
     def _record_crash(self) -> None:
         now = time.monotonic()
@@ -430,21 +469,24 @@ class Supervisor:
                      if starting else self.options.heartbeat_timeout)
             if now - record.started > limit and age > limit:
                 self._kill_stale(record, now, f"missed its heartbeat for {age:.0f}s (a task "
-                                              "blocking the event loop?)")
+                                              "blocking the event loop?)",
+                                 restarts.HEARTBEAT_TIMEOUT)
             elif starting and now - record.startup_since > self.options.startup_timeout:
                 # Beating but never consuming (app context or broker hanging): a rolling
                 # restart waiting for it would wait for ever. A start that keeps failing
                 # like this is a crash loop, so it counts toward the cap.
                 self._kill_stale(record, now, "did not start consuming within "
                                               f"{self.options.startup_timeout:.0f}s "
-                                              "(--startup-timeout)")
+                                              "(--startup-timeout)",
+                                 restarts.STARTUP_TIMEOUT)
                 self._record_crash()
 
-    def _kill_stale(self, record: children.Child, now: float, why: str) -> None:
+    def _kill_stale(self, record: children.Child, now: float, why: str, cause: str) -> None:
         logger.error("child %d (pid %d) %s: dumping its stack, then killing it; its "
                      "unacknowledged messages go back to the queue", record.index, record.pid,
                      why)
         record.killed = True
+        record.restart_cause = cause
         _kill(record.pid, children.DUMP_SIGNAL)
         record.kill_at = now + DUMP_GRACE
 
@@ -466,6 +508,7 @@ class Supervisor:
                 old = self.children.get(old_pid)
                 if old is not None:
                     old.retiring = True
+                    old.restart_cause = restarts.ROLLING_RESTART
                     _kill(old_pid, children.STOP_SIGNAL)
                 self._replacing = None
             return

@@ -14,6 +14,7 @@ import faulthandler
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +53,8 @@ class Child:
     retiring: bool = False
     #: the parent killed it (stale heartbeat): its death is not a crash
     killed: bool = False
+    #: why the parent retired or killed it, when it is replaced (see supervisor.metrics)
+    restart_cause: str | None = None
     kill_at: float | None = None
     #: it reached "ready" at least once
     was_ready: bool = False
@@ -80,12 +83,24 @@ class ChildSpec:
     loglevel: str
     log_config: bool
     processes: int
+    #: the ``-n`` template each child's node name is expanded from
+    node_template: str = "aio_celery%I@%h"
+    #: record Prometheus metrics (into the supervisor's multiprocess directory)
+    metrics: bool = False
 
 
 def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
           handled: Iterable[signal.Signals], close_fds: Iterable[int],
           poison: PoisonSeat, rates: SharedRates) -> int:
     """Fork a child for slot ``index``; returns its pid (in the parent only)."""
+    return fork_process(handled, close_fds,
+                        lambda: _child_main(index, spec, beat, poison, rates))
+
+
+def fork_process(handled: Iterable[signal.Signals], close_fds: Iterable[int],
+                 main: Callable[[], int]) -> int:
+    """Fork a process that resets what it inherited (see the module's docstring), runs
+    ``main`` and exits with its code; returns its pid (in the parent only)."""
     handled = list(handled)
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     try:
@@ -99,7 +114,7 @@ def spawn(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
     code = exitcodes.INTERNAL_ERROR
     try:
         _reset_after_fork(handled, close_fds)
-        code = _child_main(index, spec, beat, poison, rates)
+        code = main()
     except BaseException:  # never let a child return into the parent's code
         import traceback
 
@@ -180,12 +195,21 @@ def _child_main(index: int, spec: ChildSpec, beat: heartbeat.HeartbeatFile,
     except AppLoadError as exc:
         sys.stderr.write(f"Error: cannot load the app: {exc}\n")
         return exitcodes.APP_LOAD_ERROR
-    name, _, host = spec.worker.hostname.partition("@")
-    options = dataclasses.replace(spec.worker, hostname=f"{name}-{index}@{host}")
+    from aio_celery.control import nodenames
+
+    # Each child is a remote control node of its own: a name of its own (see nodenames).
+    options = dataclasses.replace(
+        spec.worker, supervisor_pid=os.getppid(),
+        hostname=nodenames.for_child(spec.node_template, socket.gethostname(), index))
     guard = Guard(options.max_task_deaths or app.conf.settings.worker_max_task_deaths,
                   poison.board, poison.seat, poison.deaths)
+    recorder = None
+    if spec.metrics:
+        from aio_celery.metrics import PrometheusRecorder
+
+        recorder = PrometheusRecorder()  # in no registry: the exporter reads the files
     return run_worker(app, options, on_tick=_ticker(beat, os.getppid()), guard=guard,
-                      retire_signal=STOP_SIGNAL, rates=rates)
+                      retire_signal=STOP_SIGNAL, rates=rates, recorder=recorder)
 
 
 def _ticker(beat: heartbeat.HeartbeatFile, parent: int) -> Callable[[Worker], None]:

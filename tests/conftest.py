@@ -120,14 +120,17 @@ class WorkerHandle:
 @pytest.fixture
 async def start_worker(app: Celery) -> AsyncIterator[Callable[..., Awaitable[WorkerHandle]]]:
     """``handle = await start_worker(concurrency=10, burst=True, ...)``: run a Worker for the
-    test's app on this event loop; it is ready (consumers attached) when this returns."""
+    test's app on this event loop (``recorder=``: its metrics recorder); it is ready
+    (consumers attached) when this returns."""
     from aio_celery.worker import Worker, WorkerOptions
 
     handles: list[WorkerHandle] = []
 
     async def start(app_: Celery | None = None, **options: object) -> WorkerHandle:
         options.setdefault("banner", False)
-        worker = Worker(app_ or app, WorkerOptions(**options))  # type: ignore[arg-type]
+        recorder = options.pop("recorder", None)  # aio_celery.metrics
+        worker = Worker(app_ or app, WorkerOptions(**options),  # type: ignore[arg-type]
+                        recorder=recorder)  # type: ignore[arg-type]
         task = asyncio.create_task(worker.run())
         # ``consuming`` is set right before basic.consume (the supervisor's heartbeat must
         # see "ready" before a first task can block the loop), a moment before the session

@@ -736,10 +736,12 @@ class AMQPConnection(asyncio.Protocol):
                          commands.Exchange.DeclareOk)
 
     async def queue_declare(self, name: str, *, durable: bool = True, passive: bool = False,
-                            arguments: dict[str, Any] | None = None
-                            ) -> commands.Queue.DeclareOk:
+                            arguments: dict[str, Any] | None = None, exclusive: bool = False,
+                            auto_delete: bool = False) -> commands.Queue.DeclareOk:
         return await self._call(commands.Queue.Declare(queue=name, durable=durable,
-                                                       passive=passive, arguments=arguments),
+                                                       passive=passive, arguments=arguments,
+                                                       exclusive=exclusive,
+                                                       auto_delete=auto_delete),
                                 commands.Queue.DeclareOk)
 
     async def queue_bind(self, queue: str, exchange: str, routing_key: str) -> None:
@@ -751,14 +753,17 @@ class AMQPConnection(asyncio.Protocol):
                                                 routing_key=routing_key),
                          commands.Exchange.BindOk)
 
-    async def consume(self, queue: str, callback: DeliveryCallback) -> str:
-        """Start a consumer; its deliveries reach ``callback`` from then on."""
+    async def consume(self, queue: str, callback: DeliveryCallback, *,
+                      no_ack: bool = False) -> str:
+        """Start a consumer; its deliveries reach ``callback`` from then on (``no_ack``:
+        the broker counts them acknowledged as it sends them)."""
         tag = f"aio-celery-{uuid.uuid4().hex[:12]}"
         # Registered first: deliveries may follow consume-ok in the same read.
         self._consumers[tag] = callback
         self._consumer_queues[tag] = queue
         try:
-            await self._call(commands.Basic.Consume(queue=queue, consumer_tag=tag),
+            await self._call(commands.Basic.Consume(queue=queue, consumer_tag=tag,
+                                                    no_ack=no_ack),
                              commands.Basic.ConsumeOk)
         except BaseException:
             self._consumers.pop(tag, None)

@@ -58,7 +58,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aio_celery import events as wire_events
-from aio_celery import protocol
+from aio_celery import metrics, protocol
 from aio_celery.amqp.connection import Delivery
 from aio_celery.broker import (
     ConsumerChannel,
@@ -251,6 +251,16 @@ class Session:
             self._sweeper = asyncio.create_task(self._sweep_forever(self._max_age),
                                                 name="unacked max age sweep")
 
+    async def add_queue(self, queue: str) -> None:
+        """Declare and consume one more queue (remote control's ``add_consumer``)."""
+        await self.channel.declare(queue)
+        if self.channel.plan.quorum_mode:
+            await self._bind_delayed_delivery((queue,))
+        await self.channel.consume(queue, self._receiver(queue))
+
+    async def cancel_queue(self, queue: str) -> None:
+        await self.channel.cancel_queue(queue)
+
     async def _bind_delayed_delivery(self, queues: tuple[str, ...]) -> None:
         """Quorum mode: declare Celery's ``celery_delayed_*`` topology and bind each queue
         whose exchange is not direct, as a Celery worker does at every start (else a Celery
@@ -284,6 +294,17 @@ class Session:
     @property
     def in_flight(self) -> int:
         return len(self._ready) + len(self._waiting) + len(self._running)
+
+    @property
+    def running(self) -> int:
+        """Tasks started and not settled (finished ones waiting for the backend too)."""
+        return len(self._running)
+
+    @property
+    def prefetched(self) -> int:
+        """Deliveries not started: waiting for a slot, their eta or their rate limit, or
+        being parked."""
+        return len(self._ready) + len(self._waiting)
 
     @property
     def ready(self) -> int:
@@ -328,6 +349,15 @@ class Session:
     def running_tasks(self) -> set[asyncio.Task[None]]:
         return set(self._running)
 
+    def reserved(self) -> list[tuple[protocol.TaskMessage, dict[str, Any]]]:
+        """Messages received and due, waiting for a slot (``inspect reserved``)."""
+        return [(job.message, job.delivery_info) for job in self._ready]
+
+    def scheduled(self) -> list[tuple[protocol.TaskMessage, dict[str, Any]]]:
+        """Messages whose eta is still to come, waiting here (``inspect scheduled``)."""
+        return [(job.message, job.delivery_info) for job in self._waiting.values()
+                if job.held and job.message.eta is not None]
+
     # --- deliveries ----------------------------------------------------------------------
 
     def _receiver(self, queue: str) -> Callable[[Delivery], None]:
@@ -354,6 +384,7 @@ class Session:
             if not isinstance(exc, MessageDecodeError):
                 exc = MessageDecodeError(f"undecodable: {exc!r}", raw.body)
             self.stats.rejected += 1
+            self.runner.metrics.task_done(metrics.UNKNOWN_TASK, metrics.REJECTED, None)
             logger.error("Rejected a message from queue %s without requeue: %s. It is not a "
                          "Celery protocol v2 JSON task; a dead-letter exchange on the queue "
                          "would keep it for inspection.", queue, exc.summary())
@@ -374,8 +405,12 @@ class Session:
         self._admit(job, raw)
 
     def _admit(self, job: _Job, raw: Delivery) -> None:
-        """A decoded message joins the ready queue, or waits for its eta."""
+        """A decoded message joins the ready queue, or waits for its eta; a revoked one is
+        acknowledged (it is checked again when it comes to run)."""
         message = job.message
+        if self.runner.is_revoked(message.id):
+            self._wait(job, self._discard_revoked(job), "revoked")
+            return
         delay = 0.0 if message.eta is None else \
             (message.eta - self.runner.app.now()).total_seconds()
         if delay <= 0:
@@ -492,6 +527,10 @@ class Session:
     async def _run(self, job: _Job) -> None:
         message = job.message
         rejected = False  # by us, not by the runner (which announced its own)
+        recorder = self.runner.metrics
+        if recorder.enabled:  # one test on the hot path while metrics are off
+            recorder.task_started(self.runner.label(message.task), job.arrived, message.eta,
+                                  self.runner.app.now)
         try:
             if job.verdict is Verdict.RETIRE:
                 settle = await self.runner.retire(message, job.delivery_info, job.deaths)
@@ -508,6 +547,7 @@ class Session:
             # message that fails like this again is rejected rather than looped.
             settle = Settle.REJECT if job.delivery_info["redelivered"] else Settle.REQUEUE
             rejected = True
+            recorder.task_done(self.runner.label(message.task), metrics.INTERNAL_ERROR, None)
             logger.exception("Internal error while handling task %s[%s]: message %s",
                              message.task, message.id,
                              "rejected" if settle is Settle.REJECT else "requeued once")
@@ -557,6 +597,10 @@ class Session:
                            "(worker_max_pending_results): no new task starts until they are "
                            "recorded", self._pending)
         self._start_ready()
+
+    async def _discard_revoked(self, job: _Job) -> None:
+        settle = await self.runner.skip_revoked(job.message)
+        self._settle(job.tag, settle)
 
     async def _hold_until_due(self, job: _Job, delay: float) -> None:
         """An eta with room in the prefetch window: wait without a slot, then join the

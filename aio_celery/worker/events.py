@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aio_celery import events
+from aio_celery.control.wire import ok
 from aio_celery.exceptions import BrokerConnectionError, PublishRefusedError
 from aio_celery.publisher import WorkerPublisher
 from aio_celery.worker.stats import Stats
@@ -59,9 +60,11 @@ class EventDispatcher:
                  exchange: str = events.EXCHANGE, task_events: bool = False,
                  load: Load = lambda: (0, 0), buffer_limit: int = BUFFER_LIMIT,
                  backlog_limit: int = BACKLOG_LIMIT, now: Callable[[], float] = time.time,
-                 pid: int | None = None) -> None:
+                 pid: int | None = None,
+                 on_dropped: Callable[[int], None] = lambda count: None) -> None:
         """Inert: nothing is sent before the first event. ``publisher`` None: events are
-        built and dropped (counted), for a worker without a publishing connection."""
+        built and dropped (counted), for a worker without a publishing connection.
+        ``on_dropped(count)``: told of drops too (the metrics)."""
         self.hostname = hostname
         self.publisher = publisher
         self.stats = stats
@@ -69,6 +72,7 @@ class EventDispatcher:
         #: the single check on a task's path: task events are built only while it is set
         self.tasks_on = task_events
         self.load = load
+        self.on_dropped = on_dropped
         self.buffer_limit = buffer_limit
         self.backlog_limit = backlog_limit
         self.clock = events.LamportClock()
@@ -90,7 +94,7 @@ class EventDispatcher:
         """Queue a task event (callers check :attr:`tasks_on` first: that is the cheap
         part when events are off)."""
         if len(self._tasks) + len(self._workers) >= self.buffer_limit:
-            self.stats.events_dropped += 1
+            self._dropped(1)
             return
         self._tasks.append(events.event(type_, self._stamp, self._now(), self.clock.forward(),
                                         **fields))
@@ -99,7 +103,7 @@ class EventDispatcher:
     def worker(self, type_: str, freq: float) -> None:
         """Queue a worker event with the process's load."""
         if len(self._tasks) + len(self._workers) >= self.buffer_limit:
-            self.stats.events_dropped += 1
+            self._dropped(1)
             return
         active, processed = self.load()
         # Taken again at each heartbeat rather than per event: a DST change is seen
@@ -154,9 +158,14 @@ class EventDispatcher:
             return False
 
     def _drop_all(self) -> None:
-        self.stats.events_dropped += len(self._tasks) + len(self._workers)
+        if self.buffered:
+            self._dropped(self.buffered)
         self._tasks.clear()
         self._workers.clear()
+
+    def _dropped(self, count: int) -> None:
+        self.stats.events_dropped += count
+        self.on_dropped(count)
 
     def _prepare(self, publisher: WorkerPublisher) -> None:
         """Open the publishing connection and declare the exchange, in the background (at
@@ -230,3 +239,29 @@ class Heart:
             self._beating.cancel()
             self._beating = None
             self.dispatcher.worker("worker-offline", self.interval)
+
+
+class RemoteEvents:
+    """Remote control's side of the events (``EventsControl`` of
+    :mod:`aio_celery.control.commands`): ``enable_events``, ``disable_events`` and
+    ``heartbeat``, with Celery's replies."""
+
+    def __init__(self, dispatcher: EventDispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def enable_task_events(self) -> dict[str, str]:
+        if self.dispatcher.tasks_on:
+            return ok("task events already enabled")  # Flower's every 5 s: no log line
+        self.dispatcher.tasks_on = True
+        logger.info("Events of group {task} enabled by remote.")
+        return ok("task events enabled")
+
+    def disable_task_events(self) -> dict[str, str]:
+        if not self.dispatcher.tasks_on:
+            return ok("task events already disabled")
+        self.dispatcher.tasks_on = False
+        logger.info("Events of group {task} disabled by remote.")
+        return ok("task events disabled")
+
+    def send_heartbeat(self, freq: float) -> None:
+        self.dispatcher.worker("worker-heartbeat", freq)

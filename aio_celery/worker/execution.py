@@ -19,6 +19,8 @@ tried once: the next state replaces them anyway.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import enum
 import functools
 import logging
@@ -30,10 +32,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aio_celery import events as wire_events
-from aio_celery import resultmeta, signals, states
+from aio_celery import metrics, resultmeta, signals, states
 from aio_celery.app import Celery
 from aio_celery.canvas import Signature, send_signature
 from aio_celery.config import first_set
+from aio_celery.control.revoked import RevokedSet
 from aio_celery.exceptions import (
     BackendError,
     BrokerConnectionError,
@@ -63,16 +66,43 @@ class Settle(enum.Enum):
     REQUEUE = "requeue"  # give it back: it will run again (at-least-once)
 
 
+@dataclasses.dataclass(slots=True)
+class Active:
+    """A task whose body runs now (what ``inspect active`` lists and ``revoke
+    --terminate`` cancels)."""
+
+    message: TaskMessage
+    delivery_info: dict[str, Any]
+    time_start: float  # time.time()
+    acknowledged: bool
+    task: asyncio.Task[Any]
+    terminating: bool = False
+
+
 class TaskRunner:
     """Executes task messages for one app in one worker process."""
 
-    def __init__(self, app: Celery, hostname: str,
+    def __init__(self, app: Celery, hostname: str, *,
+                 revoked: RevokedSet | None = None,
+                 total: collections.Counter[str] | None = None,
+                 recorder: metrics.Recorder | None = None,
                  events: EventDispatcher | None = None) -> None:
         """``events``: where the task events go (none: a dispatcher that is off)."""
         self.app = app
         self.hostname = hostname
+        self.metrics = recorder or metrics.Recorder()
         self.events = events if events is not None else EventDispatcher(hostname, None,
                                                                         Stats())
+        #: ids revoked by remote control: skipped when they come to run
+        self.revoked = revoked if revoked is not None else RevokedSet()
+        #: the tasks whose body runs now, by id
+        self.active: dict[str, Active] = {}
+        #: tasks started, by name (``inspect stats``' ``total``)
+        self.total: collections.Counter[str] = total if total is not None \
+            else collections.Counter()
+        #: told of each revoked task skipped, terminated or expired: (task id, terminated,
+        #: expired); by default it sends the task-revoked event
+        self.on_revoked: Callable[[str, bool, bool], None] = self._announce_revoked
         settings = app.conf.settings
         self._has_backend = bool(settings.result_backend)
         self._ignore_default = settings.task_ignore_result
@@ -97,6 +127,9 @@ class TaskRunner:
             return await self._unknown(message)
         if message.expires is not None and self.app.now() >= message.expires:
             return await self._expired(task, message)
+        if self.is_revoked(message.id):
+            return await self.skip_revoked(message)
+        self.total[message.task] += 1
         if self.events.tasks_on:
             self.events.task("task-started", {"uuid": message.id})
         request = self._context(message, delivery_info)
@@ -120,6 +153,11 @@ class TaskRunner:
             callbacks=message.callbacks, errbacks=message.errbacks, chain=message.chain,
             chord=message.chord,
         )
+
+    def label(self, name: str) -> str:
+        """The metrics' ``task`` label for ``name``: registered names only, so that a
+        stream of made-up names cannot grow the label set."""
+        return name if name in self.app.tasks else metrics.UNKNOWN_TASK
 
     def acks_early(self, message: TaskMessage) -> bool:
         """True when the message is to be acknowledged as the task starts (``acks_late``
@@ -153,24 +191,33 @@ class TaskRunner:
         hard = first_set(message.time_limit, task.time_limit, settings.task_time_limit)
         started = time.monotonic()
         outcome: BaseException | None = None
+        active = self.active[message.id] = Active(
+            message, request.delivery_info or {}, time.time(), self.acks_early(message),
+            asyncio.current_task())  # type: ignore[arg-type]
         try:
             value = await run_with_limits(task(*message.args, **message.kwargs), soft, hard)
         except Exception as exc:
             outcome = await self._autoretry(task, request, exc)
         except asyncio.CancelledError as exc:
-            if _being_cancelled():
+            if _being_cancelled() and not active.terminating:
                 raise  # a stop or a lost connection: the session gives the message back
-            outcome = exc  # the task's own (it awaited something cancelled): a failure
+            outcome = exc  # terminated, or the task's own (it awaited something cancelled)
         except BaseException as exc:
             # SystemExit, KeyboardInterrupt, GeneratorExit raised by the task body (it
             # called sys.exit(), say) are its failure: they must not end the worker
             # (asyncio re-raises the first two out of the event loop). Our own stop
             # requests reach a task as cancellation, never as these.
             outcome = exc
+        finally:
+            if self.active.get(message.id) is active:
+                del self.active[message.id]
+        if active.terminating:  # even if the body swallowed the CancelledError
+            return await self._terminated(task, message, ignore)
         runtime = time.monotonic() - started
         settle, state = await self._conclude(task, request, message, outcome,
                                              None if outcome is not None else value, ignore,
                                              runtime)
+        self.metrics.task_done(task.name, _OUTCOMES[state], runtime)
         if signals.task_postrun.receivers:  # hot path: no coroutine when unused
             await signals.task_postrun.send(sender=task, task_id=message.id, task=task,
                                             args=message.args, kwargs=message.kwargs, state=state)
@@ -364,6 +411,7 @@ class TaskRunner:
             self.events.task("task-failed", {"uuid": message.id,
                                              "exception": f"NotRegistered({message.task!r})"})
         await signals.task_unknown.send(sender=None, name=message.task, id=message.id)
+        self.metrics.task_done(metrics.UNKNOWN_TASK, metrics.REJECTED, None)
         return Settle.REJECT
 
     async def _expired(self, task: Task, message: TaskMessage) -> Settle:
@@ -373,11 +421,61 @@ class TaskRunner:
         if not self._ignores_result(task, message):
             await self._store(message, states.REVOKED, error)
         await self._chord_part(message, states.REVOKED, error)
-        if self.events.tasks_on:
-            self.events.task("task-revoked",
-                             wire_events.revoked_fields(message.id, expired=True))
+        self.on_revoked(message.id, False, True)
         await signals.task_revoked.send(sender=task, request=message, expired=True)
+        self.metrics.task_done(task.name, metrics.REVOKED, None)
         return Settle.ACK
+
+    def _announce_revoked(self, task_id: str, terminated: bool, expired: bool) -> None:
+        """The task-revoked event (no ``signum``: a terminated task's coroutine is
+        cancelled, no signal is sent)."""
+        if self.events.tasks_on:
+            self.events.task("task-revoked", wire_events.revoked_fields(
+                task_id, terminated=terminated, expired=expired))
+
+    def is_revoked(self, task_id: str) -> bool:
+        # hot path: checked twice per message; an empty set costs no clock read
+        return bool(self.revoked) and self.revoked.revoked(task_id, time.time())
+
+    async def skip_revoked(self, message: TaskMessage) -> Settle:
+        """A revoked task that came to run (at its receipt or its eta): not run, REVOKED
+        stored, to be acknowledged."""
+        logger.info("Discarding revoked task: %s[%s]", message.task, message.id)
+        await self._revoked(message, "revoked", terminated=False)
+        return Settle.ACK
+
+    def terminate(self, task_id: str) -> bool:
+        """Cancel the running body of ``task_id`` (CancelledError raised at its current
+        await); its run then stores REVOKED and acknowledges it. False if it does not run."""
+        active = self.active.get(task_id)
+        if active is None or active.task.done():
+            return False
+        active.terminating = True
+        active.task.cancel()
+        return True
+
+    async def _terminated(self, task: Task, message: TaskMessage, ignore: bool) -> Settle:
+        current = asyncio.current_task()
+        if current is not None:
+            while current.cancelling():
+                current.uncancel()  # the cancellation was the terminate: consumed here
+        logger.info("Terminated task %s[%s]: stored as REVOKED", message.task, message.id)
+        await self._revoked(message, "terminated", terminated=True, store=not ignore)
+        return Settle.ACK
+
+    async def _revoked(self, message: TaskMessage, reason: str, *, terminated: bool,
+                       store: bool | None = None) -> None:
+        task = self.app.tasks.get(message.task)
+        error = resultmeta.exception_to_dict(TaskRevokedError(reason))
+        if store is None:
+            store = task is not None and not self._ignores_result(task, message)
+        if store:
+            await self._store(message, states.REVOKED, error)
+        await self._chord_part(message, states.REVOKED, error)
+        self.metrics.task_done(self.label(message.task), metrics.REVOKED, None)
+        self.on_revoked(message.id, terminated, False)
+        await signals.task_revoked.send(sender=task, request=message, terminated=terminated,
+                                        signum=None, expired=False)
 
     async def retire(self, message: TaskMessage, delivery_info: dict[str, Any],
                      deaths: int) -> Settle:
@@ -410,6 +508,7 @@ class TaskRunner:
         if not ignore:
             await self._store(message, states.FAILURE, error)
         await self._chord_part(message, states.FAILURE, error)
+        self.metrics.task_done(self.label(message.task), metrics.RETIRED, None)
         return Settle.REJECT
 
     # --- chords ------------------------------------------------------------------------------
@@ -523,6 +622,8 @@ class TaskRunner:
         try:
             while True:
                 await outage.next_try()
+                if outage is self.backend_outage:
+                    self.metrics.result_store_retried()
                 try:
                     await operation(*args)
                 except PublishRefusedError:
@@ -534,6 +635,11 @@ class TaskRunner:
                 return
         finally:
             outage.waiting -= 1
+
+
+#: a task's final state -> the metrics' outcome label
+_OUTCOMES = {states.SUCCESS: metrics.SUCCEEDED, states.FAILURE: metrics.FAILED,
+             states.RETRY: metrics.RETRIED}
 
 
 def _nothing() -> None:

@@ -14,7 +14,8 @@ class WorkerOptions:
     concurrency: int = 100
     #: queues to consume (default: the app's ``task_default_queue``)
     queues: tuple[str, ...] = ()
-    #: node name shown in logs and ``request.hostname``
+    #: node name (remote control, logs, ``request.hostname``): expanded, without ``%``
+    #: (see :mod:`aio_celery.control.nodenames`)
     hostname: str = dataclasses.field(default_factory=lambda: f"aio_celery@{socket.gethostname()}")
     #: exit once the queues are empty and no task is running or waiting (for tests, batch jobs)
     burst: bool = False
@@ -44,6 +45,9 @@ class WorkerOptions:
     #: seconds between ``worker-heartbeat`` events; None: no worker events at all
     #: (``--without-heartbeat``)
     heartbeat_interval: float | None = 2.0
+    #: the supervisor's pid when this process is one of its children: remote control's
+    #: shutdown and pool_grow/pool_shrink are passed to it (None: run alone)
+    supervisor_pid: int | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 
@@ -16,3 +17,5 @@ class Stats:
     #: monitoring events dropped: the broker was away, blocked or slow, or refused the
     #: event exchange (see :mod:`aio_celery.worker.events`)
     events_dropped: int = 0
+    #: tasks started, by name (``inspect stats``' ``total``)
+    total: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)

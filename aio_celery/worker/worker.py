@@ -15,10 +15,13 @@ import time
 import types
 from collections.abc import Callable
 
-from aio_celery import exitcodes, preflight, signals
+from aio_celery import exitcodes, metrics, preflight, signals
+from aio_celery.amqp.connection import AMQPConnection
 from aio_celery.app import Celery
-from aio_celery.broker import BrokerRefused, ConsumerChannel
+from aio_celery.broker import BrokerRefused, ConsumerChannel, connect_first
 from aio_celery.config import mask_url
+from aio_celery.control import revoked
+from aio_celery.control.mailbox import Mailbox
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
 from aio_celery.failover import Failover
 from aio_celery.poison import Guard
@@ -27,17 +30,21 @@ from aio_celery.quorum import QueuePlan
 from aio_celery.ratelimit import SharedRates
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
-from aio_celery.worker.events import EventDispatcher, Heart
+from aio_celery.worker.events import EventDispatcher, Heart, RemoteEvents
 from aio_celery.worker.execution import TaskRunner
 from aio_celery.worker.options import WorkerOptions
 from aio_celery.worker.outage import Outage
 from aio_celery.worker.rates import Limiter
+from aio_celery.worker.remote import WorkerNode
 from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
 
 #: the broker closes connections with this code when it shuts down (a restart, say)
 CONNECTION_FORCED = 320
+#: seconds between two samples of the in-flight and prefetched gauges (and two flushes of
+#: the per-task counts)
+METRICS_SAMPLE_PERIOD = 1.0
 #: seconds a shutdown waits for the publishing connection to send worker-offline
 EVENTS_CLOSE_TIMEOUT = 2.0
 
@@ -55,14 +62,17 @@ class Worker:
 
     def __init__(self, app: Celery, options: WorkerOptions | None = None, *,
                  on_tick: Callable[[Worker], None] | None = None,
-                 guard: Guard | None = None, rates: SharedRates | None = None) -> None:
+                 guard: Guard | None = None, rates: SharedRates | None = None,
+                 recorder: metrics.Recorder | None = None) -> None:
         """``on_tick(worker)`` is called from the event loop about once a second while the
         worker runs (the supervisor's heartbeat: it proves the loop is not blocked).
         ``guard``: the supervisor's poison guard tables (default: ``x-delivery-count``
         only, for a worker without a supervisor). ``rates``: the supervisor's rate limit
-        buckets, shared by its children (default: this process's own)."""
+        buckets, shared by its children (default: this process's own). ``recorder``: where
+        metrics go (default: nowhere, see :mod:`aio_celery.metrics`)."""
         self.app = app
         self.options = options or WorkerOptions()
+        self.metrics = recorder or metrics.Recorder()
         self._on_tick = on_tick
         self._guard = guard or Guard(self.options.max_task_deaths
                                      or app.conf.settings.worker_max_task_deaths)
@@ -83,15 +93,23 @@ class Worker:
         self._failover: Failover | None = None
         #: the worker's publishing connection (follow-ups, retries, parks), once started
         self.publisher: WorkerPublisher | None = None
+        #: task ids revoked by remote control (loaded from the result backend at start)
+        self.revoked = revoked.RevokedSet()
+        #: this process's remote control mailbox, once consuming tasks
+        self.mailbox: Mailbox | None = None
+        self._mailbox_task: asyncio.Task[None] | None = None
+        #: the queues consumed, once asked for (add_consumer/cancel_consumer change it)
+        self._queues: list[str] | None = None
         settings = app.conf.settings
         task_events = self.options.task_events
         #: monitoring events of this process's node (``options.hostname``)
         self.events = EventDispatcher(
             self.options.hostname, None, self.stats, exchange=settings.event_exchange,
             task_events=settings.worker_send_task_events if task_events is None
-            else task_events, load=self._load)
+            else task_events, load=self._load, on_dropped=self.metrics.events_dropped)
         interval = self.options.heartbeat_interval
         self._heart = Heart(self.events, interval) if interval is not None else None
+        self._remote_events = RemoteEvents(self.events)
 
     @property
     def session(self) -> Session | None:
@@ -167,18 +185,14 @@ class Worker:
     def enable_task_events(self) -> None:
         """Send task events from now on (the ``enable_events`` command; Flower sends it
         every 5 s)."""
-        if not self.events.tasks_on:
-            self.events.tasks_on = True
-            logger.info("Task events enabled by remote")
+        self._remote_events.enable_task_events()
 
     def disable_task_events(self) -> None:
-        if self.events.tasks_on:
-            self.events.tasks_on = False
-            logger.info("Task events disabled by remote")
+        self._remote_events.disable_task_events()
 
     def send_heartbeat(self, freq: float) -> None:
         """Send one ``worker-heartbeat`` now (the ``heartbeat`` command, with freq 5)."""
-        self.events.worker("worker-heartbeat", freq)
+        self._remote_events.send_heartbeat(freq)
 
     def _load(self) -> tuple[int, int]:
         session = self._session
@@ -186,7 +200,37 @@ class Worker:
 
     @property
     def queues(self) -> tuple[str, ...]:
-        return self.options.queues or (self.app.conf.settings.task_default_queue,)
+        """The queues consumed: ``-Q`` (else ``task_default_queue``), changed at run time
+        by remote control's ``add_consumer``/``cancel_consumer``."""
+        return tuple(self._queue_list())
+
+    def _queue_list(self) -> list[str]:
+        if self._queues is None:
+            self._queues = list(self.options.queues
+                                or (self.app.conf.settings.task_default_queue,))
+        return self._queues
+
+    @property
+    def runner(self) -> TaskRunner | None:
+        return self._session.runner if self._session is not None else None
+
+    async def add_queue(self, queue: str) -> None:
+        """Consume ``queue`` too (declared as the others); kept across reconnects."""
+        queues = self._queue_list()
+        if queue in queues:
+            return
+        queues.append(queue)
+        if self._session is not None:
+            await self._session.add_queue(queue)
+
+    async def cancel_queue(self, queue: str) -> None:
+        """Stop consuming ``queue``; what was delivered from it still runs."""
+        queues = self._queue_list()
+        if queue not in queues:
+            return
+        queues.remove(queue)
+        if self._session is not None:
+            await self._session.cancel_queue(queue)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -194,17 +238,34 @@ class Worker:
         """Start, consume until asked to stop (or drained in burst mode), shut down."""
         self._stop_requested = asyncio.Event()
         self.consuming = asyncio.Event()
-        ticker = asyncio.ensure_future(self._tick()) if self._on_tick else None
+        background = []
+        if self._on_tick:
+            background.append(asyncio.ensure_future(self._tick()))
+        if self.metrics.enabled:
+            background.append(asyncio.ensure_future(self._sample_metrics()))
         try:
             return await self._run()
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            for task in background:
+                task.cancel()
+            self.metrics.flush()
 
     async def _tick(self) -> None:
         while True:
             self._beat()
             await asyncio.sleep(1.0)
+
+    async def _sample_metrics(self) -> None:
+        """The gauges are sampled, and the per-task counts written, once a second: the hot
+        path only adds to plain dicts (see :class:`aio_celery.metrics.PrometheusRecorder`)."""
+        while True:
+            session = self._session
+            if session is None:
+                self.metrics.sample(0, 0)
+            else:
+                self.metrics.sample(session.running, session.prefetched)
+            self.metrics.flush()
+            await asyncio.sleep(METRICS_SAMPLE_PERIOD)
 
     def _beat(self) -> None:
         if self._on_tick is None:
@@ -258,17 +319,56 @@ class Worker:
             logger.exception("The app context (define_app_context) raised")
             raise StartupError(f"app context failed: {exc!r}") from exc
         await signals.worker_process_init.send(sender=self)
+        await self._load_revoked()
         session = await self._connect(at_startup=True)
         if session is None:  # stopped while waiting for the broker
             return
         self._session = session
         if self._heart is not None:
             self._heart.start()
+        self._start_mailbox(stack)
         if self.options.banner:
             logger.info("%s", banner(self.app, self.options, self.queues,
                                      session.prefetch_count, self.failover,
                                      self.events.tasks_on))
         logger.info("%s ready: consuming %s", self.options.hostname, ", ".join(self.queues))
+
+    async def _load_revoked(self) -> None:
+        """The revokes of the last 3 hours, so that a child started after them honours
+        them too (see :mod:`aio_celery.control.revoked`)."""
+        if not self.app.conf.settings.result_backend:
+            return
+        now = time.time()
+        try:
+            self.revoked.merge(await revoked.load(self.app.backend.client, now), now)
+        except Exception as exc:  # redis' own errors: a start without them, said so
+            logger.warning("Could not load the revoked task ids from the result backend "
+                           "(%r): revokes sent before this process started are not honoured",
+                           exc)
+
+    def _start_mailbox(self, stack: contextlib.AsyncExitStack) -> None:
+        self.mailbox = Mailbox(WorkerNode(self, self._remote_events),
+                               self._control_connection)
+        self._mailbox_task = asyncio.ensure_future(self.mailbox.run())
+        stack.push_async_callback(self._stop_mailbox)
+
+    async def _control_connection(self) -> AMQPConnection:
+        settings = self.app.conf.settings
+        return await connect_first(
+            Failover(settings.broker_url, settings.broker_failover_strategy),
+            heartbeat=settings.broker_heartbeat,
+            connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()} "
+                            "remote control",
+            connection_timeout=settings.broker_connection_timeout,
+            rpc_timeout=15.0, publish_timeout=settings.broker_publish_timeout)
+
+    async def _stop_mailbox(self) -> None:
+        task, self._mailbox_task = self._mailbox_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        if self.mailbox is not None:
+            await self.mailbox.close()
 
     def _new_publisher(self) -> WorkerPublisher:
         """A second connection, for publishing only (it connects on first use): RabbitMQ
@@ -299,7 +399,8 @@ class Worker:
             plan=QueuePlan.from_settings(settings),
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
-        runner = TaskRunner(self.app, self.options.hostname, self.events)
+        runner = TaskRunner(self.app, self.options.hostname, revoked=self.revoked,
+                            total=self.stats.total, recorder=self.metrics, events=self.events)
         assert self.publisher is not None
         session = Session(channel, runner, self.options, self.stats, publisher=self.publisher,
                           events=self.events,
@@ -427,6 +528,7 @@ class Worker:
         assert self._session is not None and self.consuming is not None
         self.consuming.clear()
         self.broker_lost_since = time.monotonic()
+        self.metrics.broker_reconnecting()
         failover = self.failover
         logger.warning("Lost the broker connection to %s (%s); %d task(s) in flight are "
                        "cancelled and will be redelivered. Reconnecting%s", failover.masked,

@@ -399,6 +399,23 @@ async def test_get_result_stored_before(app: Celery) -> None:
     assert result.result == {"answer": 42}
 
 
+async def test_store_if_status_writes_only_over_the_statuses_given(app: Celery) -> None:
+    waiting, started, done = (str(uuid.uuid4()) for _ in range(3))
+    await app.backend.store(meta(waiting, states.RETRY, None, app))
+    await app.backend.store(meta(started, states.STARTED, None, app))
+    await app.backend.store(meta(done, states.REVOKED, None, app))
+    allowed = (states.PENDING, states.RECEIVED, states.RETRY)
+    fresh = str(uuid.uuid4())
+    results = [await app.backend.store_if_status(meta(task_id, states.REVOKED, "x", app),
+                                                 allowed)
+               for task_id in (fresh, waiting, started, done)]
+    assert results == [True, True, False, False]
+    assert [(await app.backend.get_meta(task_id) or {}).get("status")
+            for task_id in (fresh, waiting, started, done)] == \
+        [states.REVOKED, states.REVOKED, states.STARTED, states.REVOKED]
+    assert (await app.backend.get_meta(done) or {}).get("result") is None
+
+
 async def test_get_of_a_sent_task(app: Celery) -> None:
     sent = await app.send_task("proj.remote", args=[1])
     await app.backend.store(meta(sent.id, states.SUCCESS, [1, 2], app))

@@ -91,6 +91,22 @@ async def sleep(self: Any, seconds: float) -> float:
     return seconds
 
 
+@app.task(name="sup.cancellable", bind=True)
+async def cancellable(self: Any, seconds: float) -> float:
+    """Sleeps; records ``<queue>:cancelled`` -> its pid if CancelledError reaches it (a
+    ``revoke --terminate``), then lets it through."""
+    task_id = str(self.request.id)
+    await _started(task_id)
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        await asyncio.shield(app.backend.client.hset(f"{QUEUE}:cancelled", task_id,
+                                                     os.getpid()))
+        raise
+    await _done(task_id)
+    return seconds
+
+
 @app.task(name="sup.noop", bind=True)
 async def noop(self: Any) -> None:
     task_id = str(self.request.id)

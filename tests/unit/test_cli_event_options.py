@@ -19,7 +19,7 @@ def test_event_options(monkeypatch: pytest.MonkeyPatch, args: list[str],
                        task_events: bool | None, interval: float | None) -> None:
     seen: list[WorkerOptions] = []
 
-    def solo(app: str, options: WorkerOptions) -> int:
+    def solo(app: str, options: WorkerOptions, *_: object) -> int:
         seen.append(options)
         return 0
 
