@@ -93,20 +93,21 @@ async def test_worker_fails_over_to_the_next_url(
     caplog.set_level(logging.INFO)
     first, second = proxies
     worker_app = failover_app(unique_name + "-w", unique_name, redis_url, first, second)
-    # No worker events: their publishing connection would be counted too (it fails over
-    # the same way, see test_worker_publisher).
-    handle = await start_worker(worker_app, concurrency=2, banner=True,
-                                heartbeat_interval=None)
-    assert (first.accepted, second.accepted) == (1, 0)
+    # The worker's other connections (remote control, events) go through the proxies
+    # too: the consumer's is followed by the worker's own account of it.
+    handle = await start_worker(worker_app, concurrency=2, banner=True)
+    assert second.accepted == 0
+    assert handle.worker.failover.in_use == proxy_url(first)
     # (start_worker returns as consumers attach; the banner comes once they are)
     await eventually(lambda: f"broker:      {masked(first)} (1 of 2 URLs, failover "
                              "round-robin)" in caplog.text, TIMEOUT)
     assert await (await app.send_task("failover.add", (1, 2))).get(timeout=TIMEOUT) == 3
 
     await first.pause()  # the node is gone: its connections drop, new ones are refused
-    assert first.cut() == 1
-    await eventually(lambda: second.accepted == 1 and handle.worker.consuming.is_set(),
-                     TIMEOUT)
+    assert first.cut() >= 1
+    await eventually(lambda: f"Reconnected to {masked(second)}" in caplog.text
+                     and handle.worker.consuming.is_set(), TIMEOUT)
+    assert handle.worker.failover.in_use == proxy_url(second)
     assert f"Lost the broker connection to {masked(first)}" in caplog.text
     assert f"Reconnected to {masked(second)}" in caplog.text
     assert await (await app.send_task("failover.add", (2, 3))).get(timeout=TIMEOUT) == 5
@@ -114,9 +115,10 @@ async def test_worker_fails_over_to_the_next_url(
     # And back round: the second goes, the first is there again.
     await first.resume()
     await second.pause()
-    assert second.cut() == 1
-    await eventually(lambda: first.accepted == 2 and handle.worker.consuming.is_set(),
-                     TIMEOUT)
+    assert second.cut() >= 1
+    await eventually(lambda: f"Reconnected to {masked(first)}" in caplog.text
+                     and handle.worker.consuming.is_set(), TIMEOUT)
+    assert handle.worker.failover.in_use == proxy_url(first)
     assert await (await app.send_task("failover.add", (3, 4))).get(timeout=TIMEOUT) == 7
     assert "guest:guest@" not in caplog.text
     assert await handle.stop() == exitcodes.OK
@@ -132,10 +134,9 @@ async def test_worker_starts_past_a_hung_first_url(
     first.stall()
     worker_app = failover_app(unique_name + "-w", unique_name, redis_url, first, second)
     started = time.monotonic()
-    handle = await start_worker(worker_app, concurrency=2,
-                                heartbeat_interval=None)  # only the consumer connects
+    handle = await start_worker(worker_app, concurrency=2)
     assert time.monotonic() - started < 5
-    assert (first.accepted, second.accepted) == (1, 1)
+    assert first.accepted >= 1 and second.accepted >= 1  # (other connections follow)
     assert f"cannot connect to broker {masked(first)}: timed out; trying the next" \
         in caplog.text
     assert handle.worker.failover.in_use == proxy_url(second)
