@@ -232,6 +232,33 @@ async def test_worker_send_task_events_and_event_exchange_settings(
         await channel.exchange_delete(exchange_name)
 
 
+async def test_task_revoked_for_a_revoked_a_terminated_and_an_expired_task(
+        app: Celery, start_worker: Callable[..., Awaitable[Any]], tap: EventTap) -> None:
+    started = asyncio.Event()
+
+    @app.task(name="events.long")
+    async def long() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    handle = await start_worker(hostname=tap.hostname, task_events=True, concurrency=2)
+    worker: Worker = handle.worker
+    revoked_id = f"revoked-{time.time_ns()}"
+    worker.revoked.add(revoked_id, time.time())
+    skipped = await long.apply_async(task_id=revoked_id)
+    expired = await long.apply_async(expires=-1.0)
+    running = await long.delay()
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    assert worker.runner is not None and worker.runner.terminate(running.id)
+    await eventually(lambda: len(tap.of("task-revoked")) == 3, TIMEOUT,
+                     what="three task-revoked events")
+    by_id = {e["uuid"]: (e["terminated"], e["signum"], e["expired"])
+             for e in tap.of("task-revoked")}
+    assert by_id == {skipped.id: (False, None, False), expired.id: (False, None, True),
+                     running.id: (True, None, False)}
+    assert await handle.stop() == 0
+
+
 # --- a broker that cannot take events does not slow the tasks -------------------------------
 
 async def _away_url() -> str:

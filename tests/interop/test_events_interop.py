@@ -34,6 +34,8 @@ class Watcher:
     def __init__(self, app: celery.Celery) -> None:
         self.app = app
         self.state = celery.events.state.State()
+        #: every event received, as the receiver handed it over
+        self.events: list[dict[str, Any]] = []
         self._ready = threading.Event()
         self._receiver: Any = None
         self._error: BaseException | None = None
@@ -47,8 +49,7 @@ class Watcher:
     def _run(self) -> None:
         try:
             with self.app.connection_for_read() as connection:
-                receiver = self.app.events.Receiver(connection,
-                                                    handlers={"*": self.state.event})
+                receiver = self.app.events.Receiver(connection, handlers={"*": self._on_event})
                 receiver.on_consume_ready = lambda *args, **kwargs: self._ready.set()
                 self._receiver = receiver
                 for _ in receiver.consume(wakeup=False):
@@ -56,6 +57,10 @@ class Watcher:
         except BaseException as exc:  # reported by start() or the assertions
             self._error = exc
             self._ready.set()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.state.event(event)
 
     def stop(self) -> None:
         if self._receiver is not None:
@@ -118,6 +123,44 @@ def test_celerys_state_sees_our_tasks_and_our_worker(client: celery.Celery, redi
         wait_until(lambda: not state.workers[hostname].alive, 5.0,
                    "the worker offline at once (worker-offline)", worker.diagnostics)
         assert not state.workers[hostname].heartbeats  # cleared by worker-offline
+    finally:
+        worker.kill()
+        watcher.stop()
+
+
+def test_celerys_enable_events_and_heartbeat_commands_reach_our_worker(
+        client: celery.Celery, redis_db: int, tmp_path: Path) -> None:
+    """Without -E, as Flower finds a worker: its ``enable_events`` broadcast turns task
+    events on, ``heartbeat`` brings one worker-heartbeat at once (freq 5)."""
+    queue = f"aio-celery-test-interop-events-{uuid.uuid4().hex[:8]}"
+    hostname = f"{queue}@interop"
+    watcher = Watcher(client)
+    watcher.start()
+    worker = OurWorker(queue, f"{REDIS_HOST_URL}/{redis_db}", tmp_path, "-n", hostname)
+    state = watcher.state
+    try:
+        worker.wait_ready()
+        before = client.send_task("ours.add", (1, 1), queue=queue)
+        assert before.get(timeout=DEADLINE) == 2
+        replies = client.control.broadcast("enable_events", destination=[hostname],
+                                           reply=True, timeout=DEADLINE, limit=1)
+        assert replies == [{hostname: {"ok": "task events enabled"}}]
+        client.control.broadcast("heartbeat", destination=[hostname])
+        wait_until(lambda: [e for e in list(watcher.events)
+                            if e["type"] == "worker-heartbeat" and e["freq"] == 5
+                            and e["hostname"] == hostname],
+                   DEADLINE, "the requested heartbeat (freq 5)", worker.diagnostics)
+        after = client.send_task("ours.add", (2, 2), queue=queue)
+        assert after.get(timeout=DEADLINE) == 4
+        wait_until(lambda: after.id in state.tasks
+                   and state.tasks[after.id].state == "SUCCESS", DEADLINE,
+                   "State sees the task sent after enable_events", worker.diagnostics)
+        assert before.id not in state.tasks
+        assert state.tasks[after.id].name == "ours.add"
+        replies = client.control.broadcast("disable_events", destination=[hostname],
+                                           reply=True, timeout=DEADLINE, limit=1)
+        assert replies == [{hostname: {"ok": "task events disabled"}}]
+        assert worker.stop() == exitcodes.OK
     finally:
         worker.kill()
         watcher.stop()
