@@ -126,10 +126,13 @@ async def test_an_unreachable_broker_is_tried_again_after_a_pause() -> None:
 
 async def test_without_a_publisher_events_are_dropped_and_counted() -> None:
     stats = Stats()
-    events = EventDispatcher("node@test", None, stats, task_events=True)
+    told: list[int] = []
+    events = EventDispatcher("node@test", None, stats, task_events=True,
+                             on_dropped=told.append)
     events.task("task-started", {"uuid": "a"})
+    events.task("task-started", {"uuid": "b"})
     await turns()
-    assert stats.events_dropped == 1
+    assert stats.events_dropped == 2 and sum(told) == 2  # the metrics are told too
 
 
 async def test_the_heart_sends_online_heartbeats_and_offline() -> None:
