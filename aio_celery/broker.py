@@ -28,6 +28,7 @@ from aio_celery.amqp.connection import (
     DeliveryCallback,
     aio_pika_url,
 )
+from aio_celery.amqp.deadline import SharedDeadlines
 from aio_celery.amqp.wire import EncodedProperties
 from aio_celery.config import BROKER_SCHEMES, mask_url, url_problem
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError, PublishRefusedError
@@ -44,6 +45,7 @@ from aio_celery.quorum import (
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+    from aiormq import Channel as RawChannel
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,10 @@ class Broker:
         self.rpc_timeout = RPC_TIMEOUT
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
+        #: aiormq's channel under ``_channel``, kept for the publish path (None: fetch it)
+        self._raw: RawChannel | None = None
+        #: the bounds of the publishes (broker_publish_timeout), one timer per batch
+        self._deadlines = SharedDeadlines()
         self._declared: dict[str, asyncio.Future[AbstractQueue]] = {}
         #: queues whose native delayed delivery topology and bindings are declared
         self._delayed: dict[str, asyncio.Future[None]] = {}
@@ -106,6 +112,7 @@ class Broker:
         for url in self.failover.order():
             try:
                 self._connection, self._channel = await self._open(url)
+                self._raw = None
             except BrokerConnectionError as exc:
                 failures.append(str(exc))
                 continue
@@ -157,7 +164,7 @@ class Broker:
                        ", trying the next broker URL first" if len(self.failover.urls) > 1
                        else "")
         self.failover.lost()
-        self._connection = self._channel = None
+        self._connection = self._channel = self._raw = None
         self._declared.clear()
         self._delayed.clear()
 
@@ -185,6 +192,7 @@ class Broker:
             # The broker closed just the channel (a channel error): open another.
             self._channel = await asyncio.wait_for(
                 connection.channel(publisher_confirms=True), self.connection_timeout)
+            self._raw = None
         else:
             await self.connect()
 
@@ -197,6 +205,7 @@ class Broker:
             if not connecting.cancelled():
                 connecting.exception()  # retrieved: nobody else waits for it now
         connection, self._connection, self._channel = self._connection, None, None
+        self._raw = None
         self._declared.clear()
         self._delayed.clear()
         if connection is not None:
@@ -332,10 +341,19 @@ class Broker:
         """The next publish opens a new channel: RabbitMQ 3.10 went on nacking every publish
         of a channel to a quorum queue whose leader's node was killed, for minutes, while a
         new channel was served within a second of the new leader's election."""
-        channel, self._channel = self._channel, None
+        channel, self._channel, self._raw = self._channel, None, None
         if channel is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), self.connection_timeout)
+
+    async def _raw_publisher(self) -> RawChannel:
+        """aiormq's channel under the publisher channel, (re)opened where needed."""
+        import aiormq
+
+        raw = await (await self._publisher_ready()).get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        self._raw = raw
+        return raw
 
     def _publisher(self) -> AbstractChannel:
         if self._channel is None:
@@ -363,7 +381,6 @@ class Broker:
         # for their confirms at once.
         while True:
             try:
-                publisher = await self._publisher_ready()
                 declared = self._declared.get(queue)
                 if declared is None or not declared.done():
                     await self.declare_queue(queue)  # waits for a declaration under way too
@@ -372,9 +389,10 @@ class Broker:
                     await self.ensure_delayed_delivery(queue)
                     exchange = FIRST_DELAY_EXCHANGE
                     routing_key = delayed_routing_key(delay, self.plan.queue(queue).routing_key)
-                raw = await publisher.get_underlay_channel()
-                assert isinstance(raw, aiormq.Channel)
-                async with asyncio.timeout(self.publish_timeout):
+                raw = self._raw
+                if raw is None or raw.is_closed:  # else no await: the common case
+                    raw = await self._raw_publisher()
+                with self._deadlines.bound(self.publish_timeout):
                     # While the broker blocks publishing (a resource alarm) the message
                     # stays here: sent, it would only wait in the socket, unconfirmed.
                     await raw.connection.ready()
