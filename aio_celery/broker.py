@@ -37,6 +37,7 @@ from aio_celery.protocol import Envelope
 from aio_celery.quorum import (
     FIRST_DELAY_EXCHANGE,
     QUORUM,
+    DelayedDeliveryBindings,
     QueuePlan,
     delayed_bindings,
     delayed_routing_key,
@@ -89,8 +90,7 @@ class Broker:
         #: the bounds of the publishes (broker_publish_timeout), one timer per batch
         self._deadlines = SharedDeadlines()
         self._declared: dict[str, asyncio.Future[AbstractQueue]] = {}
-        #: queues whose native delayed delivery topology and bindings are declared
-        self._delayed: dict[str, asyncio.Future[None]] = {}
+        self._delayed = DelayedDeliveryBindings(self.declare_delayed_delivery)
         self._connecting: asyncio.Future[None] | None = None
         self._connected_once = False
         self._closed = False
@@ -119,7 +119,7 @@ class Broker:
             self.failover.using(url)
             self._connected_once = True
             self._declared.clear()  # a new connection declares its queues again
-            self._delayed.clear()
+            self._delayed.forget()
             return
         raise BrokerConnectionError(
             f"{'; '.join(failures)}. Check that RabbitMQ runs there and that broker_url has "
@@ -166,7 +166,7 @@ class Broker:
         self.failover.lost()
         self._connection = self._channel = self._raw = None
         self._declared.clear()
-        self._delayed.clear()
+        self._delayed.forget()
 
     async def _publisher_ready(self) -> AbstractChannel:
         """The publisher channel, once (re)opened where needed: lazy mode's first publisher
@@ -207,7 +207,7 @@ class Broker:
         connection, self._connection, self._channel = self._connection, None, None
         self._raw = None
         self._declared.clear()
-        self._delayed.clear()
+        self._delayed.forget()
         if connection is not None:
             # bounded: a stalled broker never answers connection.close
             with contextlib.suppress(TimeoutError):
@@ -290,11 +290,7 @@ class Broker:
         queue and connection: a worker does it at start-up (as Celery's does), a client
         before its first delayed send (Celery's client does not: with no worker having
         declared it, its message is unroutable and dropped)."""
-        future = self._delayed.get(queue)
-        if future is None or (future.done() and future.exception() is not None):
-            future = asyncio.ensure_future(self.declare_delayed_delivery((queue,)))
-            self._delayed[queue] = future
-        await asyncio.shield(future)
+        await self._delayed.ensure(queue)
 
     async def declare_holding_queue(self, name: str, target: str, ttl_ms: int) -> None:
         """Declare a holding queue (see :func:`holding_queue_arguments`) on a channel of its
