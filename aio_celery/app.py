@@ -64,7 +64,10 @@ class Celery:
         self.oid = str(uuid.uuid4())
         self._context_factory: AppContextFactory | None = None
         self._context: dict[str, Any] | None = None
+        #: the client's publisher, built when first needed inside setup() (a worker
+        #: publishes on its own, so never builds it)
         self._broker: Broker | None = None
+        self._set_up = False
         self._backend: RedisBackend | None = None
         self.rand = random.Random()
         for fn, options in _shared_tasks:
@@ -148,17 +151,35 @@ class Celery:
 
         Re-entrant: inside an outer ``setup()`` the existing connections are reused (and left
         open), so a worker can run an app that is already connected. With ``lazy_broker``
-        the publisher connects when something is first sent (the worker does this: it
-        consumes and publishes on connections of its own, see :meth:`publishing_through`,
-        so it never connects this one).
+        the publisher (:attr:`broker`) is built and connected when something is first sent
+        (the worker does this: it consumes and publishes on connections of its own, see
+        :meth:`publishing_through`, so it never builds this one).
         """
-        if self._broker is not None:
+        if self._set_up:
             if with_context and self._context is None:
                 async with self.app_context():
                     yield self
             else:
                 yield self
             return
+        self._set_up = True
+        settings = self.conf.settings
+        if settings.result_backend:
+            self._backend = RedisBackend(settings.result_backend,
+                                         expires=settings.result_expires_seconds())
+        try:
+            if not lazy_broker:
+                await self._new_broker(lazy=False).connect()
+            if with_context:
+                async with self.app_context():
+                    yield self
+            else:
+                yield self
+        finally:
+            self._set_up = False
+            await self._close()
+
+    def _new_broker(self, *, lazy: bool) -> Broker:
         settings = self.conf.settings
         self._broker = Broker(
             settings.broker_url,
@@ -172,21 +193,9 @@ class Celery:
             queue_arguments=settings.task_queue_arguments,
             plan=QueuePlan.from_settings(settings),
             connection_name=f"aio_celery {self.main or ''} pid {os.getpid()}".strip(),
-            lazy=lazy_broker,
+            lazy=lazy,
         )
-        if settings.result_backend:
-            self._backend = RedisBackend(settings.result_backend,
-                                         expires=settings.result_expires_seconds())
-        try:
-            if not lazy_broker:
-                await self._broker.connect()
-            if with_context:
-                async with self.app_context():
-                    yield self
-            else:
-                yield self
-        finally:
-            await self._close()
+        return self._broker
 
     async def _close(self) -> None:
         broker, self._broker = self._broker, None
@@ -200,8 +209,12 @@ class Celery:
 
     @property
     def broker(self) -> Broker:
+        """The client's publisher; inside ``setup(lazy_broker=True)`` built on first use, and
+        connected by its first publish."""
         if self._broker is None:
-            raise RuntimeError("not connected: use `async with app.setup():` first")
+            if not self._set_up:
+                raise RuntimeError("not connected: use `async with app.setup():` first")
+            return self._new_broker(lazy=True)
         return self._broker
 
     @property

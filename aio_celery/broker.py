@@ -29,6 +29,7 @@ from aio_celery.amqp.connection import (
     DeliveryCallback,
     aio_pika_url,
 )
+from aio_celery.amqp.deadline import SharedDeadlines
 from aio_celery.amqp.wire import EncodedProperties
 from aio_celery.config import BROKER_SCHEMES, mask_url, url_problem
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError, PublishRefusedError
@@ -37,6 +38,7 @@ from aio_celery.protocol import Envelope
 from aio_celery.quorum import (
     FIRST_DELAY_EXCHANGE,
     QUORUM,
+    DelayedDeliveryBindings,
     QueuePlan,
     delayed_bindings,
     delayed_routing_key,
@@ -45,6 +47,7 @@ from aio_celery.quorum import (
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+    from aiormq import Channel as RawChannel
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +86,12 @@ class Broker:
         self.rpc_timeout = RPC_TIMEOUT
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
+        #: aiormq's channel under ``_channel``, kept for the publish path (None: fetch it)
+        self._raw: RawChannel | None = None
+        #: the bounds of the publishes (broker_publish_timeout), one timer per batch
+        self._deadlines = SharedDeadlines()
         self._declared: dict[str, asyncio.Future[AbstractQueue]] = {}
-        #: queues whose native delayed delivery topology and bindings are declared
-        self._delayed: dict[str, asyncio.Future[None]] = {}
+        self._delayed = DelayedDeliveryBindings(self.declare_delayed_delivery)
         self._connecting: asyncio.Future[None] | None = None
         self._connected_once = False
         self._closed = False
@@ -107,13 +113,14 @@ class Broker:
         for url in self.failover.order():
             try:
                 self._connection, self._channel = await self._open(url)
+                self._raw = None
             except BrokerConnectionError as exc:
                 failures.append(str(exc))
                 continue
             self.failover.using(url)
             self._connected_once = True
             self._declared.clear()  # a new connection declares its queues again
-            self._delayed.clear()
+            self._delayed.forget()
             return
         raise BrokerConnectionError(
             f"{'; '.join(failures)}. Check that RabbitMQ runs there and that broker_url has "
@@ -158,9 +165,9 @@ class Broker:
                        ", trying the next broker URL first" if len(self.failover.urls) > 1
                        else "")
         self.failover.lost()
-        self._connection = self._channel = None
+        self._connection = self._channel = self._raw = None
         self._declared.clear()
-        self._delayed.clear()
+        self._delayed.forget()
 
     async def _publisher_ready(self) -> AbstractChannel:
         """The publisher channel, once (re)opened where needed: lazy mode's first publisher
@@ -186,6 +193,7 @@ class Broker:
             # The broker closed just the channel (a channel error): open another.
             self._channel = await asyncio.wait_for(
                 connection.channel(publisher_confirms=True), self.connection_timeout)
+            self._raw = None
         else:
             await self.connect()
 
@@ -198,8 +206,9 @@ class Broker:
             if not connecting.cancelled():
                 connecting.exception()  # retrieved: nobody else waits for it now
         connection, self._connection, self._channel = self._connection, None, None
+        self._raw = None
         self._declared.clear()
-        self._delayed.clear()
+        self._delayed.forget()
         if connection is not None:
             # bounded: a stalled broker never answers connection.close
             with contextlib.suppress(TimeoutError):
@@ -282,11 +291,7 @@ class Broker:
         queue and connection: a worker does it at start-up (as Celery's does), a client
         before its first delayed send (Celery's client does not: with no worker having
         declared it, its message is unroutable and dropped)."""
-        future = self._delayed.get(queue)
-        if future is None or (future.done() and future.exception() is not None):
-            future = asyncio.ensure_future(self.declare_delayed_delivery((queue,)))
-            self._delayed[queue] = future
-        await asyncio.shield(future)
+        await self._delayed.ensure(queue)
 
     async def declare_holding_queue(self, name: str, target: str, ttl_ms: int) -> None:
         """Declare a holding queue (see :func:`holding_queue_arguments`) on a channel of its
@@ -333,10 +338,19 @@ class Broker:
         """The next publish opens a new channel: RabbitMQ 3.10 went on nacking every publish
         of a channel to a quorum queue whose leader's node was killed, for minutes, while a
         new channel was served within a second of the new leader's election."""
-        channel, self._channel = self._channel, None
+        channel, self._channel, self._raw = self._channel, None, None
         if channel is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), self.connection_timeout)
+
+    async def _raw_publisher(self) -> RawChannel:
+        """aiormq's channel under the publisher channel, (re)opened where needed."""
+        import aiormq
+
+        raw = await (await self._publisher_ready()).get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        self._raw = raw
+        return raw
 
     def _publisher(self) -> AbstractChannel:
         if self._channel is None:
@@ -364,7 +378,6 @@ class Broker:
         # for their confirms at once.
         while True:
             try:
-                publisher = await self._publisher_ready()
                 declared = self._declared.get(queue)
                 if declared is None or not declared.done():
                     await self.declare_queue(queue)  # waits for a declaration under way too
@@ -373,9 +386,10 @@ class Broker:
                     await self.ensure_delayed_delivery(queue)
                     exchange = FIRST_DELAY_EXCHANGE
                     routing_key = delayed_routing_key(delay, self.plan.queue(queue).routing_key)
-                raw = await publisher.get_underlay_channel()
-                assert isinstance(raw, aiormq.Channel)
-                async with asyncio.timeout(self.publish_timeout):
+                raw = self._raw
+                if raw is None or raw.is_closed:  # else no await: the common case
+                    raw = await self._raw_publisher()
+                with self._deadlines.bound(self.publish_timeout):
                     # While the broker blocks publishing (a resource alarm) the message
                     # stays here: sent, it would only wait in the socket, unconfirmed.
                     await raw.connection.ready()

@@ -32,6 +32,8 @@ class Failover:
         self._rng = rng or random.Random()
         self._in_use: int | None = None
         self._lost: int | None = None
+        #: the failover of the process's main connection, for a companion's first try
+        self._leader: Failover | None = None
 
     @property
     def in_use(self) -> str | None:
@@ -45,8 +47,17 @@ class Failover:
             return mask_url(self.in_use)
         return mask_url(";".join(self.urls))
 
+    def companion(self) -> Failover:
+        """The same URLs and strategy for another connection of the same process (its
+        publisher, its mailbox): it tries the URL in use here first, rather than a node
+        this one had to leave."""
+        other = Failover(";".join(self.urls), self.strategy, self._rng)
+        other._leader = self
+        return other
+
     def order(self) -> list[str]:
-        """The URLs to try, in order, for the next connection (each once)."""
+        """The URLs to try, in order, for the next connection (each once): after a loss,
+        moving on from the node lost; else the URL in use (if any) first."""
         count = len(self.urls)
         indices = list(range(count))
         if self.strategy == "shuffle":
@@ -57,6 +68,12 @@ class Failover:
         elif self._lost is not None:  # round-robin: carry on after the node just lost
             start = (self._lost + 1) % count
             indices = indices[start:] + indices[:start]
+        preferred = self._in_use
+        if preferred is None and self._leader is not None:
+            preferred = self._leader._in_use
+        if self._lost is None and preferred is not None:
+            indices.remove(preferred)
+            indices.insert(0, preferred)
         return [self.urls[i] for i in indices]
 
     def using(self, url: str) -> None:

@@ -35,6 +35,7 @@ from aio_celery.protocol import Envelope
 from aio_celery.quorum import (
     FIRST_DELAY_EXCHANGE,
     QUORUM,
+    DelayedDeliveryBindings,
     QueuePlan,
     delayed_bindings,
     delayed_routing_key,
@@ -87,7 +88,7 @@ class WorkerPublisher:
         self._connecting: asyncio.Future[AMQPConnection] | None = None
         #: declarations made on the open connection (a new connection makes them again)
         self._declared: dict[str, asyncio.Future[None]] = {}
-        self._delayed: dict[str, asyncio.Future[None]] = {}
+        self._delayed = DelayedDeliveryBindings(self.declare_delayed_delivery)
         self._exchanges: dict[str, asyncio.Future[None]] = {}
         self._closed = False
 
@@ -121,7 +122,7 @@ class WorkerPublisher:
     def _lost(self, connection: AMQPConnection) -> None:
         self._connection = None
         self._declared.clear()
-        self._delayed.clear()
+        self._delayed.forget()
         self._exchanges.clear()
         ended = connection.ended_reason
         logger.warning("The worker's publishing connection to %s ended (%s): the next "
@@ -148,7 +149,7 @@ class WorkerPublisher:
             await asyncio.wait([connecting])
         connection, self._connection = self._connection, None
         self._declared.clear()
-        self._delayed.clear()
+        self._delayed.forget()
         self._exchanges.clear()
         if connection is not None:
             await connection.close(timeout=self.connection_timeout)
@@ -187,8 +188,10 @@ class WorkerPublisher:
             await connection.exchange_declare(name, kind, durable=durable)
 
         future = self._exchanges.get(name)
+        # A declaration made on a connection lost since is made again (on a new one).
         if future is None or (future.done() and (future.cancelled()
-                                                 or future.exception() is not None)):
+                                                 or future.exception() is not None
+                                                 or self.connection is None)):
             future = asyncio.ensure_future(self._declaring(f"the exchange {name!r}", declare,
                                                            PublishRefusedError))
             self._exchanges[name] = future
@@ -222,11 +225,7 @@ class WorkerPublisher:
     async def ensure_delayed_delivery(self, queue: str) -> None:
         """The delayed delivery topology, declared with ``queue`` bound, once per queue and
         connection."""
-        future = self._delayed.get(queue)
-        if future is None or (future.done() and future.exception() is not None):
-            future = asyncio.ensure_future(self.declare_delayed_delivery((queue,)))
-            self._delayed[queue] = future
-        await asyncio.shield(future)
+        await self._delayed.ensure(queue)
 
     async def declare_holding_queue(self, name: str, target: str, ttl_ms: int) -> None:
         """Declare a holding queue (see :func:`~aio_celery.broker.holding_queue_arguments`):
@@ -282,7 +281,7 @@ class WorkerPublisher:
         a second of the new leader's election."""
         connection, self._connection = self._connection, None
         self._declared.clear()
-        self._delayed.clear()
+        self._delayed.forget()
         self._exchanges.clear()
         if connection is not None:
             logger.info("The broker nacked a publish: the next one opens a new publishing "

@@ -15,14 +15,18 @@ and kombu 5.7 (``kombu/transport/native_delayed_delivery.py``):
 * "quorum mode" is on as soon as one queue is quorum: a client then sends countdown/eta
   through the ``celery_delayed_*`` exchanges, and a worker declares them and binds each
   of its queues whose exchange is not direct (:func:`delayed_topology`, :func:`delayed_bindings`).
+
+:class:`DelayedDeliveryBindings` remembers which queues a publisher has bound to that topology
+on its connection (it calls the publisher's declaration; no I/O of its own).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aio_celery.exceptions import ConfigurationError
@@ -210,3 +214,25 @@ def delayed_routing_key(countdown: int, routing_key: str) -> str:
 def park_countdown(remaining: float) -> int:
     """Whole seconds for a worker's own park: rounded up (never early), at least 1."""
     return min(MAX_DELAY, max(1, math.ceil(remaining)))
+
+
+class DelayedDeliveryBindings:
+    """Which queues have the delayed delivery topology declared and bound on a publisher's
+    current connection (the bookkeeping both publishers share; the declaring is theirs,
+    ``declare((queue,))``). Each queue is declared once per connection: concurrent callers
+    share one declaration, a failed one is tried again by the next caller, and
+    :meth:`forget` (the connection is gone) starts over."""
+
+    def __init__(self, declare: Callable[[tuple[str, ...]], Awaitable[None]]) -> None:
+        self._declare = declare
+        self._queues: dict[str, asyncio.Future[None]] = {}
+
+    async def ensure(self, queue: str) -> None:
+        future = self._queues.get(queue)
+        if future is None or (future.done() and future.exception() is not None):
+            future = asyncio.ensure_future(self._declare((queue,)))
+            self._queues[queue] = future
+        await asyncio.shield(future)
+
+    def forget(self) -> None:
+        self._queues.clear()

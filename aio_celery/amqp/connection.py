@@ -38,6 +38,7 @@ from pamqp import commands, exceptions, frame
 
 from aio_celery import __version__
 from aio_celery.amqp import wire as amqpwire
+from aio_celery.amqp.deadline import SharedDeadlines
 from aio_celery.amqp.reader import Delivery, FrameReader
 from aio_celery.amqp.wire import WireError
 from aio_celery.config import BROKER_SCHEMES, url_problem
@@ -244,6 +245,7 @@ class AMQPConnection(asyncio.Protocol):
         self._last_blind = 0
         self._confirmed_upto = 0
         self._confirms: dict[int, asyncio.Future[None]] = {}
+        self._publish_deadlines = SharedDeadlines()
         #: the exchange and routing key of each mandatory publish not yet confirmed
         self._mandatory: dict[int, tuple[str, str]] = {}
         #: why the broker returned a mandatory publish, until its confirm comes
@@ -680,7 +682,7 @@ class AMQPConnection(asyncio.Protocol):
         once ``publish_timeout`` has passed, blocked or waiting for the confirm (the
         message may or may not have been queued then)."""
         try:
-            async with asyncio.timeout(self.publish_timeout):
+            with self._publish_deadlines.bound(self.publish_timeout):
                 await self._publish(body, properties, routing_key, exchange, mandatory)
         except TimeoutError:
             state = f"blocked by the broker ({self.blocked})" if self.blocked is not None \

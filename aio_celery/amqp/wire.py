@@ -166,8 +166,10 @@ def encode_properties(envelope: Envelope) -> bytes:
     """The property flags and values of a content header frame for ``envelope``."""
     flags = _CONTENT_TYPE | _CONTENT_ENCODING | _HEADERS | _DELIVERY_MODE
     parts = [
-        _short_str(envelope.content_type),
-        _short_str(envelope.content_encoding),
+        # the same few content types and encodings in every message: encoded once (cached
+        # like the header keys)
+        _key(envelope.content_type),
+        _key(envelope.content_encoding),
         field_table(envelope.headers),
         bytes((envelope.delivery_mode,)),
     ]

@@ -355,7 +355,7 @@ class Worker:
     async def _control_connection(self) -> AMQPConnection:
         settings = self.app.conf.settings
         return await connect_first(
-            Failover(settings.broker_url, settings.broker_failover_strategy),
+            self.failover.companion(),
             heartbeat=settings.broker_heartbeat,
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()} "
                             "remote control",
@@ -376,7 +376,7 @@ class Worker:
         must not wait behind that. It tries the URLs in the consumer's failover order."""
         settings = self.app.conf.settings
         return WorkerPublisher(
-            Failover(settings.broker_url, settings.broker_failover_strategy),
+            self.failover.companion(),
             plan=QueuePlan.from_settings(settings),
             connection_timeout=settings.broker_connection_timeout,
             publish_timeout=settings.broker_publish_timeout,

@@ -259,6 +259,27 @@ async def test_task_revoked_for_a_revoked_a_terminated_and_an_expired_task(
     assert await handle.stop() == 0
 
 
+async def test_events_go_on_after_the_publishing_connection_is_lost(
+        app: Celery, start_worker: Callable[..., Awaitable[Any]], tap: EventTap,
+        proxy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    new_publisher = Worker._new_publisher
+
+    def through_proxy(self: Worker) -> WorkerPublisher:
+        publisher = new_publisher(self)
+        publisher.failover = Failover(proxy.url())
+        return publisher
+
+    monkeypatch.setattr(Worker, "_new_publisher", through_proxy)
+    handle = await start_worker(hostname=tap.hostname, heartbeat_interval=0.2)
+    await eventually(lambda: tap.of("worker-heartbeat"), TIMEOUT, what="a heartbeat")
+    assert proxy.cut() == 1
+    seen = len(tap.of("worker-heartbeat"))
+    await eventually(lambda: len(tap.of("worker-heartbeat")) > seen + 2 and
+                     proxy.open_connections == 1, TIMEOUT,
+                     what="heartbeats again, on a new connection")
+    assert await handle.stop() == 0
+
+
 # --- a broker that cannot take events does not slow the tasks -------------------------------
 
 async def _away_url() -> str:

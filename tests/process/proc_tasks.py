@@ -36,13 +36,18 @@ async def sleep(self, seconds: float, value: object = None) -> object:
 @app.task(name="proc.sends")
 async def sends() -> list[object]:
     """Whether aio-pika (or aiormq) was loaded before this task sent one, whether it is
-    after (neither should be: a worker publishes on its own client), and the id of the one
-    it sent."""
+    after (neither should be: a worker publishes on its own client), the id of the one
+    it sent, and how many client publishers (``aio_celery.broker.Broker``) exist in this
+    process (none should: the app builds its own only on a first client publish)."""
+    import gc
     import sys
+
+    from aio_celery.broker import Broker
 
     def loaded() -> bool:
         return "aio_pika" in sys.modules or "aiormq" in sys.modules
 
     before = loaded()
     sent = await sleep.delay(0, "sent by proc.sends")
-    return [before, loaded(), sent.id]
+    brokers = sum(isinstance(thing, Broker) for thing in gc.get_objects())
+    return [before, loaded(), sent.id, brokers]

@@ -147,7 +147,7 @@ def start_busy_worker(spawn: Callable[..., WorkerProcess], queue: str, redis_url
 
 # --- the worker publishes on its own client ----------------------------------------------------
 
-def test_the_worker_never_loads_aio_pika_even_when_a_task_sends(
+def test_the_worker_never_loads_aio_pika_nor_builds_a_client_broker(
         spawn: Callable[..., WorkerProcess], unique_name: str, redis_url: str,
         redis_client: redis.Redis) -> None:
     async def send() -> str:
@@ -163,8 +163,9 @@ def test_the_worker_never_loads_aio_pika_even_when_a_task_sends(
     assert worker.wait(30) == exitcodes.OK, worker.diagnostics()
     document = stored(redis_client, task_id)
     assert document is not None and document["status"] == "SUCCESS", worker.diagnostics()
-    before, after, sent_id = document["result"]  # type: ignore[misc]
+    before, after, sent_id, client_brokers = document["result"]  # type: ignore[misc]
     assert (before, after) == (False, False)
+    assert client_brokers == 0
     sent = stored(redis_client, str(sent_id))
     assert sent is not None and sent["result"] == "sent by proc.sends", worker.diagnostics()
 

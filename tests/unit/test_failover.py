@@ -48,6 +48,22 @@ def test_shuffle_puts_the_lost_url_last() -> None:
         assert order[-1] == B and sorted(order) == sorted((A, B, C))
 
 
+def test_a_companion_tries_the_url_its_leader_uses_first() -> None:
+    for strategy in ("round-robin", "shuffle"):
+        leader = Failover(URLS, strategy, rng=random.Random(3))
+        companion = leader.companion()  # made before the leader connects, as a publisher is
+        leader.using(B)
+        for _ in range(10):
+            order = companion.order()
+            assert order[0] == B and sorted(order) == sorted((A, B, C))
+        companion.using(B)
+        companion.lost()  # its own loss: it moves on, whatever the leader uses
+        assert companion.order()[0] != B
+        companion.using(C)
+        assert companion.order()[0] == C  # its own URL in use comes first
+        assert leader.order()[0] == B
+
+
 def test_logs_show_the_url_in_use_masked() -> None:
     failover = Failover(URLS)
     assert failover.masked == "amqp://u:***@a//;amqp://u:***@b//;amqps://u:***@c:5671/v"

@@ -3,6 +3,7 @@ and kombu 5.7 (their own functions and declarations are the oracle)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -16,6 +17,7 @@ from aio_celery.quorum import (
     DELAYED_DELIVERY_EXCHANGE,
     FIRST_DELAY_EXCHANGE,
     MAX_DELAY,
+    DelayedDeliveryBindings,
     QueuePlan,
     delayed_bindings,
     delayed_routing_key,
@@ -174,3 +176,43 @@ def test_unusable_types_name_the_setting(setting: str, value: str) -> None:
     (601, 600), (86400, 600)])
 def test_holding_ttl_is_a_power_of_two_not_past_the_eta(remaining: float, ttl: float) -> None:
     assert holding_ttl(remaining, 600.0) == ttl
+
+
+# --- DelayedDeliveryBindings: the publishers' bookkeeping -------------------------------------
+
+async def test_delayed_delivery_is_declared_once_per_queue_and_connection() -> None:
+    declared: list[tuple[str, ...]] = []
+    release = asyncio.Event()
+
+    async def declare(queues: tuple[str, ...]) -> None:
+        declared.append(queues)
+        await release.wait()
+
+    bindings = DelayedDeliveryBindings(declare)
+    waiting = [asyncio.ensure_future(bindings.ensure("a")) for _ in range(3)]
+    waiting.append(asyncio.ensure_future(bindings.ensure("b")))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(*waiting)
+    await bindings.ensure("a")
+    assert declared == [("a",), ("b",)]  # concurrent callers shared one declaration
+
+    bindings.forget()  # a new connection declares again
+    await bindings.ensure("a")
+    assert declared == [("a",), ("b",), ("a",)]
+
+
+async def test_a_failed_delayed_delivery_declaration_is_tried_again() -> None:
+    attempts: list[tuple[str, ...]] = []
+
+    async def declare(queues: tuple[str, ...]) -> None:
+        attempts.append(queues)
+        if len(attempts) == 1:
+            raise ConnectionError("refused")
+
+    bindings = DelayedDeliveryBindings(declare)
+    with pytest.raises(ConnectionError, match="refused"):
+        await bindings.ensure("a")
+    await bindings.ensure("a")
+    await bindings.ensure("a")
+    assert attempts == [("a",), ("a",)]
