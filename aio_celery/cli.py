@@ -81,6 +81,17 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("--status-file", type=click.Path(dir_okay=False), default=None,
               help="Where the supervisor writes its status for `aio_celery health` "
                    "(default: $AIO_CELERY_STATUS_FILE or a per-user temp file).")
+@click.option("-E", "--task-events", is_flag=True, default=None,
+              help="Send task events (task-received, task-succeeded...) for monitors such "
+                   "as Flower (default: worker_send_task_events; the enable_events remote "
+                   "control command turns them on too).")
+@click.option("--without-heartbeat", is_flag=True,
+              help="Send no worker events (worker-online, worker-heartbeat, "
+                   "worker-offline): monitors then never see the worker's nodes.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.1), default=2.0,
+              show_default=True,
+              help="Seconds between worker-heartbeat events (monitors call a node offline "
+                   "after twice this without one).")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
               envvar="AIO_CELERY_METRICS_PORT", show_envvar=True,
               help="Serve Prometheus metrics of the whole worker (every child and the "
@@ -100,7 +111,8 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
            eta_horizon: float, unacked_max_age: float | None, max_tasks_per_child: int,
            max_memory_per_child: int,
            max_task_deaths: int | None, heartbeat_timeout: float, startup_timeout: float,
-           status_file: str | None, metrics_port: int | None, metrics_bind: str,
+           status_file: str | None, task_events: bool | None, without_heartbeat: bool,
+           heartbeat_interval: float, metrics_port: int | None, metrics_bind: str,
            burst: bool, log_config: bool) -> None:
     """Run workers for APP (module:attribute, e.g. proj.tasks:app).
 
@@ -130,7 +142,9 @@ def worker(app: str, processes: int | None, pool: str, concurrency: int,
         prefetch_multiplier=prefetch_multiplier, shutdown_timeout=shutdown_timeout,
         eta_horizon=eta_horizon, unacked_max_age=unacked_max_age,
         max_tasks=max_tasks_per_child,
-        max_memory_kib=max_memory_per_child, max_task_deaths=max_task_deaths)
+        max_memory_kib=max_memory_per_child, max_task_deaths=max_task_deaths,
+        task_events=task_events,
+        heartbeat_interval=None if without_heartbeat else heartbeat_interval)
     template = hostname or nodenames.DEFAULT_TEMPLATE
     try:
         solo_name = nodenames.expand(template, socket.gethostname())

@@ -114,6 +114,14 @@ class Settings:
     #: ``consumer_timeout`` (30 min by default): keep this below it (25 min fits the
     #: default). None or 0: off (for a broker whose consumer_timeout is off)
     worker_unacked_max_age: float | None = 1500.0
+    #: send task events (``task-received``, ``task-succeeded``...) for monitors such as
+    #: Flower; the worker's ``-E`` does the same. Worker events (online, heartbeat,
+    #: offline) are sent either way unless ``--without-heartbeat``
+    worker_send_task_events: bool = False
+    #: the topic exchange events are published to (Celery's default)
+    event_exchange: str = "celeryev"
+    #: accepted for Celery compatibility: events are JSON
+    event_serializer: str = "json"
     timezone: str = "UTC"
     enable_utc: bool = True
 
@@ -127,7 +135,7 @@ class Settings:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(Settings)}
-_ONLY_JSON = ("task_serializer", "result_serializer")
+_ONLY_JSON = ("task_serializer", "result_serializer", "event_serializer")
 
 
 class Config(Mapping[str, Any]):

@@ -99,7 +99,7 @@ class Recorder:
         """A finished task tried again to write to the result backend."""
 
     def events_dropped(self, count: int = 1) -> None:
-        """Task events that could not be sent and were dropped."""
+        """Monitoring events (task and worker) that could not be sent and were dropped."""
 
     def flush(self) -> None:
         """Write what was recorded since the last flush to the metrics."""
@@ -143,7 +143,7 @@ class PrometheusRecorder(Recorder):
                                    registry=registry)
         self._store_retries = Counter("aio_celery_result_store_retries",
                                       "Writes to the result backend tried again", registry=registry)
-        self._dropped = Counter("aio_celery_events_dropped", "Task events dropped",
+        self._dropped = Counter("aio_celery_events_dropped", "Monitoring events dropped",
                                 registry=registry)
         # since the last flush: counts by (task, outcome); observations by task
         self._counts: dict[tuple[str, str], int] = {}

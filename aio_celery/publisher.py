@@ -89,6 +89,7 @@ class WorkerPublisher:
         #: declarations made on the open connection (a new connection makes them again)
         self._declared: dict[str, asyncio.Future[None]] = {}
         self._delayed = DelayedDeliveryBindings(self.declare_delayed_delivery)
+        self._exchanges: dict[str, asyncio.Future[None]] = {}
         self._closed = False
 
     @property
@@ -122,6 +123,7 @@ class WorkerPublisher:
         self._connection = None
         self._declared.clear()
         self._delayed.forget()
+        self._exchanges.clear()
         ended = connection.ended_reason
         logger.warning("The worker's publishing connection to %s ended (%s): the next "
                        "publish opens a new one%s", self.failover.masked, ended,
@@ -148,6 +150,7 @@ class WorkerPublisher:
         connection, self._connection = self._connection, None
         self._declared.clear()
         self._delayed.forget()
+        self._exchanges.clear()
         if connection is not None:
             await connection.close(timeout=self.connection_timeout)
 
@@ -176,6 +179,29 @@ class WorkerPublisher:
         await connection.queue_declare(name, durable=True, arguments=declaration.arguments)
         await connection.queue_bind(name, declaration.exchange,
                                     routing_key=declaration.routing_key)
+
+    async def declare_exchange(self, name: str, kind: str, *, durable: bool = True) -> None:
+        """Declare an exchange once per connection (concurrent callers share one
+        declaration); BrokerConnectionError, or PublishRefusedError if the broker refuses
+        it (one that exists with another type: that closes this connection)."""
+        async def declare(connection: AMQPConnection) -> None:
+            await connection.exchange_declare(name, kind, durable=durable)
+
+        future = self._exchanges.get(name)
+        # A declaration made on a connection lost since is made again (on a new one).
+        if future is None or (future.done() and (future.cancelled()
+                                                 or future.exception() is not None
+                                                 or self.connection is None)):
+            future = asyncio.ensure_future(self._declaring(f"the exchange {name!r}", declare,
+                                                           PublishRefusedError))
+            self._exchanges[name] = future
+        await asyncio.shield(future)
+
+    def exchange_ready(self, name: str) -> bool:
+        """The connection is open and ``name`` was declared on it."""
+        future = self._exchanges.get(name)
+        return self.connection is not None and future is not None and future.done() \
+            and not future.cancelled() and future.exception() is None
 
     async def declare_delayed_delivery(self, queues: tuple[str, ...]) -> None:
         """Declare Celery's ``celery_delayed_*`` topology and bind ``queues`` to it:
@@ -256,6 +282,7 @@ class WorkerPublisher:
         connection, self._connection = self._connection, None
         self._declared.clear()
         self._delayed.forget()
+        self._exchanges.clear()
         if connection is not None:
             logger.info("The broker nacked a publish: the next one opens a new publishing "
                         "connection")
@@ -286,6 +313,20 @@ class WorkerPublisher:
         except Nacked:
             await self._drop_after_nack()
             raise
+
+    def publish_nowait(self, body: bytes, properties: bytes, routing_key: str,
+                       exchange: str, *, backlog_limit: int) -> bool:
+        """Publish without a confirm if that can be done at once: False (nothing sent)
+        without an open connection, while the broker blocks publishing (a resource alarm),
+        or while more than ``backlog_limit`` bytes wait to be written (a slow broker).
+        Declare ``exchange`` first (:meth:`declare_exchange`): a publish to a missing one
+        closes the connection."""
+        connection = self.connection
+        if connection is None or connection.blocked is not None \
+                or connection.write_backlog > backlog_limit:
+            return False
+        connection.publish_unconfirmed(body, properties, routing_key, exchange)
+        return True
 
     def _error(self, what: str, queue: str, exc: BaseException) -> BrokerConnectionError:
         if getattr(exc, "reply_code", None) in CHANNEL_REFUSALS:

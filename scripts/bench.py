@@ -10,8 +10,9 @@
 * ``drain``: a queue pre-filled with N task messages, drained by an in-process aio-celery
   ``Worker`` against a plain aio-pika consumer that acks each message; variants: no-op
   tasks; with Redis results; ``asyncio.sleep(0.1)`` tasks at concurrency 1000; no-op tasks
-  on a quorum queue; and ``metrics``: no-op tasks with Prometheus metrics on (in
-  multiprocess mode, as under the supervisor) against the same worker with them off.
+  on a quorum queue; ``metrics``: no-op tasks with Prometheus metrics on (in multiprocess
+  mode, as under the supervisor) against the same worker with them off; ``events``: no-op
+  tasks with task events on (``-E``, a monitor's queue bound to ``celeryev``).
 * ``scale``: our supervisor with ``-c 1`` against ``-c 2``, and 1 against 2 plain aio-pika
   consumer processes: does a second process gain as much for us as for the plain consumer?
 
@@ -494,6 +495,8 @@ DRAIN_VARIANTS: dict[str, tuple[str, str, str]] = {
     # the baseline is our own worker with metrics off: the ratio is what metrics cost
     "metrics": ("drain/aio-celery-metrics", "drain/aio-celery",
                 "no-op tasks, Prometheus metrics on (multiprocess files) against off"),
+    "events": ("drain/aio-celery-events", "drain/aio-pika",
+               "no-op tasks, task events on (-E), a monitor's queue bound to celeryev"),
 }
 QUORUM_ARGUMENTS = {"x-queue-type": "quorum"}
 
@@ -554,11 +557,14 @@ class DrainProgress:
 @measurement("drain/aio-celery-results")
 @measurement("drain/aio-celery-sleep")
 @measurement("drain/aio-celery-quorum")
+@measurement("drain/aio-celery-events")
 async def drain_aio_celery(params: Params) -> Stopwatch:
-    """An in-process ``Worker`` (concurrency C, no banner) on the pre-filled queue; the app
-    has a Redis result backend when ``params["backend"]`` is set, and the worker records
-    Prometheus metrics (into a multiprocess directory, as a supervisor's child does) when
-    ``params["metrics"]`` is. Every execution of the task is counted; the run ends when the
+    """An in-process ``Worker`` (concurrency C, no banner; worker events on, as by default)
+    on the pre-filled queue; the app has a Redis result backend when ``params["backend"]``
+    is set, and the worker records Prometheus metrics (into a multiprocess directory, as a
+    supervisor's child does) when ``params["metrics"]`` is; with ``params["events"]`` task
+    events are on and a queue bound to ``celeryev`` takes them (as Flower's would; dropped
+    after 5 s unread). Every execution of the task is counted; the run ends when the
     worker has finished N."""
     from aio_celery import Celery
     from aio_celery.worker import Worker, WorkerOptions
@@ -590,8 +596,43 @@ async def drain_aio_celery(params: Params) -> Stopwatch:
 
         recorder = PrometheusRecorder()
     worker = Worker(app, WorkerOptions(concurrency=params["concurrency"],
-                                       queues=(params["queue"],), burst=False, banner=False),
+                                       queues=(params["queue"],), burst=False, banner=False,
+                                       task_events=bool(params.get("events"))),
                     recorder=recorder)
+    try:
+        async with AsyncExitStack() as stack:
+            if params.get("events"):
+                await stack.enter_async_context(monitor_queue(params["broker"]))
+            watch = await drain_with(worker, progress, n)
+    finally:
+        if recorder is not None:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    if params.get("events") and worker.stats.events_dropped:
+        print(f"events dropped: {worker.stats.events_dropped}", file=sys.stderr)
+    return watch
+
+
+@asynccontextmanager
+async def monitor_queue(broker: str) -> AsyncIterator[None]:
+    """An exclusive queue bound to ``celeryev`` with ``#``, as Flower's (TTL 5 s)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(broker)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("celeryev", aio_pika.ExchangeType.TOPIC,
+                                                  durable=True)
+        queue = await channel.declare_queue(f"{QUEUE_PREFIX}-celeryev-{uuid.uuid4().hex[:8]}",
+                                            exclusive=True,
+                                            arguments={"x-message-ttl": 5000})
+        await queue.bind(exchange, "#")
+        yield
+    finally:
+        await connection.close()
+
+
+async def drain_with(worker: Any, progress: DrainProgress, n: int) -> Stopwatch:
+    """Run ``worker`` until ``progress`` counts N executions and N are finished."""
     running = asyncio.create_task(worker.run())
 
     def on_stall() -> None:
@@ -609,8 +650,6 @@ async def drain_aio_celery(params: Params) -> Stopwatch:
     finally:
         worker.request_stop()
         code = await asyncio.wait_for(running, 60)
-        if recorder is not None:
-            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     if code != 0 or progress.count != n or worker.stats.finished != n:
         raise RuntimeError(f"worker exit code {code}, {progress.count} executions and "
                            f"{worker.stats.finished} finished for {n} messages")
@@ -766,6 +805,8 @@ async def cmd_drain(args: argparse.Namespace) -> int:
                 params["backend"] = backend
             if variant == "quorum":
                 params["quorum"] = True
+            if variant == "events":
+                params["events"] = True
             print(f"{variant}: {what}, concurrency {concurrency}, "
                   f"prefetch {4 * concurrency}"
                   + (f", results in {backend}" if variant == "results" else ""),

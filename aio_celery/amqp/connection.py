@@ -241,6 +241,9 @@ class AMQPConnection(asyncio.Protocol):
         self._abandoned_replies = 0
         self._consumers: dict[str, DeliveryCallback] = {}
         self._published = 0
+        #: the tag of the last unconfirmed-kind publish, and the highest tag confirmed
+        self._last_blind = 0
+        self._confirmed_upto = 0
         self._confirms: dict[int, asyncio.Future[None]] = {}
         self._publish_deadlines = SharedDeadlines()
         #: the exchange and routing key of each mandatory publish not yet confirmed
@@ -500,9 +503,12 @@ class AMQPConnection(asyncio.Protocol):
             what = "channel"
         # A channel error caused by a request (a declaration) is that request's: the
         # publishes awaiting confirms meanwhile are lost with the channel, not refused.
+        # The same for a publish error while a publish of ours that nobody awaits may be
+        # the culprit (an event to an exchange deleted meanwhile): the others are lost,
+        # to be sent again, not refused for good.
         by_publish = what == "channel" and \
             ((method.class_id or 0) << 16 | (method.method_id or 0)) \
-            == commands.Basic.Publish.index
+            == commands.Basic.Publish.index and self._last_blind <= self._confirmed_upto
         self._abort(f"the broker closed the {what}: {method.reply_code} {method.reply_text}",
                     method.reply_code, confirms_too=by_publish)
 
@@ -539,6 +545,7 @@ class AMQPConnection(asyncio.Protocol):
             self._unblocked.set()
 
     def _confirmed(self, tag: int, multiple: bool, error: Exception | None) -> None:
+        self._confirmed_upto = max(self._confirmed_upto, tag)
         tags = [t for t in self._confirms if t <= tag] if multiple else [tag]
         for confirmed in tags:
             future = self._confirms.pop(confirmed, None)
@@ -699,6 +706,24 @@ class AMQPConnection(asyncio.Protocol):
         if self._reader.held:  # the confirm may be queued behind held deliveries
             self._parse_soon()
         await confirm
+
+    def publish_unconfirmed(self, body: bytes, properties: bytes, routing_key: str,
+                            exchange: str = "") -> None:
+        """Write a publish and return: no confirm is awaited or kept track of (monitoring
+        events, which may be lost). The channel numbers it like any other publish, so the
+        confirms of the others stay in step. The caller checks :attr:`blocked` and
+        :attr:`write_backlog` first: this never waits. ConnectionClosed when not open."""
+        self._write(frame.marshal(commands.Basic.Publish(exchange=exchange,
+                                                         routing_key=routing_key), CHANNEL)
+                    + amqpwire.content_frames(CHANNEL, body, properties, self.frame_max))
+        self._published += 1
+        self._last_blind = self._published
+
+    @property
+    def write_backlog(self) -> int:
+        """Bytes written and not yet taken by the socket (a slow broker or network)."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     async def qos(self, prefetch_count: int, global_: bool = False) -> None:
         """``global_=False``: a limit for each consumer started afterwards (RabbitMQ refuses

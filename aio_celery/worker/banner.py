@@ -15,8 +15,10 @@ if TYPE_CHECKING:
 
 
 def banner(app: Celery, options: WorkerOptions, queues: tuple[str, ...],
-           prefetch_count: int, failover: Failover | None = None) -> str:
-    """``failover``: the broker URL in use, out of those of ``broker_url``."""
+           prefetch_count: int, failover: Failover | None = None,
+           task_events: bool = False) -> str:
+    """``failover``: the broker URL in use, out of those of ``broker_url``;
+    ``task_events``: whether task events are on now."""
     settings = app.conf.settings
     tasks = sorted(app.tasks) or ["(none registered)"]
     broker = mask_url(settings.broker_url) if failover is None else failover.masked
@@ -29,7 +31,16 @@ def banner(app: Celery, options: WorkerOptions, queues: tuple[str, ...],
         f"  results:     {mask_url(settings.result_backend) or 'disabled'}",
         f"  concurrency: {options.concurrency} (prefetch {prefetch_count})",
         f"  queues:      {', '.join(queues)}",
+        f"  events:      {_events(options, task_events, settings.event_exchange)}",
         "  tasks:",
         *(f"    . {name}" for name in tasks),
     ]
     return "\n".join(lines)
+
+
+def _events(options: WorkerOptions, task_events: bool, exchange: str) -> str:
+    interval = options.heartbeat_interval
+    worker = f"worker events every {interval:g}s" if interval is not None \
+        else "no worker events (--without-heartbeat)"
+    tasks = "task events ON" if task_events else "task events OFF (-E to monitor tasks)"
+    return f"{tasks}, {worker}, to {exchange}"

@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from aio_celery import events as wire_events
 from aio_celery import metrics, protocol
 from aio_celery.amqp.connection import Delivery
 from aio_celery.broker import (
@@ -72,6 +73,7 @@ from aio_celery.publisher import WorkerPublisher
 from aio_celery.quorum import FIRST_DELAY_EXCHANGE, delayed_routing_key, park_countdown
 from aio_celery.worker import aging
 from aio_celery.worker.acks import AckTracker
+from aio_celery.worker.events import EventDispatcher
 from aio_celery.worker.execution import Settle, TaskRunner
 from aio_celery.worker.options import WorkerOptions
 from aio_celery.worker.rates import Limiter, Line
@@ -173,13 +175,15 @@ class Session:
                  stats: Stats, on_task_done: Callable[[], None], *,
                  publisher: WorkerPublisher, guard: Guard | None = None,
                  max_pending_results: int = Settings.worker_max_pending_results,
-                 unacked_max_age: float | None = None, limiter: Limiter | None = None) -> None:
+                 unacked_max_age: float | None = None, limiter: Limiter | None = None,
+                 events: EventDispatcher | None = None) -> None:
         """``max_pending_results``: no task starts while this many finished ones wait for
         the backend or the broker (the runner reports them: wire its ``on_waiting`` to
         :meth:`task_pending`). ``unacked_max_age``: see :mod:`aio_celery.worker.aging`
         (None: no sweep). ``publisher``: where parks go, and the declarations they need
         (a connection other than ``channel``'s). ``limiter``: the rate limits (None: off,
-        ``worker_disable_rate_limits``)."""
+        ``worker_disable_rate_limits``). ``events``: where task-received and task-rejected
+        go (none: a dispatcher that is off)."""
         self.channel = channel
         self.publisher = publisher
         guard = guard or Guard(DEFAULT_MAX_TASK_DEATHS)
@@ -187,6 +191,8 @@ class Session:
         self._limiter = limiter
         self._seat = guard.seat
         self.runner = runner
+        self.events = events if events is not None else EventDispatcher(
+            options.hostname, None, stats)
         self.options = options
         self.stats = stats
         self._on_task_done = on_task_done
@@ -322,6 +328,11 @@ class Session:
         return dataclasses.replace(self._outcome)
 
     @property
+    def active(self) -> int:
+        """Tasks running (not counting finished ones that wait for the backend)."""
+        return len(self._running) - self._pending
+
+    @property
     def busy(self) -> bool:
         return bool(self._ready or self._waiting or self._running or len(self._tracker))
 
@@ -386,6 +397,8 @@ class Session:
         floor = self._stamp_floor
         job = _Job(queue, message, tag, delivery_info,
                    time.monotonic() if floor is None else floor)
+        if self.events.tasks_on:
+            self.events.task("task-received", wire_events.received_fields(message))
         if deliver.redelivered and self._judge(job, props.headers):
             self._wait(job, self._await_count(job, raw, props.headers), "suspect")
             return
@@ -493,6 +506,7 @@ class Session:
                 ready.appendleft(job)  # it starts once the running tasks are done
                 break
             self._free_slots -= 1
+            self.stats.started += 1
             task = asyncio.create_task(self._run(job),
                                        name=f"{job.message.task}[{job.message.id}]")
             self._running[task] = job
@@ -512,6 +526,7 @@ class Session:
 
     async def _run(self, job: _Job) -> None:
         message = job.message
+        rejected = False  # by us, not by the runner (which announced its own)
         recorder = self.runner.metrics
         if recorder.enabled:  # one test on the hot path while metrics are off
             recorder.task_started(self.runner.label(message.task), job.arrived, message.eta,
@@ -531,6 +546,7 @@ class Session:
             # A bug of ours (task errors are handled by the runner). Requeue once; a
             # message that fails like this again is rejected rather than looped.
             settle = Settle.REJECT if job.delivery_info["redelivered"] else Settle.REQUEUE
+            rejected = True
             recorder.task_done(self.runner.label(message.task), metrics.INTERNAL_ERROR, None)
             logger.exception("Internal error while handling task %s[%s]: message %s",
                              message.task, message.id,
@@ -539,6 +555,9 @@ class Session:
             self._off_the_board(job)
         if not job.acked:
             self._settle(job.tag, settle)
+            if rejected and self.events.tasks_on:
+                self.events.task("task-rejected", wire_events.rejected_fields(
+                    message.id, requeue=settle is Settle.REQUEUE))
         self.stats.finished += 1
         self._on_task_done()  # may request a stop (max tasks): before the next one starts
 

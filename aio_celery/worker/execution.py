@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aio_celery import events as wire_events
 from aio_celery import metrics, resultmeta, signals, states
 from aio_celery.app import Celery
 from aio_celery.canvas import Signature, send_signature
@@ -50,7 +51,9 @@ from aio_celery.result import result_tuple
 from aio_celery.task import Context, Task, current_request, current_task, retry_countdown
 from aio_celery.worker import chord
 from aio_celery.worker.dependency import DependencyOutage
+from aio_celery.worker.events import EventDispatcher
 from aio_celery.worker.limits import run_with_limits
+from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
 
@@ -82,10 +85,14 @@ class TaskRunner:
     def __init__(self, app: Celery, hostname: str, *,
                  revoked: RevokedSet | None = None,
                  total: collections.Counter[str] | None = None,
-                 recorder: metrics.Recorder | None = None) -> None:
+                 recorder: metrics.Recorder | None = None,
+                 events: EventDispatcher | None = None) -> None:
+        """``events``: where the task events go (none: a dispatcher that is off)."""
         self.app = app
         self.hostname = hostname
         self.metrics = recorder or metrics.Recorder()
+        self.events = events if events is not None else EventDispatcher(hostname, None,
+                                                                        Stats())
         #: ids revoked by remote control: skipped when they come to run
         self.revoked = revoked if revoked is not None else RevokedSet()
         #: the tasks whose body runs now, by id
@@ -93,9 +100,9 @@ class TaskRunner:
         #: tasks started, by name (``inspect stats``' ``total``)
         self.total: collections.Counter[str] = total if total is not None \
             else collections.Counter()
-        #: told of each revoked task skipped or terminated: (task id, terminated, expired)
-        #: (the task-revoked event, once events are wired)
-        self.on_revoked: Callable[[str, bool, bool], None] = _ignore_revoked
+        #: told of each revoked task skipped, terminated or expired: (task id, terminated,
+        #: expired); by default it sends the task-revoked event
+        self.on_revoked: Callable[[str, bool, bool], None] = self._announce_revoked
         settings = app.conf.settings
         self._has_backend = bool(settings.result_backend)
         self._ignore_default = settings.task_ignore_result
@@ -123,6 +130,8 @@ class TaskRunner:
         if self.is_revoked(message.id):
             return await self.skip_revoked(message)
         self.total[message.task] += 1
+        if self.events.tasks_on:
+            self.events.task("task-started", {"uuid": message.id})
         request = self._context(message, delivery_info)
         request_token = current_request.set(request)
         task_token = current_task.set(task)
@@ -330,6 +339,9 @@ class TaskRunner:
             children = [result_tuple(child) for child in request.children]
             await self._store(message, states.SUCCESS, value, children=children)
         await self._chord_part(message, states.SUCCESS, value)
+        if self.events.tasks_on:
+            self.events.task("task-succeeded",
+                             wire_events.succeeded_fields(message.id, value, runtime))
         if signals.task_success.receivers:  # hot path: no coroutine when unused
             await signals.task_success.send(sender=task, result=value, task_id=message.id)
         return Settle.ACK
@@ -342,6 +354,10 @@ class TaskRunner:
             await self._store_passing(message, states.RETRY,
                                       resultmeta.exception_to_dict(reason),
                                       traceback_text=_format_tb(reason))
+        if self.events.tasks_on:
+            reason = retry.exc if retry.exc is not None else retry
+            self.events.task("task-retried", wire_events.failed_fields(
+                message.id, reason, _format_tb(reason)))
         await signals.task_retry.send(sender=task, request=current_request.get(),
                                       reason=retry.exc or retry)
         return Settle.ACK
@@ -362,6 +378,8 @@ class TaskRunner:
             await self._store(message, states.FAILURE, error, traceback_text=tb)
         await self._chord_part(message, states.FAILURE, error)
         await self._fail_chain_steps(message, error, tb, every_step=chain_lost)
+        if self.events.tasks_on:
+            self.events.task("task-failed", wire_events.failed_fields(message.id, exc, tb))
         await signals.task_failure.send(sender=task, task_id=message.id, exception=exc,
                                         args=message.args, kwargs=message.kwargs,
                                         traceback=tb)
@@ -389,6 +407,9 @@ class TaskRunner:
         if self._has_backend and not message.ignore_result:
             await self._store(message, states.FAILURE,
                               resultmeta.exception_to_dict(NotRegistered(message.task)))
+        if self.events.tasks_on:  # Celery's: no traceback
+            self.events.task("task-failed", {"uuid": message.id,
+                                             "exception": f"NotRegistered({message.task!r})"})
         await signals.task_unknown.send(sender=None, name=message.task, id=message.id)
         self.metrics.task_done(metrics.UNKNOWN_TASK, metrics.REJECTED, None)
         return Settle.REJECT
@@ -400,9 +421,17 @@ class TaskRunner:
         if not self._ignores_result(task, message):
             await self._store(message, states.REVOKED, error)
         await self._chord_part(message, states.REVOKED, error)
+        self.on_revoked(message.id, False, True)
         await signals.task_revoked.send(sender=task, request=message, expired=True)
         self.metrics.task_done(task.name, metrics.REVOKED, None)
         return Settle.ACK
+
+    def _announce_revoked(self, task_id: str, terminated: bool, expired: bool) -> None:
+        """The task-revoked event (no ``signum``: a terminated task's coroutine is
+        cancelled, no signal is sent)."""
+        if self.events.tasks_on:
+            self.events.task("task-revoked", wire_events.revoked_fields(
+                task_id, terminated=terminated, expired=expired))
 
     def is_revoked(self, task_id: str) -> bool:
         # hot path: checked twice per message; an empty set costs no clock read
@@ -466,9 +495,12 @@ class TaskRunner:
                      "(worker_max_task_deaths); stored as FAILURE WorkerLostError, message "
                      "rejected from queue %s without requeue: %s", message.task, message.id,
                      deaths, delivery_info["queue"], where)
-        error = resultmeta.exception_to_dict(WorkerLostError(
+        lost = WorkerLostError(
             f"Worker exited prematurely: the process died {deaths} times while running "
-            f"{message.task}[{message.id}]; retired, not run again"))
+            f"{message.task}[{message.id}]; retired, not run again")
+        error = resultmeta.exception_to_dict(lost)
+        if self.events.tasks_on:
+            self.events.task("task-failed", wire_events.failed_fields(message.id, lost, ""))
         task = self.app.tasks.get(message.task)
         ignore = self._ignores_result(task, message) if task is not None else (
             not self._has_backend or bool(message.ignore_result))
@@ -611,10 +643,6 @@ _OUTCOMES = {states.SUCCESS: metrics.SUCCEEDED, states.FAILURE: metrics.FAILED,
 
 
 def _nothing() -> None:
-    pass
-
-
-def _ignore_revoked(_task_id: str, _terminated: bool, _expired: bool) -> None:
     pass
 
 

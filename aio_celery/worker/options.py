@@ -40,6 +40,11 @@ class WorkerOptions:
     max_task_deaths: int | None = None
     #: print the start-up banner
     banner: bool = True
+    #: send task events (``-E``; None: the app's ``worker_send_task_events``)
+    task_events: bool | None = None
+    #: seconds between ``worker-heartbeat`` events; None: no worker events at all
+    #: (``--without-heartbeat``)
+    heartbeat_interval: float | None = 2.0
     #: the supervisor's pid when this process is one of its children: remote control's
     #: shutdown and pool_grow/pool_shrink are passed to it (None: run alone)
     supervisor_pid: int | None = None
@@ -49,6 +54,9 @@ class WorkerOptions:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.max_task_deaths is not None and self.max_task_deaths < 1:
             raise ValueError(f"max_task_deaths must be at least 1, got {self.max_task_deaths}")
+        if self.heartbeat_interval is not None and self.heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be positive, got "
+                             f"{self.heartbeat_interval}")
         if self.eta_horizon <= 0:
             raise ValueError("eta_horizon must be positive")
         if self.unacked_max_age is not None and self.unacked_max_age < 0:

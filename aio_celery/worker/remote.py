@@ -40,8 +40,8 @@ _HIDDEN = re.compile("API|TOKEN|KEY|SECRET|PASS|PROFANITIES_LIST|SIGNATURE|DATAB
 
 
 class NoEvents:
-    """Until the event dispatcher is wired: says so in each reply (Celery answers
-    ``event dispatcher unavailable`` when it has none)."""
+    """A node without an event dispatcher (the worker gives its own): says so in each
+    reply (Celery answers ``event dispatcher unavailable`` when it has none)."""
 
     def enable_task_events(self) -> dict[str, str]:
         return error("event dispatcher unavailable")

@@ -30,6 +30,7 @@ from aio_celery.quorum import QueuePlan
 from aio_celery.ratelimit import SharedRates
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
+from aio_celery.worker.events import EventDispatcher, Heart, RemoteEvents
 from aio_celery.worker.execution import TaskRunner
 from aio_celery.worker.options import WorkerOptions
 from aio_celery.worker.outage import Outage
@@ -44,6 +45,8 @@ CONNECTION_FORCED = 320
 #: seconds between two samples of the in-flight and prefetched gauges (and two flushes of
 #: the per-task counts)
 METRICS_SAMPLE_PERIOD = 1.0
+#: seconds a shutdown waits for the publishing connection to send worker-offline
+EVENTS_CLOSE_TIMEOUT = 2.0
 
 
 class StartupError(Exception):
@@ -97,6 +100,16 @@ class Worker:
         self._mailbox_task: asyncio.Task[None] | None = None
         #: the queues consumed, once asked for (add_consumer/cancel_consumer change it)
         self._queues: list[str] | None = None
+        settings = app.conf.settings
+        task_events = self.options.task_events
+        #: monitoring events of this process's node (``options.hostname``)
+        self.events = EventDispatcher(
+            self.options.hostname, None, self.stats, exchange=settings.event_exchange,
+            task_events=settings.worker_send_task_events if task_events is None
+            else task_events, load=self._load, on_dropped=self.metrics.events_dropped)
+        interval = self.options.heartbeat_interval
+        self._heart = Heart(self.events, interval) if interval is not None else None
+        self._remote_events = RemoteEvents(self.events)
 
     @property
     def session(self) -> Session | None:
@@ -162,6 +175,28 @@ class Worker:
             stack = "".join(f"    {frame.f_code.co_filename}:{frame.f_lineno} in "
                             f"{frame.f_code.co_name}\n" for frame in _awaited_frames(task))
             logger.warning("  %s\n%s", task.get_name(), stack.rstrip())
+
+    # --- events: what the remote control commands call ------------------------------------
+
+    @property
+    def task_events_enabled(self) -> bool:
+        return self.events.tasks_on
+
+    def enable_task_events(self) -> None:
+        """Send task events from now on (the ``enable_events`` command; Flower sends it
+        every 5 s)."""
+        self._remote_events.enable_task_events()
+
+    def disable_task_events(self) -> None:
+        self._remote_events.disable_task_events()
+
+    def send_heartbeat(self, freq: float) -> None:
+        """Send one ``worker-heartbeat`` now (the ``heartbeat`` command, with freq 5)."""
+        self._remote_events.send_heartbeat(freq)
+
+    def _load(self) -> tuple[int, int]:
+        session = self._session
+        return (session.active if session is not None else 0), self.stats.started
 
     @property
     def queues(self) -> tuple[str, ...]:
@@ -271,6 +306,7 @@ class Worker:
             raise StartupError(str(exc)) from exc
         self.publisher = self._new_publisher()
         stack.push_async_callback(self.publisher.close)  # after the session's shutdown
+        self.events.publisher = self.publisher
         stack.enter_context(self.app.publishing_through(self.publisher))
         if self.app.conf.settings.result_backend:
             try:
@@ -288,10 +324,13 @@ class Worker:
         if session is None:  # stopped while waiting for the broker
             return
         self._session = session
+        if self._heart is not None:
+            self._heart.start()
         self._start_mailbox(stack)
         if self.options.banner:
             logger.info("%s", banner(self.app, self.options, self.queues,
-                                     session.prefetch_count, self.failover))
+                                     session.prefetch_count, self.failover,
+                                     self.events.tasks_on))
         logger.info("%s ready: consuming %s", self.options.hostname, ", ".join(self.queues))
 
     async def _load_revoked(self) -> None:
@@ -308,7 +347,8 @@ class Worker:
                            exc)
 
     def _start_mailbox(self, stack: contextlib.AsyncExitStack) -> None:
-        self.mailbox = Mailbox(WorkerNode(self), self._control_connection)
+        self.mailbox = Mailbox(WorkerNode(self, self._remote_events),
+                               self._control_connection)
         self._mailbox_task = asyncio.ensure_future(self.mailbox.run())
         stack.push_async_callback(self._stop_mailbox)
 
@@ -360,9 +400,10 @@ class Worker:
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
         runner = TaskRunner(self.app, self.options.hostname, revoked=self.revoked,
-                            total=self.stats.total, recorder=self.metrics)
+                            total=self.stats.total, recorder=self.metrics, events=self.events)
         assert self.publisher is not None
         session = Session(channel, runner, self.options, self.stats, publisher=self.publisher,
+                          events=self.events,
                           on_task_done=self._on_task_done, guard=self._guard,
                           max_pending_results=settings.worker_max_pending_results,
                           unacked_max_age=self.options.max_age(settings.worker_unacked_max_age),
@@ -533,6 +574,9 @@ class Worker:
                    if self.options.shutdown_timeout is not None
                    else self.app.conf.settings.worker_shutdown_timeout)
         outcome = await self._session.stop(timeout, cold=self._cold)
+        if self._heart is not None:
+            self._heart.stop()
+        await self.events.close(timeout=EVENTS_CLOSE_TIMEOUT)
         kind = "Cold" if self._cold else "Warm"  # a second signal may have come meanwhile
         logger.info("%s shutdown in %.1fs: %d task(s) finished since start, %d returned to "
                     "the queue unstarted, %d cancelled and returned", kind,

@@ -93,17 +93,20 @@ async def test_worker_fails_over_to_the_next_url(
     caplog.set_level(logging.INFO)
     first, second = proxies
     worker_app = failover_app(unique_name + "-w", unique_name, redis_url, first, second)
+    # The worker's other connections (remote control, events) go through the proxies
+    # too: the consumer's is followed by the worker's own account of it.
     handle = await start_worker(worker_app, concurrency=2, banner=True)
-    # two connections: the consumer's, and the remote control mailbox's (its companion)
-    await eventually(lambda: (first.accepted, second.accepted) == (2, 0), TIMEOUT)
+    # three connections: the consumer's, and its companions: the remote control mailbox's
+    # and the publisher's (opened at start for worker events)
+    await eventually(lambda: (first.accepted, second.accepted) == (3, 0), TIMEOUT)
     # (start_worker returns as consumers attach; the banner comes once they are)
     await eventually(lambda: f"broker:      {masked(first)} (1 of 2 URLs, failover "
                              "round-robin)" in caplog.text, TIMEOUT)
     assert await (await app.send_task("failover.add", (1, 2))).get(timeout=TIMEOUT) == 3
 
     await first.pause()  # the node is gone: its connections drop, new ones are refused
-    assert first.cut() == 2
-    await eventually(lambda: second.accepted == 2 and handle.worker.consuming.is_set(),
+    assert first.cut() == 3
+    await eventually(lambda: second.accepted == 3 and handle.worker.consuming.is_set(),
                      TIMEOUT)
     assert f"Lost the broker connection to {masked(first)}" in caplog.text
     assert f"Reconnected to {masked(second)}" in caplog.text
@@ -112,8 +115,8 @@ async def test_worker_fails_over_to_the_next_url(
     # And back round: the second goes, the first is there again.
     await first.resume()
     await second.pause()
-    assert second.cut() == 2
-    await eventually(lambda: first.accepted == 4 and handle.worker.consuming.is_set(),
+    assert second.cut() == 3
+    await eventually(lambda: first.accepted == 6 and handle.worker.consuming.is_set(),
                      TIMEOUT)
     assert await (await app.send_task("failover.add", (3, 4))).get(timeout=TIMEOUT) == 7
     assert "guest:guest@" not in caplog.text
@@ -132,8 +135,9 @@ async def test_worker_starts_past_a_hung_first_url(
     started = time.monotonic()
     handle = await start_worker(worker_app, concurrency=2)
     assert time.monotonic() - started < 5
-    # the mailbox's connection tries the URL the consumer uses first: no second wait
-    await eventually(lambda: (first.accepted, second.accepted) == (1, 2), TIMEOUT)
+    # the mailbox's and the publisher's connections try the URL the consumer uses first:
+    # no second wait
+    await eventually(lambda: (first.accepted, second.accepted) == (1, 3), TIMEOUT)
     assert f"cannot connect to broker {masked(first)}: timed out; trying the next" \
         in caplog.text
     assert handle.worker.failover.in_use == proxy_url(second)

@@ -116,14 +116,16 @@ async def test_a_task_goes_client_worker_result_over_tls(
             follow_up = await (await relay.delay(21)).get(timeout=TIMEOUT)  # type: ignore[attr-defined]
             assert await tls_app.AsyncResult(follow_up).get(timeout=TIMEOUT) == 42
 
-            # the node's only clients: this app's, the worker's consumer and publisher
+            # the node's only clients: this app's, the worker's consumer, publisher and
+            # remote control mailbox
             rows = await asyncio.to_thread(
                 tls.node.connections, "client_properties", "ssl", "ssl_protocol",
                 "peer_cert_subject", "user", "auth_mechanism")
             names = sorted(row["client_properties"]["connection_name"] for row in rows)
-            assert len(names) == 3 and names[0].startswith(f"aio_celery {tls_app.main}"), names
+            assert len(names) == 4 and names[0].startswith(f"aio_celery {tls_app.main}"), names
             assert names[1].startswith("aio_celery worker"), names
             assert names[2].endswith("publisher"), names
+            assert names[3].endswith("remote control"), names
             user = "guest" if login == "plain" else CLIENT_USER
             for row in rows:
                 assert row["ssl"] is True, row

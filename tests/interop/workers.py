@@ -110,7 +110,7 @@ class CeleryWorker:
              "-l", "INFO",
              # No --without-heartbeat: its 2 s timer is what wakes the worker's event loop
              # for a shutdown signal (without it, stopping an idle worker takes ~10 s). Task
-             # events are off (no -E), so the heartbeat publishes nothing.
+             # events are off (no -E): it publishes worker events (heartbeats) only.
              "--without-gossip", "--without-mingle"],
             cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")

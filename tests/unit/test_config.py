@@ -34,7 +34,11 @@ def test_update_with_celery_names() -> None:
         accept_content=["json"],
         timezone="Europe/Amsterdam",
         enable_utc=False,
+        worker_send_task_events=True,
+        event_exchange="monitoring",
+        event_serializer="json",
     )
+    assert (conf.worker_send_task_events, conf.event_exchange) == (True, "monitoring")
     assert conf.broker_url == "amqp://u:p@rabbit:5672/vh"
     assert conf.result_backend == "redis://cache:6379/3"
     assert conf.task_default_queue == "work"
@@ -83,7 +87,7 @@ def test_nothing_applied_when_one_key_is_unknown() -> None:
     assert conf.task_default_queue == "celery"
 
 
-@pytest.mark.parametrize("name", ["task_serializer", "result_serializer"])
+@pytest.mark.parametrize("name", ["task_serializer", "result_serializer", "event_serializer"])
 @pytest.mark.parametrize("value", ["pickle", "yaml", "msgpack"])
 def test_non_json_serializer_refused(name: str, value: str) -> None:
     conf = Config()
