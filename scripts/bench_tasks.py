@@ -4,7 +4,7 @@ plain aio-pika consumer it is compared with (``python scripts/bench_tasks.py pla
 Both count what they execute in a :class:`Tally` that is written to
 ``$BENCH_STATS_DIR/<pid>.json`` every 20 ms, and both hold their first deliveries at a
 *gate* until ``$BENCH_STATS_DIR/go`` exists, so that the orchestrator can start the clock
-once every process is consuming (see ``scale`` in scripts/bench.py).
+once every process is consuming (see scripts/benchlib/scale.py).
 
 Environment: ``BENCH_BROKER`` (AMQP URL), ``BENCH_QUEUE``, ``BENCH_STATS_DIR`` and, for the
 plain consumer, ``BENCH_PREFETCH`` and ``BENCH_QOS_GLOBAL=1`` (a channel-wide prefetch limit,
@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import resource
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+from benchlib.rss import peak_rss_mib
 
 BROKER = os.environ.get("BENCH_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 QUEUE = os.environ.get("BENCH_QUEUE", "aio-celery-bench")
@@ -82,19 +83,6 @@ class Tally:
         if self._flusher is not None:
             self._flusher.cancel()
         self.flush()
-
-
-def peak_rss_mib() -> float:
-    """VmHWM (Linux): unlike ru_maxrss, it does not include the parent's peak before the
-    fork and exec that started this process."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 tally = Tally()
