@@ -16,7 +16,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aio_celery import messages, protocol
 from aio_celery.result import AsyncResult
@@ -202,10 +202,11 @@ class GroupResult:
 class group:
     """``group(add.s(1, 1), add.s(2, 2))``: send tasks to run in parallel."""
 
-    def __init__(self, *tasks: Signature, app: Celery | None = None) -> None:
+    def __init__(self, *tasks: Signature | Iterable[Signature],
+                 app: Celery | None = None) -> None:
         if len(tasks) == 1 and not isinstance(tasks[0], Signature):
-            tasks = tuple(tasks[0])
-        self.tasks = list(tasks)
+            tasks = tuple(tasks[0])  # group([add.s(1, 1), ...])
+        self.tasks = cast("list[Signature]", list(tasks))
         self._app = app
 
     async def apply_async(self, args: Any = None, kwargs: dict[str, Any] | None = None,

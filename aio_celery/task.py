@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aio_celery.exceptions import (
@@ -111,14 +111,13 @@ class Task:
         for key, value in options.items():
             if not hasattr(Task, key) or key.startswith("_"):
                 raise TypeError(f"task {name!r}: unknown task option {key!r}")
-            setattr(self, key, value)
+            single = key == "autoretry_for" and isinstance(value, type)  # =KeyError
+            setattr(self, key, (value,) if single else value)
         if self.rate_limit is not None:
             try:
                 parse_rate(self.rate_limit)
             except ValueError as exc:
                 raise ValueError(f"task {name!r}: {exc}") from None
-        if isinstance(self.autoretry_for, type):
-            self.autoretry_for = (self.autoretry_for,)
         self.fn = fn
         self.name = name
         self.bind = bind
@@ -254,7 +253,3 @@ def retry_countdown(task: Task, retries: int, rand: Callable[[float, float], flo
     if task.retry_jitter:
         countdown = rand(0, countdown)
     return max(0.0, float(countdown))
-
-
-def as_timedelta(value: float | timedelta) -> timedelta:
-    return value if isinstance(value, timedelta) else timedelta(seconds=value)

@@ -159,3 +159,26 @@ async def test_chain_sends_celerys_first_step(recorder: Recorder) -> None:
         del step["options"]["reply_to"]
     assert json.loads(envelope.body) == recorded
     assert envelope.body == json.dumps(recorded).encode()
+
+
+def build(options: dict[str, Any] | None = None, kwargs: Any = None,
+          ) -> tuple[protocol.TaskMessage, str]:
+    return messages.build_message(
+        Celery("unit", set_as_current=False).conf.settings, "tasks.add", [1], kwargs,
+        options or {}, now=datetime.now().astimezone(), new_id=lambda: "new-id",
+        origin="gen1@host", reply_to="oid")
+
+
+@pytest.mark.parametrize("kwargs", [[("x", 1)], "x=1", 42])
+def test_kwargs_must_be_a_mapping(kwargs: Any) -> None:
+    """As Celery's ``as_task_v2`` says: a list of pairs was once turned into a dict."""
+    with pytest.raises(TypeError, match="kwargs must be a dict"):
+        build(kwargs=kwargs)
+
+
+def test_unknown_options_are_refused_and_celerys_transport_options_ignored() -> None:
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['countdwn'\]"):
+        build({"countdwn": 3})
+    message, queue = build({"serializer": "json", "routing_key": "x", "retry": True})
+    assert (message.id, queue, message.kwargs) == ("new-id", "celery", {})
+    assert messages.unknown_options({"root_id": "r", "queue": "q"}) == {"root_id"}
