@@ -708,7 +708,8 @@ class Session:
         self._settle(job.tag, Settle.ACK)  # the copy in the holding queue counts now
 
     async def _publish_parked(self, raw: Delivery, queue: str, parking: _Parking) -> None:
-        assert raw.properties is not None
+        if raw.properties is None:  # _receive rejects such a delivery: it is never parked
+            raise RuntimeError("parking a delivery whose properties could not be read")
         if parking.ttl is not None:
             # Declared on the publishing connection: a refusal closes that one, never the
             # connection these deliveries came on (that would be a reconnect, a

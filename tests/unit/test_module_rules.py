@@ -1,7 +1,11 @@
-"""No module of the package uses another module's private names.
+"""Rules every module of the package keeps, checked on its source with ``ast``.
 
-A leading underscore says "only this module relies on it"; a name that two modules share
-is API between them and is spelt without one. This walks every module of ``aio_celery``
+No ``assert`` statements: ``python -O`` strips them, so an invariant worth checking is
+checked with an ``if`` that raises.
+
+No module uses another module's private names. A leading underscore says "only this
+module relies on it"; a name that two modules share is API between them and is spelt
+without one. This walks every module of ``aio_celery``
 and ``supervisor`` and fails on ``from x import _name``, ``import x._name`` and
 ``x._name`` where ``x`` is another module of ours. Dunder names (``__version__``) are
 fine, and so is anything a module does with its own names, or with attributes of objects
@@ -139,3 +143,10 @@ def test_the_check_catches_each_form() -> None:
         "7 aio_celery.app._origin",
         "8 aio_celery.protocol._repr",
     ]
+
+
+def test_no_assert_statements() -> None:
+    found = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in all_modules()
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Assert)]
+    assert found == []
