@@ -18,7 +18,7 @@ import pytest
 
 from aio_celery import Celery, chain, messages, protocol
 from aio_celery.protocol import Envelope
-from aio_celery.task import Context, current_request
+from aio_celery.task import Context, current_request, retry_countdown
 
 MESSAGES = Path(__file__).resolve().parent.parent / "messages"
 
@@ -182,3 +182,32 @@ def test_unknown_options_are_refused_and_celerys_transport_options_ignored() -> 
     message, queue = build({"serializer": "json", "routing_key": "x", "retry": True})
     assert (message.id, queue, message.kwargs) == ("new-id", "celery", {})
     assert messages.unknown_options({"root_id": "r", "queue": "q"}) == {"root_id"}
+
+
+async def test_retry_without_countdown_waits_task_default_retry_delay(
+        recorder: Recorder) -> None:
+    """The task's ``default_retry_delay`` wins; without one, the app's setting (it was
+    documented but never read: every retry waited 180 s)."""
+    now = datetime.now().astimezone()
+    app = FixedClockApp(now, oid="oid")
+    app.conf.update(task_default_retry_delay=7)
+
+    @app.task(name="tasks.plain")
+    async def plain() -> None:
+        pass
+
+    @app.task(name="tasks.own", default_retry_delay=2)
+    async def own() -> None:
+        pass
+
+    assert (plain.retry_delay, own.retry_delay) == (7.0, 2.0)
+    assert retry_countdown(plain, 0, lambda low, high: high) == 7.0
+    for task in (plain, own):
+        token = current_request.set(Context(id=f"id-{task.name}", task=task.name))
+        try:
+            with app.publishing_through(recorder):
+                await task.retry(throw=False)
+        finally:
+            current_request.reset(token)
+    etas = [protocol.parse_datetime(envelope.headers["eta"]) for envelope, _, _ in recorder.sent]
+    assert etas == [now + timedelta(seconds=7), now + timedelta(seconds=2)]
