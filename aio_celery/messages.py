@@ -55,10 +55,10 @@ def build_message(settings: Settings, name: str, args: Any, kwargs: Any,
     limits, group, chain, chord and callbacks) unless ``options`` say otherwise, as Celery's
     ``Task.retry`` does. ``new_id`` is called only when no id is given.
     """
-    unknown = unknown_options(options)
+    unknown = unknown_options(options) if options else None
     if unknown:
         raise TypeError(f"send_task({name!r}): unknown option(s) {sorted(unknown)}")
-    if kwargs is not None and not isinstance(kwargs, Mapping):
+    if kwargs is not None and not isinstance(kwargs, (dict, Mapping)):  # dict: fast path
         raise TypeError(f"send_task({name!r}): kwargs must be a dict")
     if retry_of is not None:
         options = {**retry_options(retry_of), **options}
