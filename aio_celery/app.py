@@ -4,38 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import os
 import random
 import socket
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, overload
 
-from aio_celery import protocol
+from aio_celery import messages, protocol
 from aio_celery.backend import RedisBackend
 from aio_celery.broker import Broker, RetryPolicy
-from aio_celery.config import Config, first_set
+from aio_celery.config import Config
 from aio_celery.exceptions import BackendError
 from aio_celery.quorum import MAX_DELAY, QueuePlan
 from aio_celery.result import AsyncResult
 from aio_celery.result import AsyncResult as _AsyncResult
-from aio_celery.routing import route_queue
 from aio_celery.task import Context, Task, TaskFunction, current_request
 
 if TYPE_CHECKING:
     from aio_celery.publisher import Publishing
 
 AppContextFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
-
-#: apply_async options Celery accepts that mean nothing for aio-celery's transport
-_IGNORED_OPTIONS = frozenset({
-    "serializer", "compression", "retry", "retry_policy", "exchange", "routing_key",
-    "exchange_type", "mandatory", "add_to_parent", "connection", "producer", "publisher",
-    "declare", "immediate", "delivery_mode", "immutable", "subtask_type", "chord_size",
-})
 
 #: the publisher of the worker running here, for the code it runs (tasks, follow-ups): an
 #: app and its publisher, or None (see :meth:`Celery.publishing_through`)
@@ -262,7 +253,8 @@ class Celery:
                         **options: Any) -> _AsyncResult:
         """Send a task by name (it need not be registered here) and return its result."""
         task = _task if _task is not None else self.tasks.get(name)
-        message, queue = self._build_message(name, args, kwargs, task, _retry_of, options)
+        message, queue = self.build_message(name, args, kwargs, options, task=task,
+                                            retry_of=_retry_of)
         task_id = message.id
         delay = self._native_delay(message.eta, queue)
         # Only the wire bytes stay alive while the confirm is awaited: thousands of
@@ -285,109 +277,20 @@ class Celery:
         countdown = int((eta - self.now()).total_seconds())
         return countdown if 1 <= countdown <= MAX_DELAY else 0
 
-    def _build_message(self, name: str, args: Any, kwargs: dict[str, Any] | None,
-                       task: Task | None, retry_of: Context | None,
-                       options: dict[str, Any]) -> tuple[protocol.TaskMessage, str]:
-        if options:
-            unknown = options.keys() - _SEND_OPTIONS - _IGNORED_OPTIONS
-            if unknown:
-                raise TypeError(f"send_task({name!r}): unknown option(s) {sorted(unknown)}")
-        if retry_of is not None:  # the same task again: keep how it was sent (Celery does)
-            options = {**_retry_options(retry_of), **options}
-        settings = self.conf.settings
-        now = self.now()
-        args = list(args or ())
-        kwargs = dict(kwargs or {})
-        if not isinstance(kwargs, dict):
-            raise TypeError(f"send_task({name!r}): kwargs must be a dict")
-        parent = retry_of or current_request.get()
-        task_id: str = (retry_of.id if retry_of and retry_of.id else None) or options.get(
-            "task_id") or str(uuid.uuid4())
-        queue = options.get("queue") or (task.queue if task else None) or route_queue(
-            settings.task_routes, name, args, kwargs, options, task) or settings.task_default_queue
-        priority = first_set(options.get("priority"), task.priority if task else None,
-                          settings.task_default_priority)
-        message = protocol.TaskMessage(
-            id=task_id,
-            task=name,
-            args=args,
-            kwargs=kwargs,
-            root_id=(parent.root_id or parent.id) if parent and parent.id else None,
-            parent_id=(retry_of.parent_id if retry_of else parent.id if parent else None),
-            group=options.get("group_id"),
-            group_index=options.get("group_index"),
-            retries=retry_of.retries + 1 if retry_of else int(options.get("retries") or 0),
-            eta=_eta(now, options.get("countdown"), options.get("eta")),
-            expires=_expires(now, options.get("expires")),
-            soft_time_limit=options.get("soft_time_limit"),
-            time_limit=options.get("time_limit"),
-            shadow=options.get("shadow"),
-            origin=_origin(),
-            ignore_result=options.get("ignore_result"),
-            callbacks=_signatures(options.get("link")),
-            errbacks=_signatures(options.get("link_error")),
-            chain=options.get("chain"),
-            chord=options.get("chord"),
-            priority=priority,
-            reply_to=options.get("reply_to") or self.oid,
-            extra_headers=options.get("headers") or {},
-        )
-        if retry_of is not None:
-            message = dataclasses.replace(message, root_id=retry_of.root_id or retry_of.id)
-        return message, queue
+    def build_message(self, name: str, args: Any = None, kwargs: Any = None,
+                      options: Mapping[str, Any] | None = None, *, task: Task | None = None,
+                      retry_of: Context | None = None) -> tuple[protocol.TaskMessage, str]:
+        """The message :meth:`send_task` would send, and its queue (see
+        :func:`aio_celery.messages.build_message`): this app's settings, clock, ids and
+        ``reply_to``, sent from the task running here, if any."""
+        return messages.build_message(
+            self.conf.settings, name, args, kwargs, options or {}, now=self.now(),
+            new_id=_new_id, origin=_origin(), reply_to=self.oid, task=task,
+            parent=current_request.get(), retry_of=retry_of)
 
 
-_SEND_OPTIONS = frozenset({
-    "task_id", "countdown", "eta", "expires", "queue", "priority", "ignore_result", "headers",
-    "soft_time_limit", "time_limit", "link", "link_error", "chain", "group_id", "group_index",
-    "shadow", "reply_to", "retries", "chord",
-})
-
-
-def _eta(now: datetime, countdown: float | None, eta: datetime | None) -> datetime | None:
-    if countdown is not None:
-        return now + timedelta(seconds=float(countdown))
-    if eta is not None and eta.tzinfo is None:
-        return eta.replace(tzinfo=UTC)
-    return eta
-
-
-def _expires(now: datetime, expires: float | datetime | timedelta | None) -> datetime | None:
-    if expires is None:
-        return None
-    if isinstance(expires, datetime):
-        return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
-    if isinstance(expires, timedelta):
-        return now + expires
-    return now + timedelta(seconds=float(expires))
-
-
-def _signatures(value: Any) -> list[dict[str, Any]] | None:
-    if value is None:
-        return None
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return [dict(item) for item in items]
-
-
-def _retry_options(request: Context) -> dict[str, Any]:
-    """How the running task was sent, as ``send_task`` options for its retry: its queue,
-    priority, expiry, time limits, group, chain, chord and callbacks."""
-    delivery = request.delivery_info or {}
-    hard, soft = request.timelimit
-    options = {
-        "queue": delivery.get("queue") or delivery.get("routing_key"),
-        "priority": delivery.get("priority"),
-        "expires": request.expires,
-        "soft_time_limit": soft,
-        "time_limit": hard,
-        "group_id": request.group,
-        "group_index": request.group_index,
-        "chain": request.chain,
-        "chord": request.chord,
-        "link": request.callbacks,
-        "link_error": request.errbacks,
-    }
-    return {key: value for key, value in options.items() if value is not None}
+def _new_id() -> str:
+    return str(uuid.uuid4())
 
 
 _origin_cache: tuple[int, str] | None = None

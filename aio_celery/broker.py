@@ -316,8 +316,8 @@ class Broker:
         import aiormq
 
         try:
-            publisher = await (await self._publisher_ready()).get_underlay_channel()
-            assert isinstance(publisher, aiormq.Channel)
+            publisher = _aiormq_channel(
+                await (await self._publisher_ready()).get_underlay_channel())
             channel = await publisher.connection.channel(timeout=self.rpc_timeout)
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerConnectionError(f"cannot open a channel to declare {what}: "
@@ -345,10 +345,7 @@ class Broker:
 
     async def _raw_publisher(self) -> RawChannel:
         """aiormq's channel under the publisher channel, (re)opened where needed."""
-        import aiormq
-
-        raw = await (await self._publisher_ready()).get_underlay_channel()
-        assert isinstance(raw, aiormq.Channel)
+        raw = _aiormq_channel(await (await self._publisher_ready()).get_underlay_channel())
         self._raw = raw
         return raw
 
@@ -462,6 +459,15 @@ class RetryPolicy:
         """The pause before each retry."""
         return [pause for n in range(max(0, self.max_retries))
                 if (pause := self.pause(n)) is not None]
+
+
+def _aiormq_channel(channel: Any) -> RawChannel:
+    """aio-pika's underlay channel, which is aiormq's (aio-pika types it loosely)."""
+    import aiormq
+
+    if not isinstance(channel, aiormq.Channel):
+        raise TypeError(f"expected aio-pika to run on an aiormq channel, got {channel!r}")
+    return channel
 
 
 def _may_retry(exc: BrokerConnectionError) -> bool:

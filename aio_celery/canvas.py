@@ -13,13 +13,12 @@ of its message; the worker that finishes the last header task sends the body (se
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from aio_celery import protocol
+from aio_celery import messages, protocol
 from aio_celery.result import AsyncResult
 from aio_celery.task import current_request
 
@@ -137,21 +136,31 @@ class _Chain(Signature):
         """Send the first step; returns the *last* step's result (its ``parent`` links back
         through the earlier steps, as in Celery)."""
         options = dict(options)
-        chain_id = options.pop("task_id", None)
-        steps = [step.clone() for step in self.tasks]
-        steps[0] = steps[0].clone(args, kwargs)
-        if chain_id is not None:  # as in Celery, the chain's id is its last step's
-            steps[-1]["options"]["task_id"] = chain_id
-        results: list[AsyncResult] = []
-        for step in steps:
-            step["options"].setdefault("task_id", str(uuid.uuid4()))
-            parent = results[-1] if results else None
-            results.append(AsyncResult(step["options"]["task_id"], app=self._app, parent=parent))
+        steps, results = self.steps(args, kwargs, last_id=options.pop("task_id", None),
+                                    app=self._app)
         first, rest = steps[0], steps[1:]
         await self.app.send_task(first.name, first.args, first.kwargs,
                                  chain=[dict(step) for step in reversed(rest)],
                                  **{**first.options, **options})
         return results[-1]
+
+    def steps(self, args: Any = None, kwargs: dict[str, Any] | None = None, *,
+              last_id: str | None = None,
+              app: Celery | None = None) -> tuple[list[Signature], list[AsyncResult]]:
+        """Copies of the steps, ready to send: ``args``/``kwargs`` added to the first, each
+        with a task id (the one it has, else a new one; ``last_id`` for the last, which is
+        the chain's own id in Celery), and their results, each the ``parent`` of the next.
+        The only place a chain's step ids are drawn."""
+        steps = [step.clone() for step in self.tasks]
+        steps[0] = steps[0].clone(args, kwargs)
+        if last_id is not None:
+            steps[-1]["options"]["task_id"] = last_id
+        results: list[AsyncResult] = []
+        for step in steps:
+            step["options"].setdefault("task_id", str(uuid.uuid4()))
+            parent = results[-1] if results else None
+            results.append(AsyncResult(step["options"]["task_id"], app=app, parent=parent))
+        return steps, results
 
 
 def chain(*tasks: Signature, app: Celery | None = None) -> _Chain:
@@ -193,10 +202,11 @@ class GroupResult:
 class group:
     """``group(add.s(1, 1), add.s(2, 2))``: send tasks to run in parallel."""
 
-    def __init__(self, *tasks: Signature, app: Celery | None = None) -> None:
+    def __init__(self, *tasks: Signature | Iterable[Signature],
+                 app: Celery | None = None) -> None:
         if len(tasks) == 1 and not isinstance(tasks[0], Signature):
-            tasks = tuple(tasks[0])
-        self.tasks = list(tasks)
+            tasks = tuple(tasks[0])  # group([add.s(1, 1), ...])
+        self.tasks = cast("list[Signature]", list(tasks))
         self._app = app
 
     async def apply_async(self, args: Any = None, kwargs: dict[str, Any] | None = None,
@@ -331,22 +341,20 @@ async def send_signature(app: Celery, sig: Signature, *, chord: dict[str, Any] |
     ``lenient`` drops the options aio-celery does not send (``root_id``, ``parent_id``...),
     for signatures that arrived in a message from Celery.
     """
-    from aio_celery.app import _IGNORED_OPTIONS, _SEND_OPTIONS
-
     merged = {**sig.options, **options}
     body = merged.pop("chord", None)
     if chord is not None:
         body = chord
+    if body is not None:
+        merged["chord"] = dict(body)
     if lenient:
-        unknown = merged.keys() - _SEND_OPTIONS - _IGNORED_OPTIONS
+        unknown = messages.unknown_options(merged)
         if unknown:
             logger.debug("Sending %s without the options %s", sig.name, sorted(unknown))
             for key in unknown:
                 del merged[key]
-    message, queue = app._build_message(sig.name, sig.args, sig.kwargs,
-                                        app.tasks.get(sig.name), None, merged)
-    if body is not None:
-        message = dataclasses.replace(message, chord=dict(body))
+    message, queue = app.build_message(sig.name, sig.args, sig.kwargs, merged,
+                                       task=app.tasks.get(sig.name))
     await app.publisher.publish(protocol.encode(message, app.now()), queue)
     result = AsyncResult(message.id, app=app)
     parent = current_request.get()
@@ -365,13 +373,7 @@ async def _send_member(app: Celery, member: Signature, index: int, args: Any,
         sig["options"].setdefault("task_id", str(uuid.uuid4()))
         return await send_signature(app, sig, chord=body, **options, group_id=group_id,
                                     group_index=index)
-    steps = [step.clone() for step in member.tasks]
-    steps[0] = steps[0].clone(args, kwargs)
-    results: list[AsyncResult] = []
-    for step in steps:
-        step["options"].setdefault("task_id", str(uuid.uuid4()))
-        results.append(AsyncResult(step["options"]["task_id"], app=app,
-                                   parent=results[-1] if results else None))
+    steps, results = member.steps(args, kwargs, app=app)
     if len(steps) == 1:
         await send_signature(app, steps[0], chord=body, **options, group_id=group_id,
                              group_index=index)

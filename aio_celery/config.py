@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from aio_celery.exceptions import ConfigurationError
 from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS
-
-#: A router: ``(name, args, kwargs, options, task=None, **kw) -> dict | str | None``
-RouterFn = Callable[..., Any]
 
 
 @dataclasses.dataclass

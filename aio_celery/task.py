@@ -7,9 +7,10 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from aio_celery.config import first_set
 from aio_celery.exceptions import (
     BrokerConnectionError,
     MaxRetriesExceededError,
@@ -86,7 +87,9 @@ class Task:
 
     #: Celery's defaults
     max_retries: int | None = 3
-    default_retry_delay: float = 180.0
+    #: seconds before a retry sent without countdown or eta, and between autoretries
+    #: without backoff; None: the app's ``task_default_retry_delay`` (180, Celery's)
+    default_retry_delay: float | None = None
     autoretry_for: tuple[type[BaseException], ...] = ()
     retry_backoff: bool | float = False
     retry_backoff_max: float = 600.0
@@ -111,14 +114,13 @@ class Task:
         for key, value in options.items():
             if not hasattr(Task, key) or key.startswith("_"):
                 raise TypeError(f"task {name!r}: unknown task option {key!r}")
-            setattr(self, key, value)
+            single = key == "autoretry_for" and isinstance(value, type)  # =KeyError
+            setattr(self, key, (value,) if single else value)
         if self.rate_limit is not None:
             try:
                 parse_rate(self.rate_limit)
             except ValueError as exc:
                 raise ValueError(f"task {name!r}: {exc}") from None
-        if isinstance(self.autoretry_for, type):
-            self.autoretry_for = (self.autoretry_for,)
         self.fn = fn
         self.name = name
         self.bind = bind
@@ -136,6 +138,12 @@ class Task:
 
             return current_app()
         return self._app
+
+    @property
+    def retry_delay(self) -> float:
+        """``default_retry_delay``, or the app's ``task_default_retry_delay``."""
+        return float(first_set(self.default_retry_delay,
+                               self.app.conf.settings.task_default_retry_delay))
 
     @property
     def request(self) -> Context:
@@ -205,7 +213,7 @@ class Task:
                 f"Can't retry {self.name}[{request.id}] args:{request.args} "
                 f"kwargs:{request.kwargs}")
         if eta is None and countdown is None:
-            countdown = self.default_retry_delay
+            countdown = self.retry_delay
         send = functools.partial(
             self.app.send_task,
             self.name,
@@ -246,15 +254,11 @@ class Task:
 
 def retry_countdown(task: Task, retries: int, rand: Callable[[float, float], float]) -> float:
     """The delay before autoretry number ``retries + 1`` (Celery's exponential backoff with
-    full jitter when ``retry_backoff`` is set, else ``default_retry_delay``)."""
+    full jitter when ``retry_backoff`` is set, else the task's :attr:`~Task.retry_delay`)."""
     if not task.retry_backoff:
-        return task.default_retry_delay
+        return task.retry_delay
     factor = 1.0 if task.retry_backoff is True else float(task.retry_backoff)
     countdown = min(task.retry_backoff_max, factor * (2 ** retries))
     if task.retry_jitter:
         countdown = rand(0, countdown)
     return max(0.0, float(countdown))
-
-
-def as_timedelta(value: float | timedelta) -> timedelta:
-    return value if isinstance(value, timedelta) else timedelta(seconds=value)

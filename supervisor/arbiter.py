@@ -288,7 +288,8 @@ class Supervisor:
             spec = dataclasses.replace(spec, processes=self.target)
         poison = self._take_seat()
         try:
-            assert self._rates is not None
+            if self._rates is None:
+                raise RuntimeError("Supervisor spawned a child before run() set it up")
             pid = children.spawn(index, spec, beat, HANDLED, others, poison, self._rates)
         except BaseException:
             self._free_seat(poison)
@@ -301,7 +302,8 @@ class Supervisor:
         return [record.beat.fd for record in self.children.values()]
 
     def _take_seat(self) -> children.PoisonSeat:
-        assert self._board is not None and self._deaths is not None
+        if self._board is None or self._deaths is None:
+            raise RuntimeError("Supervisor spawned a child before run() set it up")
         board, seat = self._board, self._board.assign()
         if seat is None:
             board = RunningBoard(1, self.options.spec.worker.concurrency)

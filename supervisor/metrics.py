@@ -112,7 +112,8 @@ class PrometheusMetrics(NoMetrics):
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self.listener is not None
+        if self.listener is None:
+            raise RuntimeError("the metrics address is known once open() has bound it")
         host, port = self.listener.getsockname()[:2]
         return str(host), int(port)
 

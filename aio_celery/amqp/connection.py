@@ -227,7 +227,8 @@ class AMQPConnection(asyncio.Protocol):
         self.channel_max = CHANNEL_MAX
         #: why the broker blocks publishing on this connection (a resource alarm), or None
         self.blocked: str | None = None
-        self._unblocked: asyncio.Event | None = None
+        #: set while publishing is not blocked (made again by each connect)
+        self._unblocked = asyncio.Event()
         #: the queue of each consumer, for the log line when the broker cancels one
         self._consumer_queues: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -291,6 +292,13 @@ class AMQPConnection(asyncio.Protocol):
         """The queue of each consumer started and not cancelled, by consumer tag."""
         return dict(self._consumer_queues)
 
+    @property
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop :meth:`connect` ran on (a bug of ours to need it before)."""
+        if self._loop is None:
+            raise RuntimeError("AMQPConnection used before connect()")
+        return self._loop
+
     async def connect(self) -> None:
         """Connect, log in, open the channel in confirm mode; ConnectionClosed or OSError if
         that cannot be done within ``connect_timeout``."""
@@ -306,9 +314,8 @@ class AMQPConnection(asyncio.Protocol):
             raise
 
     async def _open(self) -> None:
-        assert self._loop is not None
         endpoint = self.endpoint
-        await self._loop.create_connection(lambda: self, endpoint.host, endpoint.port,
+        await self._event_loop.create_connection(lambda: self, endpoint.host, endpoint.port,
                                            ssl=endpoint.ssl_context())
         start = await self._call(None, commands.Connection.Start, raw=_PROTOCOL_HEADER)
         mechanism, response = endpoint.login()
@@ -358,18 +365,17 @@ class AMQPConnection(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):  # create_connection's never is
+            raise TypeError(f"AMQPConnection needs a stream transport, got {transport!r}")
         self._transport = transport
-        assert self._loop is not None
-        self._last_received = self._loop.time()
+        self._last_received = self._event_loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._end(f"connection lost: {exc}" if exc else "the broker closed the connection")
 
     def data_received(self, data: bytes) -> None:
-        assert self._loop is not None
-        self._last_received = self._loop.time()
+        self._last_received = self._event_loop.time()
         self._parse(data)
 
     def _new_reader(self) -> FrameReader:
@@ -420,18 +426,16 @@ class AMQPConnection(asyncio.Protocol):
 
     def _resume_reading(self) -> None:
         if self._reading_paused and self._transport is not None:
-            assert self._loop is not None
             self._reading_paused = False
-            self._last_received = self._loop.time()  # silent by our choice until now
+            self._last_received = self._event_loop.time()  # silent by our choice until now
             self._transport.resume_reading()
 
     def _parse_soon(self) -> None:
         """Resume reading and parse the buffer from the event loop (never re-entrantly from
         inside a delivery callback)."""
-        assert self._loop is not None
         self._resume_reading()
         if self._reader.buffered:
-            self._loop.call_soon(self._parse)
+            self._event_loop.call_soon(self._parse)
 
     # --- incoming frames ----------------------------------------------------------------
 
@@ -530,8 +534,7 @@ class AMQPConnection(asyncio.Protocol):
 
     def _blocked(self, reason: str) -> None:
         self.blocked = reason
-        if self._unblocked is not None:
-            self._unblocked.clear()
+        self._unblocked.clear()
         logger.warning("The broker blocked publishing on this connection (%s: a resource "
                        "alarm, see `rabbitmq-diagnostics alarms`): publishes wait for it to "
                        "clear, each at most its publish timeout", reason)
@@ -541,8 +544,7 @@ class AMQPConnection(asyncio.Protocol):
             logger.info("The broker unblocked publishing on this connection (%s cleared)",
                         self.blocked)
         self.blocked = None
-        if self._unblocked is not None:
-            self._unblocked.set()
+        self._unblocked.set()
 
     def _confirmed(self, tag: int, multiple: bool, error: Exception | None) -> None:
         self._confirmed_upto = max(self._confirmed_upto, tag)
@@ -581,8 +583,7 @@ class AMQPConnection(asyncio.Protocol):
         self._mandatory.clear()
         self._returned.clear()
         self._consumer_queues.clear()
-        if self._unblocked is not None:  # publishes waiting for an unblock fail now
-            self._unblocked.set()
+        self._unblocked.set()  # publishes waiting for an unblock fail now
         error = ConnectionClosed(reason, reply_code)
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
@@ -598,16 +599,14 @@ class AMQPConnection(asyncio.Protocol):
     # --- heartbeats ---------------------------------------------------------------------
 
     def _schedule_heartbeat(self) -> None:
-        assert self._loop is not None
-        self._heartbeat_timer = self._loop.call_later(self.heartbeat / 2, self._beat)
+        self._heartbeat_timer = self._event_loop.call_later(self.heartbeat / 2, self._beat)
 
     def _beat(self) -> None:
         """Send a heartbeat every half interval; give up on a broker silent for two. While
         held deliveries keep the socket paused, read once anyway: a closed socket, or a
         close from the broker behind the deliveries, must not wait for the release."""
-        assert self._loop is not None
         self._resume_reading()  # _parse pauses again once more has arrived
-        silent = self._loop.time() - self._last_received
+        silent = self._event_loop.time() - self._last_received
         if silent > 2 * self.heartbeat:
             self._abort(f"no heartbeat from the broker for {silent:.0f}s")
             return
@@ -643,9 +642,8 @@ class AMQPConnection(asyncio.Protocol):
 
     async def _call_unbounded(self, method: Any, reply: type[Reply], *, channel: int,
                               raw: bytes | None) -> Reply:
-        assert self._loop is not None
         async with self._rpc_lock:
-            self._reply = future = self._loop.create_future()
+            self._reply = future = self._event_loop.create_future()
             sent = False
             try:
                 self._write(raw if raw is not None else frame.marshal(method, channel))
@@ -692,11 +690,11 @@ class AMQPConnection(asyncio.Protocol):
 
     async def _publish(self, body: bytes, properties: bytes, routing_key: str,
                        exchange: str, mandatory: bool) -> None:
-        assert self._loop is not None and self._unblocked is not None
+        loop = self._event_loop
         if self.blocked is not None:
             await self._unblocked.wait()
         self._published += 1
-        confirm = self._confirms[self._published] = self._loop.create_future()
+        confirm = self._confirms[self._published] = loop.create_future()
         if mandatory:
             self._mandatory[self._published] = (exchange, routing_key)
         self._write(frame.marshal(commands.Basic.Publish(exchange=exchange,

@@ -71,7 +71,8 @@ class _Batch:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         task = asyncio.current_task()
-        assert task is not None
+        if task is None:  # __enter__ refused that
+            raise RuntimeError("a bound must be left inside the task that entered it")
         cancelling = self._waiting.pop(task)
         # Only the tasks still inside were cancelled by _expire, as asyncio.timeout() does:
         # a cancellation of the task's own (one more than ours) stays a cancellation.

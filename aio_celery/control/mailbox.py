@@ -142,11 +142,11 @@ class Mailbox:
             result = wire.error(repr(exc))
         if request.reply_to is None or result is commands.NO_REPLY:
             return
-        await self._reply(request, result)
+        await self._reply(request, request.reply_to, result)
 
-    async def _reply(self, request: wire.Request, result: object) -> None:
-        assert request.reply_to is not None
-        exchange, routing_key = request.reply_to
+    async def _reply(self, request: wire.Request, reply_to: tuple[str, str],
+                     result: object) -> None:
+        exchange, routing_key = reply_to
         connection = self._connection
         if connection is None or not connection.is_open:
             return  # the requester gets no answer from us, as from a node that is down

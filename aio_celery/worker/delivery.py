@@ -58,7 +58,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aio_celery import events as wire_events
-from aio_celery import metrics, protocol
+from aio_celery import metrics, protocol, signals
 from aio_celery.amqp.connection import Delivery
 from aio_celery.broker import (
     ConsumerChannel,
@@ -232,6 +232,8 @@ class Session:
         #: the sweep released deliveries held too long: none is held back until the next
         #: sweep (see _sweep)
         self._hold_suspended = False
+        #: task_rejected signals being sent (only while someone listens)
+        self._announcing: set[asyncio.Task[None]] = set()
 
     # --- start and state -----------------------------------------------------------------
 
@@ -389,6 +391,7 @@ class Session:
                          "Celery protocol v2 JSON task; a dead-letter exchange on the queue "
                          "would keep it for inspection.", queue, exc.summary())
             self._settle(tag, Settle.REJECT)
+            self._announce_rejected(raw, exc)
             return
         # Celery's keys, plus the queue it was consumed from (a retry goes back there).
         delivery_info = {"exchange": deliver.exchange, "routing_key": deliver.routing_key,
@@ -403,6 +406,17 @@ class Session:
             self._wait(job, self._await_count(job, raw, props.headers), "suspect")
             return
         self._admit(job, raw)
+
+    def _announce_rejected(self, raw: Delivery, exc: MessageDecodeError) -> None:
+        """Celery's ``task_rejected`` signal, which its consumer sends for a message it
+        cannot read: ``message`` is the delivery, ``exc`` why it was refused. Nothing is
+        scheduled while nobody listens, the usual case."""
+        if not signals.task_rejected.receivers:
+            return
+        task = asyncio.create_task(
+            signals.task_rejected.send(sender=self, message=raw, exc=exc))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
 
     def _admit(self, job: _Job, raw: Delivery) -> None:
         """A decoded message joins the ready queue, or waits for its eta; a revoked one is
@@ -694,7 +708,8 @@ class Session:
         self._settle(job.tag, Settle.ACK)  # the copy in the holding queue counts now
 
     async def _publish_parked(self, raw: Delivery, queue: str, parking: _Parking) -> None:
-        assert raw.properties is not None
+        if raw.properties is None:  # _receive rejects such a delivery: it is never parked
+            raise RuntimeError("parking a delivery whose properties could not be read")
         if parking.ttl is not None:
             # Declared on the publishing connection: a refusal closes that one, never the
             # connection these deliveries came on (that would be a reconnect, a
@@ -904,6 +919,8 @@ class Session:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._announcing:
+            await asyncio.wait(set(self._announcing))
         await self.channel.close()
 
 

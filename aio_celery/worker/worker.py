@@ -14,6 +14,7 @@ import os
 import time
 import types
 from collections.abc import Callable
+from typing import TypeVar
 
 from aio_celery import exitcodes, metrics, preflight, signals
 from aio_celery.amqp.connection import AMQPConnection
@@ -39,6 +40,8 @@ from aio_celery.worker.remote import WorkerNode
 from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
+
+_T = TypeVar("_T")
 
 #: the broker closes connections with this code when it shuts down (a restart, say)
 CONNECTION_FORCED = 320
@@ -401,15 +404,15 @@ class Worker:
         )
         runner = TaskRunner(self.app, self.options.hostname, revoked=self.revoked,
                             total=self.stats.total, recorder=self.metrics, events=self.events)
-        assert self.publisher is not None
-        session = Session(channel, runner, self.options, self.stats, publisher=self.publisher,
+        session = Session(channel, runner, self.options, self.stats,
+                          publisher=_set_up(self.publisher, "publisher"),
                           events=self.events,
                           on_task_done=self._on_task_done, guard=self._guard,
                           max_pending_results=settings.worker_max_pending_results,
                           unacked_max_age=self.options.max_age(settings.worker_unacked_max_age),
                           limiter=self.limiter)
         runner.on_waiting = session.task_pending  # a finished task waits: its slot is free
-        assert self.consuming is not None
+        _set_up(self.consuming, "consuming")
         try:
             await session.start(self.queues, before_consume=self._attaching)
         except BrokerConnectionError:
@@ -433,13 +436,11 @@ class Worker:
         """Right before basic.consume: ready, and say so to the supervisor *now*. The first
         delivery may be a task that blocks the loop before the next tick; the supervisor
         must already see a "ready" beat, so that its ordinary heartbeat timeout applies."""
-        assert self.consuming is not None
-        self.consuming.set()
+        _set_up(self.consuming, "consuming").set()
         self._beat()
 
     async def _failed_session(self, session: Session) -> None:
-        assert self.consuming is not None
-        self.consuming.clear()
+        _set_up(self.consuming, "consuming").clear()
         await session.close()
 
     async def _connect(self, at_startup: bool) -> Session | None:
@@ -480,9 +481,9 @@ class Worker:
         return None
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
-        assert self._stop_requested is not None
+        stop_requested = _set_up(self._stop_requested, "_stop_requested")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+            await asyncio.wait_for(stop_requested.wait(), seconds)
 
     def _on_task_done(self) -> None:
         limit = self.options.max_tasks
@@ -496,22 +497,21 @@ class Worker:
 
     async def _consume_until_stopped(self) -> int:
         """Wait for a stop request; reconnect when the broker connection drops."""
-        assert self._stop_requested is not None
+        stop_requested = _set_up(self._stop_requested, "_stop_requested")
         # Background watchers that end by requesting a stop themselves.
         watchers = []
         if self.options.burst:
             watchers.append(asyncio.ensure_future(self._drained()))
         if self.options.max_memory_kib:
             watchers.append(asyncio.ensure_future(self._watch_memory()))
-        stop = asyncio.ensure_future(self._stop_requested.wait())
+        stop = asyncio.ensure_future(stop_requested.wait())
         try:
-            while not self._stop_requested.is_set():
-                assert self._session is not None
-                lost = asyncio.ensure_future(self._session.lost())
+            while not stop_requested.is_set():
+                lost = asyncio.ensure_future(_set_up(self._session, "_session").lost())
                 await asyncio.wait([lost, stop], return_when=asyncio.FIRST_COMPLETED)
                 if not lost.done():
                     lost.cancel()
-                elif not self._stop_requested.is_set():
+                elif not stop_requested.is_set():
                     try:
                         await self._reconnect(lost.result())
                     except BrokerOutage as exc:
@@ -525,28 +525,27 @@ class Worker:
     async def _reconnect(self, reason: str) -> None:
         """Open a new consumer session (the old one is kept, abandoned, if a stop comes
         first: shutting it down is then quick). BrokerOutage once the retries are used up."""
-        assert self._session is not None and self.consuming is not None
-        self.consuming.clear()
+        old = _set_up(self._session, "_session")
+        _set_up(self.consuming, "consuming").clear()
         self.broker_lost_since = time.monotonic()
         self.metrics.broker_reconnecting()
         failover = self.failover
         logger.warning("Lost the broker connection to %s (%s); %d task(s) in flight are "
                        "cancelled and will be redelivered. Reconnecting%s", failover.masked,
-                       reason, self._session.in_flight,
+                       reason, old.in_flight,
                        ", to the next broker URL first" if len(failover.urls) > 1 else "")
         failover.lost()
-        await self._session.abandon()
+        await old.abandon()
         session = await self._connect(at_startup=False)
         if session is not None:
             self._session = session
 
     async def _drained(self) -> None:
         """Burst mode: stop once nothing is running or waiting and the queues are empty."""
-        assert self._session is not None
         idle_checks = 0
         while idle_checks < 2:
             await asyncio.sleep(0.05)
-            session = self._session
+            session = _set_up(self._session, "_session")  # a new one after a reconnect
             if session.busy:
                 idle_checks = 0
                 continue
@@ -567,13 +566,13 @@ class Worker:
                 return
 
     async def _shutdown(self) -> None:
-        assert self._session is not None and self.consuming is not None
-        self.consuming.clear()
+        session = _set_up(self._session, "_session")
+        _set_up(self.consuming, "consuming").clear()
         started = time.monotonic()
         timeout = (self.options.shutdown_timeout
                    if self.options.shutdown_timeout is not None
                    else self.app.conf.settings.worker_shutdown_timeout)
-        outcome = await self._session.stop(timeout, cold=self._cold)
+        outcome = await session.stop(timeout, cold=self._cold)
         if self._heart is not None:
             self._heart.stop()
         await self.events.close(timeout=EVENTS_CLOSE_TIMEOUT)
@@ -582,6 +581,13 @@ class Worker:
                     "the queue unstarted, %d cancelled and returned", kind,
                     time.monotonic() - started, self.stats.finished, outcome.returned,
                     outcome.cancelled)
+
+
+def _set_up(value: _T | None, name: str) -> _T:
+    """``value``, which run() sets up before anything uses it: None is a bug of ours."""
+    if value is None:
+        raise RuntimeError(f"Worker.{name} used before Worker.run() set it up")
+    return value
 
 
 def _awaited_frames(task: asyncio.Task[None]) -> list[types.FrameType]:

@@ -172,8 +172,8 @@ async def test_each_publisher_waits_for_the_alarm_at_most_its_publish_timeout(
     worker_side = WorkerPublisher(Failover(node.url()), plan=QueuePlan(),
                                   publish_timeout=PUBLISH_TIMEOUT,
                                   connection_name=f"{unique_name} publisher")
-    envelope = protocol.encode(app._build_message(
-        "alarm.double", [7], {}, None, None, {"queue": unique_name})[0], app.now())
+    envelope = protocol.encode(app.build_message(
+        "alarm.double", [7], {}, {"queue": unique_name})[0], app.now())
     async with app.setup():
         await lean.connect()
         await lean.queue_declare(unique_name)

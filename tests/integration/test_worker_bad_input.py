@@ -15,8 +15,8 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from helpers import publish_raw, ready_count
 
-from aio_celery import Celery, states
-from aio_celery.exceptions import NotRegistered
+from aio_celery import Celery, signals, states
+from aio_celery.exceptions import MessageDecodeError, NotRegistered
 
 MESSAGES = Path(__file__).parent.parent / "messages"
 INVALID = sorted(p.stem for p in MESSAGES.glob("invalid_*.json"))
@@ -133,3 +133,36 @@ async def test_unknown_task_is_rejected_and_not_registered_is_stored(
     assert "nobody.registered.this" in logged[0].getMessage()
     assert known.name in logged[0].getMessage()  # the known tasks are listed
     assert await ready_count(amqp, unique_name) == 0
+
+
+async def test_a_rejected_message_sends_task_rejected(
+        app: Celery, start_worker, amqp: AbstractConnection, unique_name: str) -> None:
+    """As Celery's consumer does for a message it cannot read: ``message`` is the delivery,
+    ``exc`` the reason."""
+    heard: list[dict[str, Any]] = []
+
+    def listen(**kwargs: Any) -> None:
+        heard.append(kwargs)
+
+    @app.task
+    async def good() -> str:
+        return "good"
+
+    body = b'[[1, 2], {}, {"callbacks": nu'
+    await app.broker.declare_queue(unique_name)
+    await publish_raw(amqp, unique_name, body, headers={"task": "t", "id": "x"},
+                      content_type="application/json")
+    after = await good.delay()
+    signals.task_rejected.connect(listen)
+    try:
+        handle = await start_worker(concurrency=1, burst=True)
+        assert await handle.wait() == 0
+    finally:
+        signals.task_rejected.disconnect(listen)
+    assert await after.get(timeout=5) == "good"
+    (call,) = heard
+    assert call["signal"] is signals.task_rejected
+    assert isinstance(call["exc"], MessageDecodeError)
+    assert "not valid JSON" in str(call["exc"])
+    assert call["message"].body == body
+    assert call["sender"] is handle.worker.session

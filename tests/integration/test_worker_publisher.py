@@ -38,7 +38,7 @@ TIMEOUT = 15.0
 
 
 def envelope_for(app: Celery, queue: str) -> Envelope:
-    message, _ = app._build_message("publisher.test", [1], {}, None, None, {"queue": queue})
+    message, _ = app.build_message("publisher.test", [1], {}, {"queue": queue})
     return protocol.encode(message, app.now())
 
 

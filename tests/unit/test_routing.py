@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from aio_celery import Celery
+from aio_celery.config import Config
+from aio_celery.messages import build_message
 from aio_celery.routing import route_queue
 
 
@@ -129,10 +132,20 @@ def test_bad_router_and_bad_route_are_type_errors() -> None:
         route({"proj.tasks.add": 42})
 
 
+def test_messages_use_task_routes_setting() -> None:
+    conf = Config()
+    conf.update(task_routes={"proj.*": {"queue": "routed"}}, task_default_queue="dflt")
+
+    def queue_of(name: str) -> str:
+        return build_message(conf.settings, name, [], {}, {}, now=datetime.now(UTC),
+                             new_id=lambda: "id", origin="gen1@host", reply_to="oid")[1]
+
+    assert queue_of("proj.tasks.add") == "routed"
+    assert queue_of("other.task") == "dflt"
+
+
 def test_app_uses_task_routes_setting() -> None:
     app = Celery("routing", set_as_current=False)
     app.conf.update(task_routes={"proj.*": {"queue": "routed"}}, task_default_queue="dflt")
-    _, queue = app._build_message("proj.tasks.add", [], {}, None, None, {})
-    assert queue == "routed"
-    _, queue = app._build_message("other.task", [], {}, None, None, {})
-    assert queue == "dflt"
+    assert app.build_message("proj.tasks.add")[1] == "routed"
+    assert app.build_message("other.task")[1] == "dflt"
