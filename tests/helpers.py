@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -25,6 +25,9 @@ import amqp  # py-amqp comes with the test dependency on celery
 import pytest
 from aio_pika.abc import AbstractConnection
 from pamqp import commands, frame
+
+if TYPE_CHECKING:
+    from aio_celery.amqp.connection import Delivery
 
 AMQP_URL = os.environ.get("AIO_CELERY_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_HOST_URL = os.environ.get("AIO_CELERY_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -201,6 +204,32 @@ def close_celery_client(app: Any) -> None:
 
 
 # --- a fake AMQP server -----------------------------------------------------------------------
+
+class Collector:
+    """A delivery callback that keeps what it is given and lets a test wait for a count."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self._arrived = asyncio.Event()
+
+    def __call__(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+        self._arrived.set()
+
+    def __len__(self) -> int:
+        return len(self.deliveries)
+
+    async def until(self, count: int, timeout: float = 5.0) -> list[Delivery]:
+        """Wait until ``count`` deliveries have arrived (at least); return them all."""
+        deadline = time.monotonic() + timeout
+        while len(self.deliveries) < count:
+            self._arrived.clear()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"only {len(self.deliveries)} of {count} deliveries arrived"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return self.deliveries
+
 
 class FakeBroker:
     """Speaks just enough AMQP on a local socket: the handshake, then whatever the test
