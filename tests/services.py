@@ -5,10 +5,10 @@ A layer opts in with ``from services import *`` in its ``conftest.py``; that bri
 ``_services_up``, which makes a missing server fail every test of the layer (it never skips).
 pytest allows ``pytest_plugins`` only in the root conftest, and that one must stay free of
 services so that ``pytest tests/unit`` runs on a laptop without them: so each layer imports
-the fixtures, and gets session-scoped ones of its own (its own Redis database).
+the fixtures (and a run still uses one Redis database, see :class:`_RunDatabase`).
 
 Every test gets its own queue names (``aio-celery-test-<test>-<random>``), deleted after
-the test; each layer uses one otherwise empty Redis database for the run, flushed at the end.
+the test; the whole run uses one otherwise empty Redis database, flushed at the end.
 The service URLs and plain helpers are in ``helpers.py`` (``from helpers import ...``).
 """
 
@@ -53,21 +53,54 @@ def _services_up() -> None:
                     "(the tests need real servers and never skip)", pytrace=False)
 
 
+class _RunDatabase:
+    """The run's Redis database, claimed by the first layer that asks and flushed when the
+    last one is done. Each layer's conftest imports the fixtures, so each has a session-scoped
+    ``redis_db`` of its own; this keeps a whole run on one database (parallel runs share 15)."""
+
+    def __init__(self) -> None:
+        self.client: redis.Redis | None = None
+        self.db = 0
+        self.users = 0
+
+    def claim(self) -> int:
+        if self.client is None:
+            self.client, self.db = self._claim_empty()
+        self.users += 1
+        return self.db
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.client is not None:
+            client, self.client = self.client, None
+            try:
+                client.flushdb()
+            finally:
+                client.close()
+
+    @staticmethod
+    def _claim_empty() -> tuple[redis.Redis, int]:
+        for db in range(15, 0, -1):
+            client = redis.Redis.from_url(f"{REDIS_HOST_URL}/{db}")
+            lock = f"aio-celery-test-run-lock-{os.getpid()}"
+            if client.dbsize() == 0 and client.set("aio-celery-test-run", lock, nx=True,
+                                                   ex=3600):
+                return client, db
+            client.close()
+        pytest.fail("no empty Redis database (1-15) for the test run", pytrace=False)
+
+
+_run_database = _RunDatabase()
+
+
 @pytest.fixture(scope="session")
 def redis_db() -> Iterator[int]:
     """An empty Redis database number for this run (highest free one first)."""
-    for db in range(15, 0, -1):
-        client = redis.Redis.from_url(f"{REDIS_HOST_URL}/{db}")
-        lock = f"aio-celery-test-run-lock-{os.getpid()}"
-        if client.dbsize() == 0 and client.set("aio-celery-test-run", lock, nx=True, ex=3600):
-            try:
-                yield db
-            finally:
-                client.flushdb()
-                client.close()
-            return
-        client.close()
-    pytest.fail("no empty Redis database (1-15) for the test run", pytrace=False)
+    db = _run_database.claim()
+    try:
+        yield db
+    finally:
+        _run_database.release()
 
 
 @pytest.fixture
