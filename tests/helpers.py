@@ -14,8 +14,11 @@ import inspect
 import os
 import signal
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -28,6 +31,9 @@ from pamqp import commands, frame
 
 if TYPE_CHECKING:
     from aio_celery.amqp.connection import Delivery
+
+#: the repository (the worker subprocesses run there, with it on ``PYTHONPATH``)
+ROOT = Path(__file__).resolve().parents[1]
 
 AMQP_URL = os.environ.get("AIO_CELERY_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_HOST_URL = os.environ.get("AIO_CELERY_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -184,6 +190,45 @@ def kill_process_group(process: subprocess.Popen[Any]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
+
+
+class WorkerProcess:
+    """One ``aio_celery worker`` subprocess in a process group of its own."""
+
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
+        self.stderr_path = log_dir / f"worker-{uuid.uuid4().hex[:8]}.stderr"
+        self.stdout_path = self.stderr_path.with_suffix(".stdout")
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]))
+        with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "aio_celery", *args], cwd=ROOT, env=full_env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    def diagnostics(self) -> str:
+        return f"--- worker stderr ---\n{self.stderr[-6000:]}"
+
+    def wait_for_log(self, text: str, deadline: float = 30.0) -> None:
+        wait_for_log(self.process, lambda: self.stderr, text, deadline, self.diagnostics)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, deadline: float) -> int:
+        return wait_for_exit(self.process, deadline, self.diagnostics)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (children of a supervisor included)."""
+        kill_process_group(self.process)
 
 
 def close_celery_client(app: Any) -> None:
