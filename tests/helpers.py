@@ -1,4 +1,6 @@
-"""Plain helpers shared by the test files (fixtures live in the ``conftest.py`` files).
+"""Plain helpers shared by the test files of every layer (fixtures live in the ``conftest.py``
+files, those of the layers with servers in ``services.py``). Nothing here connects at import:
+``tests/unit`` imports this module too.
 
 Imported as ``from helpers import ...``: pytest puts ``tests/`` on ``sys.path`` when it loads
 ``tests/conftest.py`` (rootdir-style imports, as for ``tcp_proxy``). Test modules must not
