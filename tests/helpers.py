@@ -1,4 +1,6 @@
-"""Plain helpers shared by the test files (fixtures live in the ``conftest.py`` files).
+"""Plain helpers shared by the test files of every layer (fixtures live in the ``conftest.py``
+files, those of the layers with servers in ``services.py``). Nothing here connects at import:
+``tests/unit`` imports this module too.
 
 Imported as ``from helpers import ...``: pytest puts ``tests/`` on ``sys.path`` when it loads
 ``tests/conftest.py`` (rootdir-style imports, as for ``tcp_proxy``). Test modules must not
@@ -14,9 +16,12 @@ import inspect
 import os
 import signal
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -25,6 +30,12 @@ import amqp  # py-amqp comes with the test dependency on celery
 import pytest
 from aio_pika.abc import AbstractConnection
 from pamqp import commands, frame
+
+if TYPE_CHECKING:
+    from aio_celery.amqp.connection import Delivery
+
+#: the repository (the worker subprocesses run there, with it on ``PYTHONPATH``)
+ROOT = Path(__file__).resolve().parents[1]
 
 AMQP_URL = os.environ.get("AIO_CELERY_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_HOST_URL = os.environ.get("AIO_CELERY_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -183,6 +194,45 @@ def kill_process_group(process: subprocess.Popen[Any]) -> None:
     process.wait(timeout=10)
 
 
+class WorkerProcess:
+    """One ``aio_celery worker`` subprocess in a process group of its own."""
+
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
+        self.stderr_path = log_dir / f"worker-{uuid.uuid4().hex[:8]}.stderr"
+        self.stdout_path = self.stderr_path.with_suffix(".stdout")
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]))
+        with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "aio_celery", *args], cwd=ROOT, env=full_env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    def diagnostics(self) -> str:
+        return f"--- worker stderr ---\n{self.stderr[-6000:]}"
+
+    def wait_for_log(self, text: str, deadline: float = 30.0) -> None:
+        wait_for_log(self.process, lambda: self.stderr, text, deadline, self.diagnostics)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, deadline: float) -> int:
+        return wait_for_exit(self.process, deadline, self.diagnostics)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (children of a supervisor included)."""
+        kill_process_group(self.process)
+
+
 def close_celery_client(app: Any) -> None:
     """Close a real Celery client app without leaving a socket for exit time.
 
@@ -201,6 +251,32 @@ def close_celery_client(app: Any) -> None:
 
 
 # --- a fake AMQP server -----------------------------------------------------------------------
+
+class Collector:
+    """A delivery callback that keeps what it is given and lets a test wait for a count."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self._arrived = asyncio.Event()
+
+    def __call__(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+        self._arrived.set()
+
+    def __len__(self) -> int:
+        return len(self.deliveries)
+
+    async def until(self, count: int, timeout: float = 5.0) -> list[Delivery]:
+        """Wait until ``count`` deliveries have arrived (at least); return them all."""
+        deadline = time.monotonic() + timeout
+        while len(self.deliveries) < count:
+            self._arrived.clear()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"only {len(self.deliveries)} of {count} deliveries arrived"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return self.deliveries
+
 
 class FakeBroker:
     """Speaks just enough AMQP on a local socket: the handshake, then whatever the test

@@ -10,11 +10,11 @@ import aio_pika
 import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel, AbstractConnection
+from helpers import AMQP_URL, REDIS_HOST_URL
 
-# Test modules still doing ``from conftest import ...`` get whichever conftest pytest loaded
-# last, which may be this one: it offers the same names as ``tests/conftest.py`` so that
-# they keep working. New code imports them from ``helpers``.
-from helpers import AMQP_URL, REDIS_HOST_URL, delete_queues_with_prefix  # noqa: F401
+# The real servers: ``_services_up`` fails every test here when one is missing. The asyncio
+# ``redis_client`` below replaces the blocking one of that name.
+from services import *  # noqa: F403  (fixtures: pytest finds them by name in this module)
 from tcp_proxy import TcpProxy
 
 
@@ -36,8 +36,8 @@ async def channel(amqp: AbstractConnection) -> AbstractChannel:
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    """An asyncio client on the run's Redis database (overrides the blocking one of
-    ``tests/conftest.py``: the tests here are all async)."""
+    """An asyncio client on the run's Redis database (the tests here are all async; the
+    other layers have a blocking one of this name, from ``services.py``)."""
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         yield client

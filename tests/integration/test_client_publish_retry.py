@@ -76,13 +76,3 @@ async def test_a_refused_publish_is_not_retried(
     with pytest.raises(PublishRefusedError):
         await app.send_task("anything", queue=unique_name)
     assert not retries_logged(caplog)
-
-
-def test_the_retry_policy_reads_celerys_keys_and_refuses_others() -> None:
-    assert RetryPolicy.from_settings(True, None).pauses() == [0.0, 0.2, 0.2]
-    assert RetryPolicy.from_settings(True, {"max_retries": 2, "interval_start": 1,
-                                            "interval_step": 1, "interval_max": 5}
-                                     ).pauses() == [1, 2]
-    assert RetryPolicy.from_settings(False, {"max_retries": 9}).pauses() == []
-    with pytest.raises(ValueError, match="unknown key"):
-        RetryPolicy.from_settings(True, {"retries": 3})

@@ -117,14 +117,6 @@ async def test_eta_beyond_horizon_is_parked_and_runs_after_its_eta(
     assert len(ran_at) == 1
 
 
-def test_each_eta_horizon_has_a_holding_queue_of_its_own() -> None:
-    """The TTL is fixed when a queue is first declared: another --eta-horizon must not try
-    to declare the same queue with another TTL (RabbitMQ would close the channel)."""
-    assert wait_queue_name("q", 600.0) == "q.aio-celery-hold-600000ms"
-    assert wait_queue_name("q", 1.5) == "q.aio-celery-hold-1500ms"
-    assert wait_queue_name("q", 12345.66) != wait_queue_name("q", 12345.74)  # TTLs differ
-
-
 async def test_countdown_of_hours_is_parked_while_other_work_flows(
         app: Celery, start_worker, amqp: AbstractConnection, unique_name: str,
         holding_queue: Callable[[float], str]) -> None:

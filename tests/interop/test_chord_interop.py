@@ -232,15 +232,3 @@ async def test_one_chord_across_both_workers(client: Celery, queues: tuple[str, 
 
 
 # --- the shared Redis protocol -----------------------------------------------------------------
-
-def test_our_lua_scripts_are_celerys() -> None:
-    """Both sides must run the same scripts on the same keys (and share Redis's script
-    cache): ours are Celery's, verbatim."""
-    import celery.backends.redis as theirs
-
-    from aio_celery import backend as ours
-
-    assert ours.CHORD_PART_RETURN_LUA == theirs.CHORD_PART_RETURN_LUA
-    assert ours.CHORD_CLEANUP_LUA == theirs.CHORD_CLEANUP_LUA
-    assert ours.CHORD_CLAIM_EXTEND_LUA == theirs.CHORD_CLAIM_EXTEND_LUA
-    assert ours.group_key("g", ".j") == "celery-taskset-meta-g.j"

@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 import redis
+
+# The real servers: ``_services_up`` fails every test here when one is missing.
+from services import *  # noqa: F403  (fixtures: pytest finds them by name in this module)
 from test_supervisor import APP_SPEC, Book, Supervised
 
 

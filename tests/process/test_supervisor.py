@@ -806,16 +806,6 @@ def test_health_probe_follows_the_supervisor(
     assert "old" in stale_probe.stderr, stale_probe.stderr
 
 
-def test_supervisor_modules_do_not_import_aio_pika() -> None:
-    code = ("import sys, aio_celery.cli, supervisor, supervisor.arbiter, supervisor.child; "
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('aio_pika', 'aiormq', 'redis', 'asyncio')); print(heavy); "
-            "sys.exit(1 if heavy else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env({}),
-                            capture_output=True, text=True, timeout=30, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 # --- 9/10. titles, SIGUSR1, SIGTTIN/SIGTTOU ----------------------------------------------------
 
 def test_titles_task_dump_and_scaling(

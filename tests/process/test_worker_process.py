@@ -8,94 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pytest
 import redis
-from helpers import (
-    AMQP_URL,
-    kill_process_group,
-    queue_depth,
-    wait_for_exit,
-    wait_for_log,
-    wait_until,
-)
+from helpers import AMQP_URL, WorkerProcess, queue_depth, wait_until
 
 from aio_celery import Celery, exitcodes
 from aio_celery.resultmeta import result_key
 
-ROOT = Path(__file__).resolve().parents[2]
 APP_SPEC = "tests.process.proc_tasks:app"
 STARTED_PREFIX = "aio-celery-test-proc-started-"  # as in proc_tasks.py
-READY_DEADLINE = 30.0
 TASK_NAME = "proc.sleep"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-class WorkerProcess:
-    """One ``aio_celery worker`` subprocess in a process group of its own."""
-
-    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
-        self.stderr_path = log_dir / f"worker-{uuid.uuid4().hex[:8]}.stderr"
-        self.stdout_path = self.stderr_path.with_suffix(".stdout")
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(ROOT), env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]))
-        with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "aio_celery", *args], cwd=ROOT, env=full_env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
-
-    def diagnostics(self) -> str:
-        return f"--- worker stderr ---\n{self.stderr[-6000:]}"
-
-    def wait_for_log(self, text: str, deadline: float = READY_DEADLINE) -> None:
-        wait_for_log(self.process, lambda: self.stderr, text, deadline, self.diagnostics)
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def wait(self, deadline: float) -> int:
-        return wait_for_exit(self.process, deadline, self.diagnostics)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (children of a supervisor included)."""
-        kill_process_group(self.process)
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """``spawn(*args, env={...})``: start ``python -m aio_celery *args``; killed at the end."""
-    started: list[WorkerProcess] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> WorkerProcess:
-        worker = WorkerProcess(list(args), tmp_path, env or {})
-        started.append(worker)
-        return worker
-
-    try:
-        yield start
-    finally:
-        for worker in started:
-            worker.kill()
-
 
 def proc_env(queue: str, redis_url: str, broker: str = AMQP_URL) -> dict[str, str]:
     return {"AIO_CELERY_PROC_BROKER": broker, "AIO_CELERY_PROC_BACKEND": redis_url,
@@ -261,36 +192,10 @@ def test_sigquit_is_a_cold_shutdown(spawn: Callable[..., WorkerProcess], unique_
 
 
 # --- start-up errors ---------------------------------------------------------------------------
-# The same exit codes and messages with the supervisor (the default) and with -P solo.
+# The same exit codes and messages with the supervisor (the default) and with -P solo. Those
+# before any server (an app that cannot be loaded): tests/unit/test_worker_startup_errors.py.
 
 POOLS = pytest.mark.parametrize("pool", ["processes", "solo"])
-
-
-@POOLS
-def test_missing_module_is_an_app_load_error(pool: str,
-                                             spawn: Callable[..., WorkerProcess]) -> None:
-    worker = spawn("worker", "-P", pool, "nosuchmodule_aio_celery_test:app")
-    assert worker.wait(30) == exitcodes.APP_LOAD_ERROR, worker.diagnostics()
-    assert "not found" in worker.stderr
-    assert "nosuchmodule_aio_celery_test" in worker.stderr
-
-
-@POOLS
-def test_module_failing_to_import_is_an_app_load_error(
-        pool: str, spawn: Callable[..., WorkerProcess], tmp_path: Path) -> None:
-    module = f"broken_tasks_{uuid.uuid4().hex[:8]}"
-    code_dir = tmp_path / "code"
-    code_dir.mkdir()
-    (code_dir / f"{module}.py").write_text(
-        "from aio_celery import Celery\n"
-        "app = Celery('broken')\n"
-        "raise RuntimeError('boom while importing the tasks 4711')\n", encoding="utf-8")
-    worker = spawn("worker", "-P", pool, f"{module}:app", env={"PYTHONPATH": str(code_dir)})
-    assert worker.wait(30) == exitcodes.APP_LOAD_ERROR, worker.diagnostics()
-    err = worker.stderr
-    assert "failed to import" in err, err
-    assert "RuntimeError: boom while importing the tasks 4711" in err, err
-    assert "not found" not in err, err
 
 
 @POOLS
@@ -310,13 +215,3 @@ def test_wrong_broker_password_is_a_startup_error_without_the_password(
     assert password not in output, output
     assert "***" in worker.stderr, worker.stderr
     assert "start-up failed" in worker.stderr, worker.stderr
-
-
-def test_help_lists_the_options(spawn: Callable[..., WorkerProcess]) -> None:
-    worker = spawn("worker", "--help")
-    assert worker.wait(30) == exitcodes.OK, worker.diagnostics()
-    text = worker.stdout
-    for option in ("--concurrency", "-Q", "--queues", "--pool", "--processes", "--loglevel",
-                   "--burst", "--shutdown-timeout", "--eta-horizon", "--prefetch-multiplier",
-                   "--max-tasks-per-child", "--max-memory-per-child", "APP"):
-        assert option in text, (option, text)

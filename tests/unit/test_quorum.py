@@ -24,7 +24,7 @@ from aio_celery.quorum import (
     delayed_topology,
     park_countdown,
 )
-from aio_celery.worker.delivery import holding_ttl
+from aio_celery.worker.delivery import holding_ttl, wait_queue_name
 
 
 @pytest.mark.parametrize("countdown", [1, 2, 3, 59, 600, 3600, 86400, 2**27, MAX_DELAY])
@@ -216,3 +216,11 @@ async def test_a_failed_delayed_delivery_declaration_is_tried_again() -> None:
     await bindings.ensure("a")
     await bindings.ensure("a")
     assert attempts == [("a",), ("a",)]
+
+
+def test_each_eta_horizon_has_a_holding_queue_of_its_own() -> None:
+    """The TTL is fixed when a queue is first declared: another --eta-horizon must not try
+    to declare the same queue with another TTL (RabbitMQ would close the channel)."""
+    assert wait_queue_name("q", 600.0) == "q.aio-celery-hold-600000ms"
+    assert wait_queue_name("q", 1.5) == "q.aio-celery-hold-1500ms"
+    assert wait_queue_name("q", 12345.66) != wait_queue_name("q", 12345.74)  # TTLs differ

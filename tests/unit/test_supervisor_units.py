@@ -1,5 +1,6 @@
 """The supervisor's pure pieces: sd_notify messages, the status file and the health check,
-exit descriptions, heartbeat files, and the crash/exit bookkeeping (no fork, no broker)."""
+exit descriptions, heartbeat files, and the crash/exit bookkeeping (no fork, no broker); and
+that the supervisor's modules stay light (a subprocess imports them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections import deque
@@ -31,6 +34,22 @@ from supervisor.status import (
     read_status,
     write_status,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_supervisor_modules_do_not_import_aio_pika() -> None:
+    """The parent forks its children: it must own no event loop or connection library."""
+    code = ("import sys, aio_celery.cli, supervisor, supervisor.arbiter, supervisor.child; "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('aio_pika', 'aiormq', 'redis', 'asyncio')); print(heavy); "
+            "sys.exit(1 if heavy else 0)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
 
 # --- sd_notify ------------------------------------------------------------------------------
 
