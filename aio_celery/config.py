@@ -56,6 +56,12 @@ class Settings:
     #: exit 4 at once either way
     broker_connection_retry_on_startup: bool = True
     result_backend: str | None = None
+    #: Celery's: ``apply_async``/``delay`` of a task (and of its signatures, chains and
+    #: groups) run it here and now, returning a ready result (see ``aio_celery.eager``);
+    #: ``send_task`` by name still sends, as in Celery
+    task_always_eager: bool = False
+    #: Celery's: an eagerly run task that fails raises from the call itself
+    task_eager_propagates: bool = False
     #: seconds (or a timedelta) a result is kept in Redis; None keeps it forever
     result_expires: float | timedelta | None = 86400.0
     result_serializer: str = "json"
