@@ -10,7 +10,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 from aio_celery.exceptions import ConfigurationError
@@ -239,6 +239,15 @@ def _mask_one(url: str) -> str:
     if colon != -1:
         url = f"{url[:colon]}:***{url[at:]}"
     return _SECRET_PARAM.sub(r"\1***", url)
+
+
+#: the scheme of the in-process broker and result backend (aio_celery.memory)
+MEMORY_SCHEME = "memory://"
+
+
+def is_memory_url(url: str | None) -> TypeGuard[str]:
+    """``memory://`` (or ``memory://name``): the in-process broker or result backend."""
+    return url is not None and url.lstrip().startswith(MEMORY_SCHEME)
 
 
 def split_urls(url: str) -> list[str]:
