@@ -64,6 +64,8 @@ async def worker(app: Celery, *, concurrency: int = 10, queues: tuple[str, ...] 
         consuming = asyncio.ensure_future(running.consuming.wait())
         await asyncio.wait([task, consuming], return_when=asyncio.FIRST_COMPLETED)
         consuming.cancel()
+        while running.session is None and not task.done():  # set right after consuming
+            await asyncio.sleep(0)
         if task.done():
             code = task.result()
             raise WorkerFailed(f"the in-process worker did not start (exit code {code}; "
