@@ -63,9 +63,9 @@ async def worker(app: Celery, *, concurrency: int = 10, queues: tuple[str, ...] 
         assert running.consuming is not None
         consuming = asyncio.ensure_future(running.consuming.wait())
         await asyncio.wait([task, consuming], return_when=asyncio.FIRST_COMPLETED)
+        # On memory:// nothing in the worker's start-up after "consuming" waits for I/O:
+        # by now its session is in place too.
         consuming.cancel()
-        while running.session is None and not task.done():  # set right after consuming
-            await asyncio.sleep(0)
         if task.done():
             code = task.result()
             raise WorkerFailed(f"the in-process worker did not start (exit code {code}; "
