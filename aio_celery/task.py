@@ -154,7 +154,10 @@ class Task:
 
     def delay(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, AsyncResult]:
         """Send the task with these arguments (shortcut for ``apply_async``); await it."""
-        return self.apply_async(args, kwargs)
+        app = self.app
+        if app.conf.settings.task_always_eager:
+            return self.apply(args, kwargs)
+        return app.send_task(self.name, args, kwargs, _task=self)
 
     def apply_async(self, args: Any = None, kwargs: dict[str, Any] | None = None,
                     **options: Any) -> Coroutine[Any, Any, AsyncResult]:
