@@ -61,6 +61,16 @@ def check(settings: Settings, options: WorkerOptions | None = None) -> None:
                 "pip install 'aio-celery[redis]' (or unset result_backend)") from None
 
 
+def check_command(settings: Settings) -> None:
+    """What the ``aio-celery worker`` command refuses besides :func:`check`: memory://,
+    whose queues no other process can publish to (aio_celery.testing runs it in-process)."""
+    for setting in ("broker_url", "result_backend"):
+        if is_memory_url(getattr(settings, setting)):
+            raise ConfigurationError(
+                f"{setting} memory:// lives in one process: a worker started by the command "
+                "could never see a task; run it in your tests with aio_celery.testing.worker")
+
+
 def _check_url(setting: str, url: object, schemes: tuple[str, ...], *,
                failover: bool = False) -> None:
     if not isinstance(url, str):

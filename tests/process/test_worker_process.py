@@ -320,3 +320,13 @@ def test_help_lists_the_options(spawn: Callable[..., WorkerProcess]) -> None:
                    "--burst", "--shutdown-timeout", "--eta-horizon", "--prefetch-multiplier",
                    "--max-tasks-per-child", "--max-memory-per-child", "APP"):
         assert option in text, (option, text)
+
+
+@POOLS
+def test_the_command_refuses_memory_urls(pool: str, spawn: Callable[..., WorkerProcess],
+                                         unique_name: str) -> None:
+    worker = spawn("worker", "-P", pool, "-Q", unique_name, APP_SPEC,
+                   env=proc_env(unique_name, "memory://", broker="memory://"))
+    assert worker.wait(30) == exitcodes.STARTUP_ERROR, worker.diagnostics()
+    assert "memory:// lives in one process" in worker.stderr, worker.stderr
+    assert "aio_celery.testing.worker" in worker.stderr, worker.stderr
