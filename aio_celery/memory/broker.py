@@ -102,7 +102,9 @@ class MemoryBroker:
         self._holding: dict[str, tuple[str, float]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._timer_ids = itertools.count()
-        self._dispatch_scheduled = False
+        #: the loop a dispatch is scheduled on (a test's loop may close with one pending:
+        #: the next loop schedules its own)
+        self._dispatch_on: asyncio.AbstractEventLoop | None = None
         self._channels: set[MemoryChannel] = set()
 
     def declare(self, name: str, *, prioritized: bool = False) -> None:
@@ -171,16 +173,17 @@ class MemoryBroker:
     def _schedule_dispatch(self) -> None:
         # Deliveries never reach a callback inside publish() or ack(): on a network they
         # arrive later, and the worker's code is written for that.
-        if not self._dispatch_scheduled:
-            self._dispatch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+        loop = asyncio.get_running_loop()
+        if self._dispatch_on is not loop:
+            self._dispatch_on = loop
+            loop.call_soon(self._dispatch)
 
     def kick(self) -> None:
         """A consumer may take more now (a settlement, a release)."""
         self._schedule_dispatch()
 
     def _dispatch(self) -> None:
-        self._dispatch_scheduled = False
+        self._dispatch_on = None
         for queue in list(self._queues.values()):
             while len(queue):
                 consumer = queue.next_consumer()
@@ -257,11 +260,10 @@ class MemoryChannel:
 
     def ack(self, tag: int, multiple: bool = False) -> None:
         self._check_open()
-        tags = [t for t in self._unsettled if t <= tag] if multiple else [tag]
-        if not tags or tags[-1] not in self._unsettled:
+        if tag not in self._unsettled:  # RabbitMQ's rule, ``multiple`` or not
             self._fail(f"PRECONDITION_FAILED - unknown delivery tag {tag}")
             return
-        for each in tags:
+        for each in [t for t in self._unsettled if t <= tag] if multiple else [tag]:
             self._settle(each)
         self.broker.kick()
 

@@ -305,3 +305,36 @@ def test_memory_needs_neither_redis_nor_aio_pika_nor_pytest() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+async def test_a_multiple_ack_of_a_settled_tag_closes_the_channel(broker: MemoryBroker) -> None:
+    for n in range(2):
+        broker.publish(_message(n))
+    consumer = _Consumed(broker)
+    consumer.consume()
+    await _turn()
+    consumer.channel.ack(2)
+    consumer.channel.ack(2, multiple=True)  # RabbitMQ: the tag itself must be unsettled
+    assert "unknown delivery tag 2" in await consumer.channel.closed()
+    assert broker.message_count("q") == 1  # tag 1 went back
+
+
+def test_a_new_event_loop_gets_deliveries_after_one_closed_midway() -> None:
+    broker = MemoryBroker("memory://loops")
+    broker.declare("q")
+
+    async def publish_and_leave() -> None:
+        broker.publish(_message(0))  # its dispatch is scheduled, never run on this loop
+        asyncio.get_running_loop().stop()
+
+    async def consume() -> list[bytes]:
+        consumer = _Consumed(broker)
+        consumer.consume()
+        await _turn()
+        return consumer.bodies()
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(publish_and_leave())
+    loop.close()
+    assert asyncio.run(consume()) == [b"0"]
+    broker.close()
