@@ -145,9 +145,9 @@ async def _body(task: Task, request: Context) -> tuple[str, Any, str | None]:
         tb = "".join(tb_module.format_exception(outcome))
         await signals.task_failure.send(sender=task, task_id=request.id, exception=outcome,
                                         args=request.args, kwargs=request.kwargs,
-                                        traceback=tb, einfo=tb)
+                                        traceback=tb)
         return states.FAILURE, outcome, tb
-    await signals.task_success.send(sender=task, result=value)
+    await signals.task_success.send(sender=task, result=value, task_id=request.id)
     return states.SUCCESS, value, None
 
 

@@ -248,6 +248,37 @@ async def test_retry_returned_with_throw_false_is_the_outcome(app: Celery) -> No
     assert await (await soft.delay()).get() == "second"
 
 
+async def test_signal_arguments_are_the_workers(app: Celery) -> None:
+    got: dict[str, dict[str, Any]] = {}
+
+    def success(sender: Any = None, **kwargs: Any) -> None:
+        got["success"] = kwargs
+
+    def failure(sender: Any = None, **kwargs: Any) -> None:
+        got["failure"] = kwargs
+
+    signals.task_success.connect(success)
+    signals.task_failure.connect(failure)
+    try:
+        @app.task
+        async def ok() -> int:
+            return 7
+
+        @app.task
+        async def bad(x: int) -> None:
+            raise Boom(x)
+
+        done = await ok.delay()
+        failed = await bad.delay(5)
+    finally:
+        signals.task_success.disconnect(success)
+        signals.task_failure.disconnect(failure)
+    assert got["success"]["result"] == 7 and got["success"]["task_id"] == done.id
+    assert got["failure"]["task_id"] == failed.id and got["failure"]["args"] == [5]
+    assert isinstance(got["failure"]["exception"], Boom)
+    assert "Boom" in got["failure"]["traceback"]
+
+
 def test_retry_keeps_its_eager_signature() -> None:
     sentinel = object()
     assert Retry(sig=sentinel).sig is sentinel
