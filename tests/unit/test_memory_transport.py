@@ -338,3 +338,23 @@ def test_a_new_event_loop_gets_deliveries_after_one_closed_midway() -> None:
     loop.close()
     assert asyncio.run(consume()) == [b"0"]
     broker.close()
+
+
+async def test_a_stop_gives_every_unfinished_message_back(celery_app: Celery) -> None:
+    started = asyncio.Event()
+
+    @celery_app.task
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    async with celery_app.setup():
+        sent = [await slow.delay() for _ in range(3)]
+        async with testing.worker(celery_app, concurrency=1, shutdown_timeout=0.2) as worker:
+            await asyncio.wait_for(started.wait(), 5)
+            assert worker.session is not None and worker.session.running == 1
+        queue = celery_app.conf.settings.task_default_queue
+        assert memory.broker_for("memory://").message_count(queue) == 3
+        for result in sent:
+            await result.refresh()
+        assert {result.state for result in sent} == {states.PENDING}  # none ran to the end

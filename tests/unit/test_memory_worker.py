@@ -41,6 +41,11 @@ MIRRORED = {
         "test_link_error_gets_the_failed_task_id",
         "test_signals_receive_the_right_arguments",
         "test_app_context_is_entered_once_per_worker_run",
+        "test_failing_receiver_does_not_stop_the_task",
+        "test_app_context_failure_is_a_startup_error",
+    ),
+    "test_worker_consumer_timeout": (
+        "test_a_task_running_past_the_max_age_is_warned_about_once",
     ),
     "test_chord": (
         "test_chord_header_then_body_call_form_and_task_id",
