@@ -7,17 +7,27 @@ processes, remote control, Redis keys, a broker outage) stays in the integration
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aio_celery import Celery, memory
 from aio_celery.memory import MemoryBackend, MemoryPublisher
+from aio_celery.worker import Worker, WorkerOptions
 
-#: the tests of tests/integration run here too, by module (tests/ is on sys.path through its
-#: conftest.py, so that directory imports as ``integration``)
+# tests/ on sys.path whatever the conftest files do: tests/integration imports as
+# ``integration``, and its modules import ``helpers``
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+#: the tests of tests/integration that run here too, by module
 MIRRORED = {
     "test_worker_basics": ("test_worker_runs_tasks_and_stores_results",),
     "test_worker_states_retries": (
@@ -103,3 +113,43 @@ def _on_memory(app: Celery) -> None:
     """Every test here runs on memory:// (the imported bodies never see a network)."""
     assert isinstance(app.publisher, MemoryPublisher)
     assert isinstance(app.backend, MemoryBackend)
+
+
+class _Handle:
+    """What the integration tests' ``start_worker`` hands back."""
+
+    def __init__(self, worker: Worker, task: asyncio.Task[int]) -> None:
+        self.worker = worker
+        self.task = task
+
+    async def stop(self, cold: bool = False, timeout: float = 30) -> int:
+        self.worker.request_stop(cold=cold)
+        return await asyncio.wait_for(self.task, timeout)
+
+    async def wait(self, timeout: float = 30) -> int:
+        return await asyncio.wait_for(self.task, timeout)
+
+
+@pytest.fixture
+async def start_worker(app: Celery) -> AsyncIterator[Callable[..., Awaitable[_Handle]]]:
+    """The integration suite's fixture of the same name, here so that this module needs
+    nothing of the conftest files that may need services."""
+    handles: list[_Handle] = []
+
+    async def start(app_: Celery | None = None, **options: Any) -> _Handle:
+        options.setdefault("banner", False)
+        worker = Worker(app_ or app, WorkerOptions(**options))
+        task = asyncio.create_task(worker.run())
+        while (worker.consuming is None or not worker.consuming.is_set()
+               or worker.session is None):
+            if task.done():
+                raise RuntimeError(f"worker exited during start-up with {task.result()}")
+            await asyncio.sleep(0.01)
+        handle = _Handle(worker, task)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        if not handle.task.done():
+            await handle.stop(cold=True)
