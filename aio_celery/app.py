@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, overload
 from aio_celery import messages, protocol
 from aio_celery.backend import RedisBackend
 from aio_celery.broker import Broker, RetryPolicy
-from aio_celery.config import Config
+from aio_celery.config import Config, is_memory_url
 from aio_celery.exceptions import BackendError
 from aio_celery.quorum import MAX_DELAY, QueuePlan
 from aio_celery.result import AsyncResult
@@ -24,7 +24,9 @@ from aio_celery.result import AsyncResult as _AsyncResult
 from aio_celery.task import Context, Task, TaskFunction, current_request
 
 if TYPE_CHECKING:
+    from aio_celery.memory import MemoryPublisher
     from aio_celery.publisher import Publishing
+    from aio_celery.transport import ResultBackend
 
 AppContextFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -58,8 +60,10 @@ class Celery:
         #: the client's publisher, built when first needed inside setup() (a worker
         #: publishes on its own, so never builds it)
         self._broker: Broker | None = None
+        #: the client's publisher under broker_url="memory://", inside setup()
+        self._memory: MemoryPublisher | None = None
         self._set_up = False
-        self._backend: RedisBackend | None = None
+        self._backend: ResultBackend | None = None
         self.rand = random.Random()
         for fn, options in _shared_tasks:
             self._register(fn, dict(options))
@@ -156,10 +160,15 @@ class Celery:
         self._set_up = True
         settings = self.conf.settings
         if settings.result_backend:
-            self._backend = RedisBackend(settings.result_backend,
-                                         expires=settings.result_expires_seconds())
+            self._backend = _new_backend(settings.result_backend,
+                                         settings.result_expires_seconds())
         try:
-            if not lazy_broker:
+            if is_memory_url(settings.broker_url):
+                from aio_celery.memory import MemoryPublisher, broker_for
+
+                self._memory = MemoryPublisher(broker_for(settings.broker_url),
+                                               plan=QueuePlan.from_settings(settings))
+            elif not lazy_broker:
                 await self._new_broker(lazy=False).connect()
             if with_context:
                 async with self.app_context():
@@ -191,6 +200,7 @@ class Celery:
     async def _close(self) -> None:
         broker, self._broker = self._broker, None
         backend, self._backend = self._backend, None
+        self._memory = None
         try:
             if backend is not None:
                 await backend.close()
@@ -216,6 +226,8 @@ class Celery:
         override = _worker_publisher.get()
         if override is not None and override[0] is self:
             return override[1]
+        if self._memory is not None:
+            return self._memory
         return self.broker
 
     @contextlib.contextmanager
@@ -231,13 +243,14 @@ class Celery:
             _worker_publisher.reset(token)
 
     @property
-    def backend(self) -> RedisBackend:
+    def backend(self) -> ResultBackend:
+        """The result backend: a :class:`~aio_celery.backend.RedisBackend`, or the
+        in-process store of ``result_backend="memory://"``."""
         if self._backend is None:
-            if not self.conf.settings.result_backend:
+            url = self.conf.settings.result_backend
+            if not url:
                 raise BackendError("no result backend configured: set result_backend")
-            settings = self.conf.settings
-            self._backend = RedisBackend(settings.result_backend,  # type: ignore[arg-type]
-                                         expires=settings.result_expires_seconds())
+            self._backend = _new_backend(url, self.conf.settings.result_expires_seconds())
         return self._backend
 
     def now(self) -> datetime:
@@ -291,6 +304,14 @@ class Celery:
 
 def _new_id() -> str:
     return str(uuid.uuid4())
+
+
+def _new_backend(url: str, expires: int | None) -> ResultBackend:
+    if is_memory_url(url):
+        from aio_celery.memory import backend_for
+
+        return backend_for(url)
+    return RedisBackend(url, expires=expires)
 
 
 _origin_cache: tuple[int, str] | None = None

@@ -107,9 +107,13 @@ class Signature(dict[str, Any]):
 
     async def apply_async(self, args: Any = None, kwargs: dict[str, Any] | None = None,
                           **options: Any) -> AsyncResult:
-        """Send the task, with ``args`` added to the signature's own."""
+        """Send the task, with ``args`` added to the signature's own (run it here with
+        ``task_always_eager``, when the task is registered, as in Celery)."""
         sig = self.clone(args, kwargs, **options)
-        return await self.app.send_task(sig.name, sig.args, sig.kwargs, **sig.options)
+        app = self.app
+        if app.conf.settings.task_always_eager and sig.name in app.tasks:
+            return await app.tasks[sig.name].apply(sig.args, sig.kwargs, **sig.options)
+        return await app.send_task(sig.name, sig.args, sig.kwargs, **sig.options)
 
     def __or__(self, other: Signature) -> _Chain:  # type: ignore[override]
         if isinstance(other, _Chain):
@@ -138,6 +142,8 @@ class _Chain(Signature):
         options = dict(options)
         steps, results = self.steps(args, kwargs, last_id=options.pop("task_id", None),
                                     app=self._app)
+        if self.app.conf.settings.task_always_eager:
+            return await _eager_chain(steps, options)
         first, rest = steps[0], steps[1:]
         await self.app.send_task(first.name, first.args, first.kwargs,
                                  chain=[dict(step) for step in reversed(rest)],
@@ -161,6 +167,19 @@ class _Chain(Signature):
             parent = results[-1] if results else None
             results.append(AsyncResult(step["options"]["task_id"], app=app, parent=parent))
         return steps, results
+
+
+async def _eager_chain(steps: list[Signature], options: dict[str, Any]) -> AsyncResult:
+    """Each step run here with the previous one's value: the last step's result, its
+    ``parent`` linking back through the earlier ones (Celery's ``chain.apply``)."""
+    result = await steps[0].apply_async(**options)
+    for step in steps[1:]:
+        if await result.failed():  # the rest of the chain does not run, as in Celery
+            break
+        current = await step.apply_async((result.result,), **options)
+        current.parent = result
+        result = current
+    return result
 
 
 def chain(*tasks: Signature, app: Celery | None = None) -> _Chain:
@@ -295,6 +314,11 @@ class chord:
         body = self.body if body is None else _plain(body, app, "the chord body")
         if body is None:
             raise TypeError("chord() needs a body: chord(header, body) or chord(header)(body)")
+        if app.conf.settings.task_always_eager:  # Celery's chord.apply: header, then body
+            header = await group(*self.tasks, app=app).apply_async(args, kwargs)
+            done = await body.apply_async((await header.get(),), task_id=task_id)
+            done.parent = header  # type: ignore[assignment]
+            return done
         options = {**self.options, **options}
         header_delay: dict[str, Any] = {
             k: options.pop(k) for k in ("countdown", "eta") if k in options}

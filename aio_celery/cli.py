@@ -181,6 +181,8 @@ def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel
 
 
 def _solo(app: str, options: WorkerOptions, metrics: tuple[int, str] | None) -> int:
+    from aio_celery import preflight
+    from aio_celery.exceptions import ConfigurationError
     from aio_celery.loader import AppLoadError, load_app
     from aio_celery.metrics import PrometheusRecorder, serve_solo
     from aio_celery.worker.process import run_worker
@@ -190,6 +192,11 @@ def _solo(app: str, options: WorkerOptions, metrics: tuple[int, str] | None) -> 
     except AppLoadError as exc:
         click.echo(f"Error: cannot load the app: {exc}", err=True)
         return exitcodes.APP_LOAD_ERROR
+    try:
+        preflight.check_command(application.conf.settings)
+    except ConfigurationError as exc:
+        click.echo(f"Error: configuration error: {exc}", err=True)
+        return exitcodes.STARTUP_ERROR
     recorder: PrometheusRecorder | None = None
     if metrics is not None:
         try:

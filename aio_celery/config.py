@@ -10,7 +10,7 @@ import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 from aio_celery.exceptions import ConfigurationError
@@ -53,6 +53,12 @@ class Settings:
     #: exit 4 at once either way
     broker_connection_retry_on_startup: bool = True
     result_backend: str | None = None
+    #: Celery's: ``apply_async``/``delay`` of a task (and of its signatures, chains and
+    #: groups) run it here and now, returning a ready result (see ``aio_celery.eager``);
+    #: ``send_task`` by name still sends, as in Celery
+    task_always_eager: bool = False
+    #: Celery's: an eagerly run task that fails raises from the call itself
+    task_eager_propagates: bool = False
     #: seconds (or a timedelta) a result is kept in Redis; None keeps it forever
     result_expires: float | timedelta | None = 86400.0
     result_serializer: str = "json"
@@ -230,6 +236,15 @@ def _mask_one(url: str) -> str:
     if colon != -1:
         url = f"{url[:colon]}:***{url[at:]}"
     return _SECRET_PARAM.sub(r"\1***", url)
+
+
+#: the scheme of the in-process broker and result backend (aio_celery.memory)
+MEMORY_SCHEME = "memory://"
+
+
+def is_memory_url(url: str | None) -> TypeGuard[str]:
+    """``memory://`` (or ``memory://name``): the in-process broker or result backend."""
+    return url is not None and url.lstrip().startswith(MEMORY_SCHEME)
 
 
 def split_urls(url: str) -> list[str]:

@@ -88,11 +88,13 @@ class Retry(AioCeleryError):
     """Raised by ``Task.retry()``: the task was sent again and this run ends here."""
 
     def __init__(self, message: str | None = None, exc: BaseException | None = None,
-                 when: Any = None) -> None:
+                 when: Any = None, sig: Any = None) -> None:
         super().__init__(message, exc, when)
         self.message = message
         self.exc = exc
         self.when = when
+        #: in an eager run (``Task.apply``), what to run again (Celery's ``Retry.sig``)
+        self.sig = sig
 
     def __str__(self) -> str:
         if self.message:

@@ -22,6 +22,7 @@ from aio_celery.ratelimit import parse_rate
 if TYPE_CHECKING:
     from aio_celery.app import Celery
     from aio_celery.canvas import Signature
+    from aio_celery.eager import EagerResult
     from aio_celery.result import AsyncResult
 
 
@@ -161,13 +162,32 @@ class Task:
 
     def delay(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, AsyncResult]:
         """Send the task with these arguments (shortcut for ``apply_async``); await it."""
-        return self.app.send_task(self.name, args, kwargs, _task=self)
+        app = self.app
+        if app.conf.settings.task_always_eager:
+            return self.apply(args, kwargs)
+        return app.send_task(self.name, args, kwargs, _task=self)
 
     def apply_async(self, args: Any = None, kwargs: dict[str, Any] | None = None,
                     **options: Any) -> Coroutine[Any, Any, AsyncResult]:
         """Send the task; await it. Options: countdown, eta, expires, queue, priority,
-        task_id, ignore_result, headers, soft_time_limit, time_limit, link, link_error, ..."""
-        return self.app.send_task(self.name, args, kwargs, _task=self, **options)
+        task_id, ignore_result, headers, soft_time_limit, time_limit, link, link_error, ...
+
+        With ``task_always_eager`` it runs here instead (:meth:`apply`), as in Celery."""
+        app = self.app
+        if app.conf.settings.task_always_eager:
+            return self.apply(args, kwargs, **options)
+        return app.send_task(self.name, args, kwargs, _task=self, **options)
+
+    def apply(self, args: Any = None, kwargs: dict[str, Any] | None = None, *,
+              task_id: str | None = None, retries: int = 0, throw: bool | None = None,
+              **options: Any) -> Coroutine[Any, Any, EagerResult]:
+        """Run the task here and now and return a result that is already ready (Celery's
+        ``Task.apply``; see :mod:`aio_celery.eager`). ``throw`` (default:
+        ``task_eager_propagates``) raises a failure from this call."""
+        from aio_celery import eager
+
+        return eager.apply(self, args, kwargs, task_id=task_id, retries=retries, throw=throw,
+                           **options)
 
     def signature(self, args: Any = None, kwargs: dict[str, Any] | None = None,
                   **options: Any) -> Signature:
@@ -214,6 +234,8 @@ class Task:
                 f"kwargs:{request.kwargs}")
         if eta is None and countdown is None:
             countdown = self.retry_delay
+        if request.is_eager:  # Task.apply runs it again at once: Celery ignores the delay
+            return _eager_retry(self, args, kwargs, exc, eta or countdown, throw)
         send = functools.partial(
             self.app.send_task,
             self.name,
@@ -250,6 +272,19 @@ class Task:
             raise ValueError("update_state needs a task_id (or a running task) and a state")
         await self.app.backend.store(resultmeta.build_meta(
             task_id, state, meta, now=self.app.now()))
+
+
+def _eager_retry(task: Task, args: Any, kwargs: dict[str, Any] | None,
+                 exc: BaseException | None, when: Any, throw: bool) -> Retry:
+    from aio_celery.eager import retry_signal
+
+    request = task.request
+    again = retry_signal(list(request.args if args is None else args),
+                         dict(request.kwargs if kwargs is None else kwargs))
+    retry = Retry(exc=exc, when=when, sig=again)
+    if throw:
+        raise retry
+    return retry
 
 
 def retry_countdown(task: Task, retries: int, rand: Callable[[float, float], float]) -> float:

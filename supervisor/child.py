@@ -173,6 +173,7 @@ def _load_only(spec: ChildSpec) -> int:
         return exitcodes.APP_LOAD_ERROR
     try:
         preflight.check(app.conf.settings, spec.worker)
+        preflight.check_command(app.conf.settings)
     except ConfigurationError as exc:
         sys.stderr.write(f"Error: configuration error: {exc}\n")
         return exitcodes.STARTUP_ERROR

@@ -61,7 +61,6 @@ from aio_celery import events as wire_events
 from aio_celery import metrics, protocol, signals
 from aio_celery.amqp.connection import Delivery
 from aio_celery.broker import (
-    ConsumerChannel,
     DelayedDeliveryRefused,
     HoldingQueueRefused,
     describe_error,
@@ -69,8 +68,8 @@ from aio_celery.broker import (
 from aio_celery.config import Settings
 from aio_celery.exceptions import MessageDecodeError
 from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
-from aio_celery.publisher import WorkerPublisher
 from aio_celery.quorum import FIRST_DELAY_EXCHANGE, delayed_routing_key, park_countdown
+from aio_celery.transport import Consuming, WorkerPublishing
 from aio_celery.worker import aging
 from aio_celery.worker.acks import AckTracker
 from aio_celery.worker.events import EventDispatcher
@@ -171,9 +170,9 @@ class StopOutcome:
 class Session:
     """Consumes ``queues`` on one channel and settles every delivery exactly once."""
 
-    def __init__(self, channel: ConsumerChannel, runner: TaskRunner, options: WorkerOptions,
+    def __init__(self, channel: Consuming, runner: TaskRunner, options: WorkerOptions,
                  stats: Stats, on_task_done: Callable[[], None], *,
-                 publisher: WorkerPublisher, guard: Guard | None = None,
+                 publisher: WorkerPublishing, guard: Guard | None = None,
                  max_pending_results: int = Settings.worker_max_pending_results,
                  unacked_max_age: float | None = None, limiter: Limiter | None = None,
                  events: EventDispatcher | None = None) -> None:

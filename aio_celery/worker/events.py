@@ -33,7 +33,7 @@ from typing import Any
 from aio_celery import events
 from aio_celery.control.wire import ok
 from aio_celery.exceptions import BrokerConnectionError, PublishRefusedError
-from aio_celery.publisher import WorkerPublisher
+from aio_celery.transport import WorkerPublishing
 from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
@@ -56,7 +56,7 @@ Load = Callable[[], tuple[int, int]]
 class EventDispatcher:
     """Builds, buffers and sends one worker process's events (node ``hostname``)."""
 
-    def __init__(self, hostname: str, publisher: WorkerPublisher | None, stats: Stats, *,
+    def __init__(self, hostname: str, publisher: WorkerPublishing | None, stats: Stats, *,
                  exchange: str = events.EXCHANGE, task_events: bool = False,
                  load: Load = lambda: (0, 0), buffer_limit: int = BUFFER_LIMIT,
                  backlog_limit: int = BACKLOG_LIMIT, now: Callable[[], float] = time.time,
@@ -150,7 +150,7 @@ class EventDispatcher:
                 return
             del self._tasks[:len(batch)]
 
-    def _send(self, publisher: WorkerPublisher, body: bytes, routing_key: str) -> bool:
+    def _send(self, publisher: WorkerPublishing, body: bytes, routing_key: str) -> bool:
         try:
             return publisher.publish_nowait(body, self._properties, routing_key,
                                             self.exchange, backlog_limit=self.backlog_limit)
@@ -167,7 +167,7 @@ class EventDispatcher:
         self.stats.events_dropped += count
         self.on_dropped(count)
 
-    def _prepare(self, publisher: WorkerPublisher) -> None:
+    def _prepare(self, publisher: WorkerPublishing) -> None:
         """Open the publishing connection and declare the exchange, in the background (at
         most one attempt at a time, none during the pause after a failure)."""
         if self._preparing is not None or time.monotonic() < self._retry_at:
@@ -177,7 +177,7 @@ class EventDispatcher:
             self._declare(publisher), name="declare the event exchange",
             context=contextvars.Context())
 
-    async def _declare(self, publisher: WorkerPublisher) -> None:
+    async def _declare(self, publisher: WorkerPublishing) -> None:
         try:
             await publisher.declare_exchange(self.exchange, events.EXCHANGE_TYPE, durable=True)
         except PublishRefusedError as exc:

@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aio_celery import states
+from aio_celery.backend import RedisBackend
 from aio_celery.config import Settings, mask_url
 from aio_celery.control import info, revoked
 from aio_celery.control.commands import EventsControl
@@ -177,10 +178,11 @@ class WorkerNode:
     async def _record_revoke(self, task_ids: list[str], running: set[str],
                              now: float) -> None:
         backend = self.app.backend
-        try:
-            await revoked.persist(backend.client, task_ids, now)
-        except Exception as exc:  # redis' own errors: the revoke still holds here
-            logger.warning("Could not persist revoked ids for later children: %r", exc)
+        if isinstance(backend, RedisBackend):  # memory://: no later process to tell
+            try:
+                await revoked.persist(backend.client, task_ids, now)
+            except Exception as exc:  # redis' own errors: the revoke still holds here
+                logger.warning("Could not persist revoked ids for later children: %r", exc)
         for task_id in task_ids:
             if task_id in running:
                 continue

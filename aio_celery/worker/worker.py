@@ -16,11 +16,12 @@ import types
 from collections.abc import Callable
 from typing import TypeVar
 
-from aio_celery import exitcodes, metrics, preflight, signals
+from aio_celery import exitcodes, memory, metrics, preflight, signals
 from aio_celery.amqp.connection import AMQPConnection
 from aio_celery.app import Celery
+from aio_celery.backend import RedisBackend
 from aio_celery.broker import BrokerRefused, ConsumerChannel, connect_first
-from aio_celery.config import mask_url
+from aio_celery.config import is_memory_url, mask_url
 from aio_celery.control import revoked
 from aio_celery.control.mailbox import Mailbox
 from aio_celery.exceptions import BrokerConnectionError, ConfigurationError
@@ -29,6 +30,7 @@ from aio_celery.poison import Guard
 from aio_celery.publisher import WorkerPublisher
 from aio_celery.quorum import QueuePlan
 from aio_celery.ratelimit import SharedRates
+from aio_celery.transport import Consuming, WorkerPublishing
 from aio_celery.worker.banner import banner
 from aio_celery.worker.delivery import Session
 from aio_celery.worker.events import EventDispatcher, Heart, RemoteEvents
@@ -95,7 +97,7 @@ class Worker:
         self.broker_lost_since: float | None = None
         self._failover: Failover | None = None
         #: the worker's publishing connection (follow-ups, retries, parks), once started
-        self.publisher: WorkerPublisher | None = None
+        self.publisher: WorkerPublishing | None = None
         #: task ids revoked by remote control (loaded from the result backend at start)
         self.revoked = revoked.RevokedSet()
         #: this process's remote control mailbox, once consuming tasks
@@ -313,7 +315,9 @@ class Worker:
         stack.enter_context(self.app.publishing_through(self.publisher))
         if self.app.conf.settings.result_backend:
             try:
-                _ = self.app.backend.client  # import redis now, not in the middle of a task
+                backend = self.app.backend
+                if isinstance(backend, RedisBackend):
+                    _ = backend.client  # import redis now, not in the middle of a task
             except ConfigurationError as exc:  # a query parameter redis-py cannot read
                 raise StartupError(f"configuration error: {exc}") from exc
         try:
@@ -341,15 +345,20 @@ class Worker:
         them too (see :mod:`aio_celery.control.revoked`)."""
         if not self.app.conf.settings.result_backend:
             return
+        backend = self.app.backend
+        if not isinstance(backend, RedisBackend):  # memory://: no earlier process to learn from
+            return
         now = time.time()
         try:
-            self.revoked.merge(await revoked.load(self.app.backend.client, now), now)
+            self.revoked.merge(await revoked.load(backend.client, now), now)
         except Exception as exc:  # redis' own errors: a start without them, said so
             logger.warning("Could not load the revoked task ids from the result backend "
                            "(%r): revokes sent before this process started are not honoured",
                            exc)
 
     def _start_mailbox(self, stack: contextlib.AsyncExitStack) -> None:
+        if self._in_memory:  # nobody outside this process could send a command
+            return
         self.mailbox = Mailbox(WorkerNode(self, self._remote_events),
                                self._control_connection)
         self._mailbox_task = asyncio.ensure_future(self.mailbox.run())
@@ -373,11 +382,18 @@ class Worker:
         if self.mailbox is not None:
             await self.mailbox.close()
 
-    def _new_publisher(self) -> WorkerPublisher:
+    @property
+    def _in_memory(self) -> bool:
+        return is_memory_url(self.app.conf.settings.broker_url)
+
+    def _new_publisher(self) -> WorkerPublishing:
         """A second connection, for publishing only (it connects on first use): RabbitMQ
         blocks a publishing connection during a resource alarm, and the consumer's acks
         must not wait behind that. It tries the URLs in the consumer's failover order."""
         settings = self.app.conf.settings
+        if self._in_memory:
+            return memory.MemoryPublisher(memory.broker_for(settings.broker_url),
+                                          plan=QueuePlan.from_settings(settings))
         return WorkerPublisher(
             self.failover.companion(),
             plan=QueuePlan.from_settings(settings),
@@ -387,12 +403,9 @@ class Worker:
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()} "
                             "publisher")
 
-    async def _open_session(self) -> Session:
-        """One attempt: connect, declare, consume (BrokerConnectionError, or BrokerRefused
-        when retrying cannot help)."""
+    def _amqp_channel(self, prefetch: int) -> ConsumerChannel:
         settings = self.app.conf.settings
-        prefetch = self.options.prefetch_count(settings.worker_prefetch_multiplier)
-        channel = ConsumerChannel(
+        return ConsumerChannel(
             self.failover, prefetch_count=prefetch,
             publish_timeout=settings.broker_publish_timeout,
             connection_timeout=settings.broker_connection_timeout,
@@ -402,6 +415,19 @@ class Worker:
             plan=QueuePlan.from_settings(settings),
             connection_name=f"aio_celery worker {self.options.hostname} pid {os.getpid()}",
         )
+
+    async def _open_session(self) -> Session:
+        """One attempt: connect, declare, consume (BrokerConnectionError, or BrokerRefused
+        when retrying cannot help)."""
+        settings = self.app.conf.settings
+        prefetch = self.options.prefetch_count(settings.worker_prefetch_multiplier)
+        channel: Consuming
+        if self._in_memory:
+            channel = memory.MemoryConsumer(memory.broker_for(settings.broker_url),
+                                            prefetch_count=prefetch,
+                                            plan=QueuePlan.from_settings(settings))
+        else:
+            channel = self._amqp_channel(prefetch)
         runner = TaskRunner(self.app, self.options.hostname, revoked=self.revoked,
                             total=self.stats.total, recorder=self.metrics, events=self.events)
         session = Session(channel, runner, self.options, self.stats,

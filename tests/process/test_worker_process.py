@@ -215,3 +215,13 @@ def test_wrong_broker_password_is_a_startup_error_without_the_password(
     assert password not in output, output
     assert "***" in worker.stderr, worker.stderr
     assert "start-up failed" in worker.stderr, worker.stderr
+
+
+@POOLS
+def test_the_command_refuses_memory_urls(pool: str, spawn: Callable[..., WorkerProcess],
+                                         unique_name: str) -> None:
+    worker = spawn("worker", "-P", pool, "-Q", unique_name, APP_SPEC,
+                   env=proc_env(unique_name, "memory://", broker="memory://"))
+    assert worker.wait(30) == exitcodes.STARTUP_ERROR, worker.diagnostics()
+    assert "memory:// lives in one process" in worker.stderr, worker.stderr
+    assert "aio_celery.testing.worker" in worker.stderr, worker.stderr
