@@ -375,12 +375,15 @@ class Worker:
             rpc_timeout=15.0, publish_timeout=settings.broker_publish_timeout)
 
     async def _stop_mailbox(self) -> None:
+        # Closed first: its loop then ends by itself at its next step. A cancel alone was
+        # seen lost (Python 3.11's wait_for, in a connect that completed as it was
+        # cancelled), and the loop went on reconnecting while the stop waited for it.
+        if self.mailbox is not None:
+            await self.mailbox.close()
         task, self._mailbox_task = self._mailbox_task, None
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
-        if self.mailbox is not None:
-            await self.mailbox.close()
 
     @property
     def _in_memory(self) -> bool:
