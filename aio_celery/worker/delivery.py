@@ -57,8 +57,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from aio_celery import defaults, metrics, protocol
 from aio_celery import events as wire_events
-from aio_celery import metrics, protocol
 from aio_celery.amqp.connection import Delivery
 from aio_celery.broker import (
     ConsumerChannel,
@@ -68,7 +68,7 @@ from aio_celery.broker import (
 )
 from aio_celery.config import Settings
 from aio_celery.exceptions import MessageDecodeError
-from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
+from aio_celery.poison import Guard, Verdict
 from aio_celery.publisher import WorkerPublisher
 from aio_celery.quorum import FIRST_DELAY_EXCHANGE, delayed_routing_key, park_countdown
 from aio_celery.worker import aging
