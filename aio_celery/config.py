@@ -107,8 +107,8 @@ class Settings:
     #: broker to take their result, chord part or follow-up messages (their messages stay
     #: unacknowledged meanwhile); no new task starts while this many wait
     worker_max_pending_results: int = defaults.MAX_PENDING_RESULTS
-    #: seconds since delivery after which a message still waiting to start (ready, held
-    #: back, or an eta in memory) is given back to the queue, and a running task that is
+    #: seconds since delivery after which a message still waiting to start (ready, kept
+    #: back undecoded, or an eta in memory) is given back to the queue, and a running task that is
     #: still unacknowledged is warned about. RabbitMQ closes the channel (3.x) or cancels
     #: the consumer (4.3+ quorum queues) once a delivery stays unacknowledged past its
     #: ``consumer_timeout`` (30 min by default): keep this below it (25 min fits the
