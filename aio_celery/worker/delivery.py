@@ -85,6 +85,7 @@ from aio_celery.publisher import WorkerPublisher
 from aio_celery.quorum import FIRST_DELAY_EXCHANGE, delayed_routing_key, park_countdown
 from aio_celery.worker import aging
 from aio_celery.worker.acks import AckTracker
+from aio_celery.worker.backoff import Backoff
 from aio_celery.worker.events import EventDispatcher
 from aio_celery.worker.execution import Settle, TaskRunner
 from aio_celery.worker.options import WorkerOptions
@@ -682,7 +683,7 @@ class Session:
         holding queue the broker refuses to declare is reported once; its messages then
         wait here, in memory, like nearer etas.
         """
-        retry_in = PARK_FIRST_RETRY
+        backoff = Backoff(PARK_FIRST_RETRY, PARK_MAX_RETRY)
         try:
             while True:
                 parking = self._parking(job)
@@ -696,6 +697,7 @@ class Session:
                     continue
                 except Exception as exc:
                     remaining = self._until_due(job)
+                    retry_in = backoff.next()
                     if remaining <= retry_in:
                         await self._wait_until_due(job, remaining)
                         return
@@ -705,7 +707,6 @@ class Session:
                                    job.message.task, job.message.id, parking.where,
                                    describe_error(exc), retry_in)
                     await asyncio.sleep(retry_in)
-                    retry_in = min(retry_in * 2, PARK_MAX_RETRY)
                     continue
                 logger.info("Task %s[%s] %s %.0fs: parked in %s", job.message.task,
                             job.message.id, "waits for its rate limit for about"
