@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aio_celery import jsoncodec, resultmeta, states
@@ -234,6 +235,9 @@ class RedisBackend:
         self._subscriber: _Subscriber | None = None
         self._batch: list[tuple[str, bytes, asyncio.Future[None]]] = []
         self._writers: set[asyncio.Future[None]] = set()
+        self._reachable = _Reachable(self)
+        # asyncio's timeout is an OSError too: it is not "unreachable"
+        self._waiting = _Reachable(self, let_through=(TimeoutError,))
 
     @property
     def client(self) -> Redis:
@@ -319,28 +323,20 @@ class RedisBackend:
 
     async def get_meta(self, task_id: str) -> dict[str, Any] | None:
         """The stored document, or None when there is none (PENDING)."""
-        try:
+        with self._reachable:
             raw = await self.client.get(resultmeta.result_key(task_id))
-        except _redis_errors() as exc:
-            raise self._unreachable(exc) from exc
         return None if raw is None else resultmeta.decode_meta(raw)
 
     async def forget(self, task_id: str) -> None:
-        try:
+        with self._reachable:
             await self.client.delete(resultmeta.result_key(task_id))
-        except _redis_errors() as exc:
-            raise self._unreachable(exc) from exc
 
     async def wait_for(self, task_id: str, timeout: float | None) -> dict[str, Any]:
         """The document once the task is ready; raises asyncio.TimeoutError."""
         if self._subscriber is None:
             self._subscriber = _Subscriber(self)
-        try:
+        with self._waiting:
             return await self._subscriber.wait(task_id, timeout)
-        except TimeoutError:
-            raise  # asyncio's timeout is an OSError too: it is not "unreachable"
-        except _redis_errors() as exc:
-            raise self._unreachable(exc) from exc
 
 
     # --- chords (Celery 5.7's keys and scripts) --------------------------------------------
@@ -350,26 +346,22 @@ class RedisBackend:
 
         client = self.client
         sha = _SCRIPT_SHAS[script]
-        try:
+        with self._reachable:
             try:
                 return await client.evalsha(sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 await client.script_load(script)
                 return await client.evalsha(sha, len(keys), *keys, *args)
-        except _redis_errors() as exc:
-            raise self._unreachable(exc) from exc
 
     async def set_chord_size(self, group_id: str, size: int) -> None:
         """Before the header is sent: ``.s`` = the header size (kept as long as results),
         and no claim left from an earlier run of the same group id (Celery's
         ``set_chord_size``)."""
-        try:
+        with self._reachable:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.delete(group_key(group_id, ".c"))
                 pipe.set(group_key(group_id, ".s"), size, ex=self.expires or None)
                 await pipe.execute()
-        except _redis_errors() as exc:
-            raise self._unreachable(exc) from exc
 
     async def chord_part_return(self, group_id: str, task_id: str, group_index: int | None,
                                 encoded: str, *, claim_expires: int,
@@ -386,18 +378,14 @@ class RedisBackend:
 
     async def chord_results(self, group_id: str) -> list[bytes | str]:
         """The header results recorded for a chord, in ``group_index`` order."""
-        try:
+        with self._reachable:
             return [item for item in await self.client.zrange(group_key(group_id, ".j"), 0, -1)
                     if isinstance(item, (bytes, str))]
-        except _redis_errors() as exc:
-            raise self._unreachable(exc) from exc
 
     async def get_group_meta(self, group_id: str) -> dict[str, Any] | None:
         """A group saved under ``celery-taskset-meta-<id>`` (``{"result": tuple}``), if any."""
-        try:
+        with self._reachable:
             raw = await self.client.get(group_key(group_id))
-        except _redis_errors() as exc:
-            raise self._unreachable(exc) from exc
         if raw is None:
             return None
         value = jsoncodec.loads(raw)
@@ -413,11 +401,32 @@ class RedisBackend:
 
     async def drop_chord_size(self, group_id: str) -> None:
         """After a chord failed: a late copy of a header task cannot fail it again."""
-        try:
+        with self._reachable:
             await self.client.delete(group_key(group_id, ".s"))
-        except _redis_errors() as exc:
-            raise self._unreachable(exc) from exc
 
+
+
+class _Reachable:
+    """``with backend._reachable:`` around Redis calls: a connection error (redis-py's, or
+    an OSError) leaves it as a :class:`BackendConnectionError` that names the masked URL;
+    ``let_through`` errors and every other exception pass unchanged."""
+
+    __slots__ = ("_backend", "_let_through")
+
+    def __init__(self, backend: RedisBackend,
+                 let_through: tuple[type[BaseException], ...] = ()) -> None:
+        self._backend = backend
+        self._let_through = let_through
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if exc is None or isinstance(exc, self._let_through):
+            return
+        if isinstance(exc, _redis_errors()):
+            raise self._backend._unreachable(exc) from exc
 
 
 class _Subscriber:

@@ -705,12 +705,13 @@ class ConsumerChannel:
         if tag is not None and self.is_open:
             await self.connection.cancel(tag)
 
-    def hold(self) -> None:
-        """Enough deliveries wait to be run: keep the rest as wire bytes for now."""
+    def pause_deliveries(self) -> None:
+        """Enough deliveries wait to be run: keep the rest as wire bytes for now (the AMQP
+        connection *holds* them)."""
         if self._connection is not None:
             self._connection.hold()
 
-    def release(self) -> None:
+    def resume_deliveries(self) -> None:
         if self._connection is not None:
             self._connection.release()
 

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from aio_celery import exitcodes
+from aio_celery import defaults, exitcodes
 from aio_celery.control import nodenames
 from aio_celery.worker.options import WorkerOptions
 
@@ -35,7 +35,8 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
               show_default=True,
               help="processes: a supervisor forks --processes children; solo: one worker "
                    "in this process, no supervisor.")
-@click.option("--concurrency", default=100, show_default=True, type=click.IntRange(min=1),
+@click.option("--concurrency", default=defaults.CONCURRENCY, show_default=True,
+              type=click.IntRange(min=1),
               help="Tasks running at once in each process.")
 @click.option("-Q", "--queues", multiple=True, callback=_queues,
               help="Queues to consume, comma separated (default: task_default_queue).")
@@ -48,10 +49,11 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("--prefetch-multiplier", type=click.IntRange(min=1), default=None,
               help="Prefetch = this x concurrency (default: worker_prefetch_multiplier).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
-              help="Seconds running tasks get on warm shutdown (default 25; with -P solo "
-                   "the app's worker_shutdown_timeout). The supervisor kills children 5 s "
-                   "after it.")
-@click.option("--eta-horizon", type=click.FloatRange(min=0.1), default=600.0,
+              help=f"Seconds running tasks get on warm shutdown (default "
+                   f"{defaults.SHUTDOWN_TIMEOUT:g}; with -P solo the app's "
+                   f"worker_shutdown_timeout). The supervisor kills children "
+                   f"{defaults.WARM_GRACE:g} s after it.")
+@click.option("--eta-horizon", type=click.FloatRange(min=0.1), default=defaults.ETA_HORIZON,
               show_default=True,
               help="Tasks due further away than this many seconds wait on the broker (a "
                    "holding queue, or native delayed delivery on quorum queues) instead of "
@@ -61,7 +63,7 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
               help="Give back a message still waiting to start this many seconds after its "
                    "delivery, and warn about a task running unacknowledged this long; keep "
                    "it below RabbitMQ's consumer_timeout (default: worker_unacked_max_age, "
-                   "1500; 0: off).")
+                   f"{defaults.UNACKED_MAX_AGE:g}; 0: off).")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=0), default=0,
               help="Exit (to be replaced) after this many tasks; 0: never.")
 @click.option("--max-memory-per-child", type=click.IntRange(min=0), default=0,
@@ -69,11 +71,14 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("--max-task-deaths", type=click.IntRange(min=1), default=None,
               help="Retire a task (FAILURE WorkerLostError, message rejected to the queue's "
                    "dead-letter exchange) after its worker process died this many times "
-                   "while it ran (default: worker_max_task_deaths, 3).")
-@click.option("--heartbeat-timeout", type=click.FloatRange(min=1), default=30.0,
+                   f"while it ran (default: worker_max_task_deaths, "
+                   f"{defaults.MAX_TASK_DEATHS}).")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=1),
+              default=defaults.HEARTBEAT_TIMEOUT,
               show_default=True,
               help="Kill and replace a child whose event loop has not beaten for this long.")
-@click.option("--startup-timeout", type=click.FloatRange(min=1), default=60.0,
+@click.option("--startup-timeout", type=click.FloatRange(min=1),
+              default=defaults.STARTUP_TIMEOUT,
               show_default=True,
               help="Kill and replace a child that has not started consuming this long after "
                    "its start (a hanging app context, say); it counts as a crash. Time spent "
@@ -88,7 +93,8 @@ def _queues(_ctx: click.Context, _param: click.Parameter,
 @click.option("--without-heartbeat", is_flag=True,
               help="Send no worker events (worker-online, worker-heartbeat, "
                    "worker-offline): monitors then never see the worker's nodes.")
-@click.option("--heartbeat-interval", type=click.FloatRange(min=0.1), default=2.0,
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.1),
+              default=defaults.HEARTBEAT_INTERVAL,
               show_default=True,
               help="Seconds between worker-heartbeat events (monitors call a node offline "
                    "after twice this without one).")
@@ -169,7 +175,8 @@ def _supervise(app: str, options: WorkerOptions, processes: int | None, loglevel
     spec = ChildSpec(app_spec=app, worker=options, loglevel=loglevel, log_config=log_config,
                      processes=count, node_template=node_template,
                      metrics=metrics is not None)
-    shutdown = options.shutdown_timeout if options.shutdown_timeout is not None else 25.0
+    shutdown = options.shutdown_timeout if options.shutdown_timeout is not None \
+        else defaults.SHUTDOWN_TIMEOUT
     # Children and supervisor must agree on the bound, or the supervisor would SIGKILL a
     # child in the middle of a longer warm shutdown taken from the app's settings.
     options = dataclasses.replace(options, shutdown_timeout=shutdown)

@@ -13,8 +13,8 @@ from datetime import timedelta
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
+from aio_celery import defaults
 from aio_celery.exceptions import ConfigurationError
-from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS
 
 
 @dataclasses.dataclass
@@ -95,28 +95,28 @@ class Settings:
     task_track_started: bool = False
     #: base for autoretry/``retry()`` without countdown, per task ``default_retry_delay``
     task_default_retry_delay: float = 180.0
-    worker_prefetch_multiplier: int = 4
+    worker_prefetch_multiplier: int = defaults.PREFETCH_MULTIPLIER
     #: accepted for Celery compatibility: Celery turns global QoS off when it finds a quorum
     #: queue; aio-celery never uses global QoS, on any queue type
     worker_detect_quorum_queues: bool = True
     #: seconds running tasks get to finish on warm shutdown (fits a 30 s Kubernetes grace)
-    worker_shutdown_timeout: float = 25.0
+    worker_shutdown_timeout: float = defaults.SHUTDOWN_TIMEOUT
     #: a task whose worker process died this many times while it ran is retired: FAILURE
     #: WorkerLostError stored, message rejected to the queue's dead-letter exchange
-    worker_max_task_deaths: int = DEFAULT_MAX_TASK_DEATHS
+    worker_max_task_deaths: int = defaults.MAX_TASK_DEATHS
     #: ignore every rate limit (Celery's setting): tasks start as soon as a slot is free
     worker_disable_rate_limits: bool = False
     #: finished tasks that may wait, per worker process, for the result backend or the
     #: broker to take their result, chord part or follow-up messages (their messages stay
     #: unacknowledged meanwhile); no new task starts while this many wait
-    worker_max_pending_results: int = 1000
-    #: seconds since delivery after which a message still waiting to start (ready, held
-    #: back, or an eta in memory) is given back to the queue, and a running task that is
+    worker_max_pending_results: int = defaults.MAX_PENDING_RESULTS
+    #: seconds since delivery after which a message still waiting to start (ready, kept
+    #: back undecoded, or an eta in memory) is given back to the queue, and a running task that is
     #: still unacknowledged is warned about. RabbitMQ closes the channel (3.x) or cancels
     #: the consumer (4.3+ quorum queues) once a delivery stays unacknowledged past its
     #: ``consumer_timeout`` (30 min by default): keep this below it (25 min fits the
     #: default). None or 0: off (for a broker whose consumer_timeout is off)
-    worker_unacked_max_age: float | None = 1500.0
+    worker_unacked_max_age: float | None = defaults.UNACKED_MAX_AGE
     #: send task events (``task-received``, ``task-succeeded``...) for monitors such as
     #: Flower; the worker's ``-E`` does the same. Worker events (online, heartbeat,
     #: offline) are sent either way unless ``--without-heartbeat``

@@ -43,8 +43,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: ``worker_max_task_deaths``'s default
-DEFAULT_MAX_TASK_DEATHS = 3
 #: bytes per slot and per death-table entry: a length byte, the key, two spare/count bytes
 ENTRY = 64
 #: longest task id kept as is (UTF-8); longer ids are kept as a hash

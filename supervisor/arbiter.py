@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aio_celery import exitcodes
+from aio_celery import defaults, exitcodes
 from aio_celery.poison import DeathTable, RunningBoard, key_text
 from aio_celery.ratelimit import SharedRates
 from supervisor import child as children
@@ -41,7 +41,7 @@ TICK = 0.25
 #: seconds a cold shutdown waits before SIGKILL
 COLD_GRACE = 5.0
 #: seconds a warm shutdown waits beyond the shutdown timeout before SIGKILL
-WARM_GRACE = 5.0
+WARM_GRACE = defaults.WARM_GRACE
 #: seconds between the stack-dump signal and SIGKILL for a child with a stale heartbeat
 DUMP_GRACE = 0.5
 #: task ids named in the log line about a child that died while running them
@@ -54,11 +54,11 @@ class SupervisorOptions:
 
     spec: children.ChildSpec
     processes: int
-    shutdown_timeout: float = 25.0
-    heartbeat_timeout: float = 30.0
+    shutdown_timeout: float = defaults.SHUTDOWN_TIMEOUT
+    heartbeat_timeout: float = defaults.HEARTBEAT_TIMEOUT
     #: a child gets this long from fork (or from the end of a wait for the broker) to
     #: consuming; one that takes longer is killed, and that counts as a crash
-    startup_timeout: float = 60.0
+    startup_timeout: float = defaults.STARTUP_TIMEOUT
     #: more crashes than this within ``crash_window`` seconds: stop and exit CRASH_LOOP
     max_crashes: int = 10
     crash_window: float = 60.0

@@ -69,11 +69,11 @@ class MemoryConsumer:
         if self._channel is not None:
             self._channel.cancel(queue)
 
-    def hold(self) -> None:
+    def pause_deliveries(self) -> None:
         if self._channel is not None:
             self._channel.hold()
 
-    def release(self) -> None:
+    def resume_deliveries(self) -> None:
         if self._channel is not None:
             self._channel.release()
 

@@ -13,8 +13,8 @@ behind long tasks for that long. So every delivery is stamped (monotonic clock) 
 arrives, and a periodic sweep, not per-message work, compares the stamps with
 ``worker_unacked_max_age``:
 
-* a message still waiting to start (in the ready queue, held back undecoded by the
-  connection's back-pressure, or waiting in memory for its eta or its rate limit's token)
+* a message still waiting to start (in the ready queue, kept back undecoded while
+  deliveries are paused (back-pressure), or waiting in memory for its eta or its rate limit's token)
   is given back to the queue
   before it gets that old. RabbitMQ hands it to a consumer with room, another worker if one
   is free; if none is, it comes back here with a fresh stamp and is given back again one
@@ -22,13 +22,13 @@ arrives, and a periodic sweep, not per-message work, compares the stamps with
   messages per 25 min for each slot-blocked worker with concurrency 1), never a loop;
 * a task *running* that long cannot be given back: it is logged once, with what to do.
 
-Messages held back undecoded carry no stamp: they all arrived after the hold began
+Messages kept back undecoded carry no stamp: they all arrived after the pause began
 (deliveries come in order and the socket is read without pause until then), so they are
-stamped with the hold's start when they are finally handed over (until the next sweep),
-and a sweep that finds the hold as old as its cut-off releases it, holds nothing back
+stamped with the pause's start when they are finally handed over (until the next sweep),
+and a sweep that finds the pause as old as its cut-off resumes deliveries, pauses none
 until the next sweep (what is still in the socket is as old) and gives them back then.
-A delivery still in the socket when a release is followed by a new hold is stamped with
-the new hold's start: that happens only while tasks start (the ready queue moves), so it
+A delivery still in the socket when a resume is followed by a new pause is stamped with
+the new pause's start: that happens only while tasks start (the ready queue moves), so it
 is near the front of the line by then.
 """
 

@@ -3,8 +3,8 @@
 A delivery is decoded as it arrives (a message that cannot be decoded is rejected at once,
 without requeue); only the decoded message is kept, not the wire bytes. Then:
 
-* an ``eta`` in the future waits in a task of its own without holding a concurrency slot,
-  but it holds a place in the prefetch window, which is static (per-consumer QoS: global
+* an ``eta`` in the future waits in a task of its own without taking a concurrency slot,
+  but it takes a place in the prefetch window, which is static (per-consumer QoS: global
   QoS is refused by quorum queues and by RabbitMQ 4.3). So at most ``prefetch -
   concurrency`` etas wait in memory, and ``concurrency`` places always stay for ready
   messages. Any other eta is *parked* (republished, then acked): through native delayed
@@ -21,7 +21,7 @@ without requeue); only the decoded message is kept, not the wire bytes. Then:
   due then: it comes back to the queue's tail, and the messages behind it get through (a
   flood of one rate-limited task never takes the ``concurrency`` places kept for ready
   messages). An eta that falls due takes its token in the same way, in the place it
-  already holds;
+  already takes;
 * a message that is due joins the ready queue; whenever one of the ``concurrency`` slots is
   free the next one starts in an asyncio task of its own, runs, its result is stored, then
   the delivery is acknowledged: finished prefixes with one ``multiple`` ack per loop turn.
@@ -44,6 +44,17 @@ retired without running. Fresh messages skip it.
 A finished task that waits for the result backend or the broker (see
 :mod:`aio_celery.worker.execution`) gives its slot up early, keeping its message
 unacknowledged; while ``worker_max_pending_results`` of them wait, no new task starts.
+
+A session's lifecycle is one :class:`State`, moved forward in one place
+(:meth:`Session._enter`): RUNNING -> DRAINING (a stop was requested: nothing starts) ->
+STOPPING (deliveries are given back, once the consumers are cancelled) -> DETACHED (the
+consumers are cancelled) -> CLOSED. A cold stop or a lost connection goes to STOPPING
+from RUNNING or DRAINING; a session that failed to start goes to CLOSED from RUNNING.
+
+Words: *pausing deliveries* is back-pressure (the decoded ready line is long: the rest of
+the window stays as wire bytes, :meth:`ConsumerChannel.pause_deliveries`); an *eta place*
+is one of the ``prefetch - concurrency`` places of the window that etas and rate waits
+take in memory; a *holding queue* is where a parked message waits on the broker.
 """
 
 from __future__ import annotations
@@ -52,13 +63,14 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import enum
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from aio_celery import defaults, metrics, protocol, signals
 from aio_celery import events as wire_events
-from aio_celery import metrics, protocol, signals
 from aio_celery.amqp.connection import Delivery
 from aio_celery.broker import (
     DelayedDeliveryRefused,
@@ -67,11 +79,12 @@ from aio_celery.broker import (
 )
 from aio_celery.config import Settings
 from aio_celery.exceptions import MessageDecodeError
-from aio_celery.poison import DEFAULT_MAX_TASK_DEATHS, Guard, Verdict
+from aio_celery.poison import Guard, Verdict
 from aio_celery.quorum import FIRST_DELAY_EXCHANGE, delayed_routing_key, park_countdown
 from aio_celery.transport import Consuming, WorkerPublishing
 from aio_celery.worker import aging
 from aio_celery.worker.acks import AckTracker
+from aio_celery.worker.backoff import Backoff
 from aio_celery.worker.events import EventDispatcher
 from aio_celery.worker.execution import Settle, TaskRunner
 from aio_celery.worker.options import WorkerOptions
@@ -84,10 +97,11 @@ _CHANNEL_GONE = (ConnectionError,)
 
 
 #: Decoded messages cost about twice their wire size in memory: with this many waiting for a
-#: slot, the rest of the prefetch window stays undecoded until the line is down to
-#: _RELEASE_AT (it matters at high concurrency: 1000 slots prefetch 4000 messages).
-_HOLD_AT = 64
-_RELEASE_AT = 16
+#: slot, deliveries are paused (the rest of the prefetch window stays undecoded) until the
+#: line is down to _RESUME_AT (it matters at high concurrency: 1000 slots prefetch 4000
+#: messages).
+_PAUSE_AT = 64
+_RESUME_AT = 16
 
 #: a redelivered message whose id a sibling still shows as running waits this long at most
 #: for the supervisor to count that sibling's death (it takes milliseconds; a sibling that
@@ -142,6 +156,36 @@ class _Parking:
     where: str
 
 
+class State(enum.IntEnum):
+    """A session's lifecycle; it only moves forward (:meth:`Session._enter`)."""
+
+    #: taking deliveries and starting tasks
+    RUNNING = 1
+    #: a stop was requested: no task starts (running ones carry on); deliveries are still
+    #: taken, and wait, or they would bounce straight back while the consumers are attached
+    DRAINING = 2
+    #: stopping (a stop, a cold stop, a lost connection): no task starts, new deliveries
+    #: are given back, but only once the consumers are cancelled (given back before, the
+    #: broker would hand them straight back)
+    STOPPING = 3
+    #: the consumers are cancelled: what is given back stays in the queue
+    DETACHED = 4
+    #: the channel is closed
+    CLOSED = 5
+
+
+#: the transitions :meth:`Session._enter` allows
+_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.RUNNING: frozenset({State.DRAINING, State.STOPPING, State.CLOSED}),
+    State.DRAINING: frozenset({State.STOPPING, State.CLOSED}),
+    State.STOPPING: frozenset({State.DETACHED, State.CLOSED}),
+    State.DETACHED: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+_RUNNING = State.RUNNING  # the hot path's check, without an attribute lookup on State
+_STOPPING = State.STOPPING
+
+
 @dataclasses.dataclass(slots=True)
 class _Job:
     """A decoded delivery, waiting for its turn or running."""
@@ -157,7 +201,7 @@ class _Job:
     pending: bool = False  # over, its slot given up: waits for the backend or broker
     board_slot: int = -1  # where the poison guard's running board shows it running
     aged: bool = False  # the aging sweep gave it back (while waiting) or warned (running)
-    held: bool = False  # counted in Session._held (an eta waiting here, a park retried)
+    eta_place: bool = False  # takes an eta place (an eta or rate wait here, a park retried)
     rate_until: float = 0.0  # time.monotonic() before which its token will not come (parks)
 
 
@@ -185,7 +229,7 @@ class Session:
         go (none: a dispatcher that is off)."""
         self.channel = channel
         self.publisher = publisher
-        guard = guard or Guard(DEFAULT_MAX_TASK_DEATHS)
+        guard = guard or Guard(defaults.MAX_TASK_DEATHS)
         self._guard = guard
         self._limiter = limiter
         self._seat = guard.seat
@@ -202,20 +246,18 @@ class Session:
         self._waiting: dict[asyncio.Task[None], _Job] = {}  # etas not due yet, or parking
         self._running: dict[asyncio.Task[None], _Job] = {}
         self._alone: asyncio.Task[None] | None = None  # an isolated task is running
+        self._state = State.RUNNING
         self._flush_scheduled = False
-        self._stopping = False
-        self._draining = False
-        #: etas waiting in memory (and parks being retried): each holds a place in the
-        #: prefetch window, so at most _eta_room of them, leaving ``concurrency`` places
-        self._held = 0
+        #: etas and rate waits in memory (and parks being retried): each takes a place in
+        #: the prefetch window, so at most _eta_room of them, leaving ``concurrency`` places
+        self._eta_places_taken = 0
         self._eta_room = max(0, self.prefetch_count - options.concurrency)
         #: queues bound to native delayed delivery: parked there, not in holding queues
         self._native_queues: set[str] = set()
         self._outcome = StopOutcome()
-        #: given back while the consumers are still attached, the broker would hand these
-        #: straight back: kept until stop() has cancelled the consumers
-        self._returning: list[int] = []
-        self._consumers_cancelled = False
+        #: given back while the consumers are still attached (STOPPING), the broker would
+        #: hand these straight back: kept until stop() has cancelled the consumers
+        self._give_back_when_detached: list[int] = []
         #: holding queues the broker refused to declare: their etas wait in memory
         self._refused_holding_queues: set[str] = set()
         #: finished tasks waiting for the backend or broker, and how many may wait
@@ -223,16 +265,33 @@ class Session:
         self._max_pending = max(1, max_pending_results)
         self._max_age = unacked_max_age
         self._sweeper: asyncio.Task[None] | None = None
-        #: when the deliveries now held back undecoded began to be held (None: none are)
-        self._holding_since: float | None = None
-        #: the stamp of deliveries handed over since a release, until the next sweep: they
-        #: may have been held since then
+        #: when deliveries were paused, kept undecoded (None: they are not paused)
+        self._paused_since: float | None = None
+        #: the stamp of deliveries handed over since a resume, until the next sweep: they
+        #: may have waited undecoded since then
         self._stamp_floor: float | None = None
-        #: the sweep released deliveries held too long: none is held back until the next
+        #: the sweep resumed deliveries paused too long: none is paused until the next
         #: sweep (see _sweep)
-        self._hold_suspended = False
+        self._pausing_suspended = False
         #: task_rejected signals being sent (only while someone listens)
         self._announcing: set[asyncio.Task[None]] = set()
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def _enter(self, state: State) -> None:
+        """The one place the lifecycle moves (forward only; see :class:`State`)."""
+        if state not in _TRANSITIONS[self._state]:
+            raise RuntimeError(f"session: no transition from {self._state.name} to "
+                               f"{state.name}")
+        self._state = state
+
+    def _advance(self, state: State) -> None:
+        """Enter ``state`` unless the session is already there or beyond (a drain after a
+        cold stop, a stop after a lost connection)."""
+        if self._state < state:
+            self._enter(state)
 
     # --- start and state -----------------------------------------------------------------
 
@@ -357,7 +416,7 @@ class Session:
     def scheduled(self) -> list[tuple[protocol.TaskMessage, dict[str, Any]]]:
         """Messages whose eta is still to come, waiting here (``inspect scheduled``)."""
         return [(job.message, job.delivery_info) for job in self._waiting.values()
-                if job.held and job.message.eta is not None]
+                if job.eta_place and job.message.eta is not None]
 
     # --- deliveries ----------------------------------------------------------------------
 
@@ -371,7 +430,7 @@ class Session:
         deliver = raw.deliver
         tag = deliver.delivery_tag
         self._tracker.delivered(tag)
-        if self._stopping:
+        if self._state >= _STOPPING:
             self._outcome.returned += 1
             self._give_back_when_stopped(tag)
             return
@@ -433,13 +492,13 @@ class Session:
                 return
             self._ready.append(job)
             self._start_ready()
-            if len(self._ready) >= _HOLD_AT:
-                self._hold()
-        elif delay > self.options.eta_horizon or self._held >= self._eta_room:
+            if len(self._ready) >= _PAUSE_AT:
+                self._pause_deliveries()
+        elif delay > self.options.eta_horizon or self._eta_places_taken >= self._eta_room:
             self._wait(job, self._park(job, raw), "park")
         else:  # the wire bytes are not kept while it waits: only parking needs them
-            self._count_held(job)  # now: the next delivery of this read must see it
-            self._wait(job, self._hold_until_due(job, delay), "eta")
+            self._take_eta_place(job)  # now: the next delivery of this read must see it
+            self._wait(job, self._wait_until_due(job, delay), "eta")
 
     def _rate_line(self, job: _Job) -> Line | None:
         """The line of a rate-limited task (None: it is not; nor is a message the poison
@@ -453,19 +512,19 @@ class Session:
         within the eta horizon (so the aging sweep does not give it back), or if it comes
         too soon for a park to help; else park it until about then."""
         expected = line.expected_wait()
-        if expected < RATE_PARK_MIN or (self._held < self._eta_room
+        if expected < RATE_PARK_MIN or (self._eta_places_taken < self._eta_room
                                         and expected <= self.options.eta_horizon):
-            self._count_held(job)  # now: the next delivery of this read must see it
-            self._wait(job, self._hold_for_rate(job, line), "rate")
+            self._take_eta_place(job)  # now: the next delivery of this read must see it
+            self._wait(job, self._wait_for_token(job, line), "rate")
         else:
             job.rate_until = time.monotonic() + expected
             self._wait(job, self._park(job, raw), "park")
 
-    async def _hold_for_rate(self, job: _Job, line: Line) -> None:
+    async def _wait_for_token(self, job: _Job, line: Line) -> None:
         """Wait for the token without a slot, then join the ready queue."""
-        self._count_held(job)
+        self._take_eta_place(job)
         await line.wait_turn()
-        self._uncount_held(job)
+        self._free_eta_place(job)
         self._ready.append(job)
         self._start_ready()
 
@@ -501,7 +560,7 @@ class Session:
 
     def _wait_done(self, task: asyncio.Task[None]) -> None:
         job = self._waiting.pop(task)
-        self._uncount_held(job)  # (a task cancelled before it started ran no finally)
+        self._free_eta_place(job)  # (a task cancelled before it started ran no finally)
         if task.cancelled():  # a stop, a lost connection or its age: the message goes back
             if not job.aged:
                 self._outcome.returned += 1
@@ -512,7 +571,7 @@ class Session:
         while ``worker_max_pending_results`` finished tasks wait)."""
         ready = self._ready
         while (ready and self._free_slots and self._pending < self._max_pending
-               and not self._draining and not self._stopping and self._alone is None):
+               and self._state is _RUNNING and self._alone is None):
             job = ready.popleft()
             isolated = job.verdict is Verdict.ISOLATE
             if isolated and len(self._running) > self._pending:
@@ -526,10 +585,10 @@ class Session:
             task.add_done_callback(self._run_done)
             if isolated:  # nothing else starts while it runs: a death blames it alone
                 self._alone = task
-        if len(ready) <= _RELEASE_AT:
-            if self._holding_since is not None:
-                self._note_release()
-            self.channel.release()
+        if len(ready) <= _RESUME_AT:
+            if self._paused_since is not None:
+                self._note_resumed()
+            self.channel.resume_deliveries()
 
     def _return_ready(self) -> None:
         """Give back every message that has not started."""
@@ -602,7 +661,7 @@ class Session:
         job.pending = True
         self._off_the_board(job)  # its body is over: a death from now on is not its fault
         if self._alone is asyncio.current_task():
-            self._alone = None  # an isolated task that only waits holds nothing back
+            self._alone = None  # an isolated task that only waits keeps nothing back
         self._pending += 1
         self._free_slots += 1
         if self._pending == self._max_pending:
@@ -615,15 +674,15 @@ class Session:
         settle = await self.runner.skip_revoked(job.message)
         self._settle(job.tag, settle)
 
-    async def _hold_until_due(self, job: _Job, delay: float) -> None:
+    async def _wait_until_due(self, job: _Job, delay: float) -> None:
         """An eta with room in the prefetch window: wait without a slot, then join the
         ready queue."""
-        self._count_held(job)
+        self._take_eta_place(job)
         await asyncio.sleep(delay)
         line = self._rate_line(job)
         if line is not None and not line.try_now():
-            await line.wait_turn()  # in the place it holds in the window
-        self._uncount_held(job)
+            await line.wait_turn()  # in the place it takes in the window
+        self._free_eta_place(job)
         self._ready.append(job)
         self._start_ready()
 
@@ -631,13 +690,13 @@ class Session:
         """An eta that does not wait here: republish it (see :meth:`_parking`), then ack it.
 
         A park that fails (nacked, returned, no connection) keeps the message unacked here
-        (counted in the window like an eta held in memory) and is tried again with backoff,
+        (taking an eta place, like an eta waiting in memory) and is tried again with backoff,
         never given back to the queue at once (the broker would hand it straight back, to
         be parked again, in a loop); one due before the next try waits here instead. A
         holding queue the broker refuses to declare is reported once; its messages then
         wait here, in memory, like nearer etas.
         """
-        retry_in = PARK_FIRST_RETRY
+        backoff = Backoff(PARK_FIRST_RETRY, PARK_MAX_RETRY)
         try:
             while True:
                 parking = self._parking(job)
@@ -651,16 +710,16 @@ class Session:
                     continue
                 except Exception as exc:
                     remaining = self._until_due(job)
+                    retry_in = backoff.next()
                     if remaining <= retry_in:
-                        await self._hold_until_due(job, remaining)
+                        await self._wait_until_due(job, remaining)
                         return
-                    self._count_held(job)
+                    self._take_eta_place(job)
                     logger.warning("Task %s[%s] could not be parked in %s (%s): it stays "
                                    "here, unacknowledged, and parking is tried again in %.0fs",
                                    job.message.task, job.message.id, parking.where,
                                    describe_error(exc), retry_in)
                     await asyncio.sleep(retry_in)
-                    retry_in = min(retry_in * 2, PARK_MAX_RETRY)
                     continue
                 logger.info("Task %s[%s] %s %.0fs: parked in %s", job.message.task,
                             job.message.id, "waits for its rate limit for about"
@@ -668,17 +727,17 @@ class Session:
                             parking.where)
                 return
         finally:
-            self._uncount_held(job)
+            self._free_eta_place(job)
 
-    def _count_held(self, job: _Job) -> None:
-        if not job.held:
-            job.held = True
-            self._held += 1
+    def _take_eta_place(self, job: _Job) -> None:
+        if not job.eta_place:
+            job.eta_place = True
+            self._eta_places_taken += 1
 
-    def _uncount_held(self, job: _Job) -> None:
-        if job.held:
-            job.held = False
-            self._held -= 1
+    def _free_eta_place(self, job: _Job) -> None:
+        if job.eta_place:
+            job.eta_place = False
+            self._eta_places_taken -= 1
 
     def _parking(self, job: _Job) -> _Parking:
         """Native delayed delivery for a queue bound to it (rounded up to whole seconds),
@@ -735,7 +794,7 @@ class Session:
         logger.warning("Task %s[%s] is due in %.0fs: it waits in memory (the holding queue %s "
                        "was refused, see above)", job.message.task, job.message.id,
                        remaining, name)
-        await self._hold_until_due(job, remaining)
+        await self._wait_until_due(job, remaining)
 
     def _until_due(self, job: _Job) -> float:
         """Seconds until its eta, or until its token (a rate-limited message parked)."""
@@ -747,20 +806,20 @@ class Session:
 
     # --- aging: RabbitMQ's consumer_timeout (see aging) ----------------------------------
 
-    def _hold(self) -> None:
-        """Hold deliveries back (undecoded, unstamped) from now on: they arrive after this
+    def _pause_deliveries(self) -> None:
+        """Keep deliveries back (undecoded, unstamped) from now on: they arrive after this
         moment (the socket is read without pause until then)."""
-        if self._hold_suspended:
+        if self._pausing_suspended:
             return
-        if self._holding_since is None:
-            self._holding_since = time.monotonic()
-        self.channel.hold()
+        if self._paused_since is None:
+            self._paused_since = time.monotonic()
+        self.channel.pause_deliveries()
 
-    def _note_release(self) -> None:
-        """Deliveries held back are handed over from now on: stamped with the hold's start
+    def _note_resumed(self) -> None:
+        """Paused deliveries are handed over from now on: stamped with the pause's start
         until the next sweep (they arrived after it, they may be that old)."""
-        self._stamp_floor = self._holding_since
-        self._holding_since = None
+        self._stamp_floor = self._paused_since
+        self._paused_since = None
 
     async def _sweep_forever(self, max_age: float) -> None:
         period = aging.sweep_period(max_age)
@@ -777,8 +836,8 @@ class Session:
         now = time.monotonic()
         cutoff = now - (max_age - period)
         self._stamp_floor = None  # stamps are exact again, unless released below
-        self._hold_suspended = False
-        if self._stopping or self._draining:
+        self._pausing_suspended = False
+        if self._state is not _RUNNING:
             return  # stop() gives back everything that has not started
         returned, etas = self._give_back_aged(cutoff)
         for job in self._running.values():
@@ -786,14 +845,14 @@ class Session:
                 job.aged = True
                 warn = aging.warn_pending if job.pending else aging.warn_running
                 warn(job.message.task, job.message.id, job.queue, now - job.arrived, max_age)
-        holding = self._holding_since
-        if holding is not None and holding <= cutoff + period:
-            # What is held back would be past the cut-off at the next sweep: all of it is
-            # decoded now, stamped with the hold's start, and given back then. Not held
+        paused = self._paused_since
+        if paused is not None and paused <= cutoff + period:
+            # What is kept back would be past the cut-off at the next sweep: all of it is
+            # decoded now, stamped with the pause's start, and given back then. Not paused
             # again until then: what is still in the socket is as old.
-            self._note_release()
-            self._hold_suspended = True
-            self.channel.release()
+            self._note_resumed()
+            self._pausing_suspended = True
+            self.channel.resume_deliveries()
         if returned:
             aging.log_returned(returned, etas, max_age, len(self._running),
                                self.options.concurrency)
@@ -833,8 +892,8 @@ class Session:
     def _give_back_when_stopped(self, tag: int) -> None:
         """Give back now, or once stop() has cancelled the consumers if they may still be
         attached: given back before, the broker would hand the message straight back."""
-        if self._stopping and not self._consumers_cancelled:
-            self._returning.append(tag)
+        if self._state is _STOPPING:
+            self._give_back_when_detached.append(tag)
         else:
             self._give_back(tag)
 
@@ -860,29 +919,30 @@ class Session:
 
     def drain(self) -> None:
         """A stop was requested: start no more tasks (running ones carry on). New
-        deliveries are still taken (and held) until the consumers are cancelled, or they
+        deliveries are still taken (and wait) until the consumers are cancelled, or they
         would bounce straight back."""
-        self._draining = True
+        self._advance(State.DRAINING)
 
     def go_cold(self) -> None:
         """Cancel everything now (from a signal handler: no awaiting here). Messages are
         given back by :meth:`stop`, once the consumers are cancelled: given back now, the
         broker would hand them straight back."""
-        self._stopping = True
+        self._advance(State.STOPPING)
         for task in (*self._waiting, *self._running):
             task.cancel()
 
     async def stop(self, timeout: float, cold: bool) -> StopOutcome:
         """Stop consuming, give back what has not started, let running tasks finish for up to
         ``timeout`` seconds (none when cold), cancel the rest, settle all, close."""
-        self._stopping = True
+        self._advance(State.STOPPING)
         with contextlib.suppress(*_CHANNEL_GONE):
             await self.channel.cancel_consumers()
-        self._consumers_cancelled = True
-        for tag in self._returning:
+        self._advance(State.DETACHED)
+        for tag in self._give_back_when_detached:
             self._give_back(tag)
-        self._returning.clear()
-        self.channel.release()  # held deliveries are handed over, and given back at once
+        self._give_back_when_detached.clear()
+        # paused deliveries are handed over, and given back at once
+        self.channel.resume_deliveries()
         self._return_ready()
         for task in list(self._waiting):
             task.cancel()
@@ -906,7 +966,7 @@ class Session:
 
     async def abandon(self) -> None:
         """The connection is gone: cancel every task (RabbitMQ requeues their messages)."""
-        self._stopping = True
+        self._advance(State.STOPPING)
         self._ready.clear()
         pending = {*self._waiting, *self._running}
         for task in pending:
@@ -916,6 +976,7 @@ class Session:
         await self.close()
 
     async def close(self) -> None:
+        self._advance(State.CLOSED)
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._announcing:

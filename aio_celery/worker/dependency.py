@@ -13,28 +13,26 @@ import asyncio
 import logging
 import time
 
-logger = logging.getLogger("aio_celery.worker")
+from aio_celery import defaults
+from aio_celery.worker.backoff import Backoff
 
-#: the first wait after a failure, and the longest one (seconds)
-FIRST_DELAY = 0.5
-MAX_DELAY = 5.0
+logger = logging.getLogger("aio_celery.worker")
 
 
 class DependencyOutage:
     """The state of one dependency, as the tasks waiting for it see it."""
 
     def __init__(self, name: str, advice: str, *, errors: tuple[type[Exception], ...],
-                 first_delay: float = FIRST_DELAY, max_delay: float = MAX_DELAY) -> None:
+                 first_delay: float = defaults.RETRY_FIRST_DELAY,
+                 max_delay: float = defaults.RETRY_MAX_DELAY) -> None:
         self.name = name
         self.advice = advice
         #: the errors that mean "not now" (anything else is not retried)
         self.errors = errors
-        self.first_delay = first_delay
-        self.max_delay = max_delay
         #: tasks waiting for it right now
         self.waiting = 0
         self._since: float | None = None
-        self._delay = first_delay
+        self._backoff = Backoff(first_delay, max_delay)
         self._tick: asyncio.Future[None] | None = None
 
     @property
@@ -48,7 +46,7 @@ class DependencyOutage:
         self._since = time.monotonic()
         logger.warning("%s failed: %s. Finished tasks wait for it with their messages "
                        "unacknowledged (they do not run again) and try again every %.0fs at "
-                       "most. %s", self.name, str(error).rstrip("."), self.max_delay,
+                       "most. %s", self.name, str(error).rstrip("."), self._backoff.most,
                        self.advice)
 
     def answered(self) -> None:
@@ -59,15 +57,14 @@ class DependencyOutage:
                        "being completed", self.name, time.monotonic() - self._since,
                        self.waiting)
         self._since = None
-        self._delay = self.first_delay
+        self._backoff.reset()
 
     async def next_try(self) -> None:
         """Return at the next shared try (the clock backs off at every round)."""
         if self._tick is None or self._tick.done():
             loop = asyncio.get_running_loop()
             self._tick = loop.create_future()
-            loop.call_later(self._delay, _fire, self._tick)
-            self._delay = min(self._delay * 2, self.max_delay)
+            loop.call_later(self._backoff.next(), _fire, self._tick)
         await asyncio.shield(self._tick)
 
 

@@ -34,6 +34,7 @@ from aio_celery import events
 from aio_celery.control.wire import ok
 from aio_celery.exceptions import BrokerConnectionError, PublishRefusedError
 from aio_celery.transport import WorkerPublishing
+from aio_celery.worker.backoff import Backoff
 from aio_celery.worker.stats import Stats
 
 logger = logging.getLogger("aio_celery.worker")
@@ -85,7 +86,7 @@ class EventDispatcher:
         self._flush_scheduled = False
         self._preparing: asyncio.Task[None] | None = None
         self._retry_at = 0.0
-        self._retry_in = RETRY_FIRST
+        self._retry = Backoff(RETRY_FIRST, RETRY_MAX)
         self._refused = False
 
     # --- building ------------------------------------------------------------------------
@@ -187,12 +188,12 @@ class EventDispatcher:
                          self.exchange)
             self._drop_all()
         except BrokerConnectionError as exc:
-            self._retry_at = time.monotonic() + self._retry_in
+            retry_in = self._retry.next()
+            self._retry_at = time.monotonic() + retry_in
             logger.debug("Events wait for the publishing connection (%s): next try in %.0fs",
-                         exc, self._retry_in)
-            self._retry_in = min(self._retry_in * 2, RETRY_MAX)
+                         exc, retry_in)
         else:
-            self._retry_in = RETRY_FIRST
+            self._retry.reset()
             self.flush()
         finally:
             self._preparing = None

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import socket
 
+from aio_celery import defaults
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkerOptions:
     """How one worker process runs (settings not given here come from ``app.conf``)."""
 
     #: tasks running at once in this process
-    concurrency: int = 100
+    concurrency: int = defaults.CONCURRENCY
     #: queues to consume (default: the app's ``task_default_queue``)
     queues: tuple[str, ...] = ()
     #: node name (remote control, logs, ``request.hostname``): expanded, without ``%``
@@ -26,7 +28,7 @@ class WorkerOptions:
     #: an eta further away than this (seconds) waits on the broker (a holding queue, or
     #: native delayed delivery), not in memory, so that RabbitMQ's consumer_timeout (30 min
     #: by default) never trips; so do nearer etas beyond prefetch - concurrency
-    eta_horizon: float = 600.0
+    eta_horizon: float = defaults.ETA_HORIZON
     #: a message that waited unstarted this many seconds since it was delivered is given
     #: back to the queue, and a task running this long unacknowledged is warned about:
     #: keep it below RabbitMQ's consumer_timeout (None: ``worker_unacked_max_age``; 0: off)
@@ -44,7 +46,7 @@ class WorkerOptions:
     task_events: bool | None = None
     #: seconds between ``worker-heartbeat`` events; None: no worker events at all
     #: (``--without-heartbeat``)
-    heartbeat_interval: float | None = 2.0
+    heartbeat_interval: float | None = defaults.HEARTBEAT_INTERVAL
     #: the supervisor's pid when this process is one of its children: remote control's
     #: shutdown and pool_grow/pool_shrink are passed to it (None: run alone)
     supervisor_pid: int | None = None

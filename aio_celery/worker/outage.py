@@ -13,12 +13,9 @@ import random
 import time
 from collections.abc import Callable
 
-logger = logging.getLogger("aio_celery.worker")
+from aio_celery.worker.backoff import Backoff
 
-#: the first retry comes after about this long; each next one waits twice as long ...
-FIRST_DELAY = 0.5
-#: ... up to this (a broker that is back is found within this many seconds)
-MAX_DELAY = 5.0
+logger = logging.getLogger("aio_celery.worker")
 #: seconds between two "still unreachable" warnings
 REPORT_EVERY = 30.0
 
@@ -33,7 +30,8 @@ class Outage:
         self.attempts = 0
         self._clock = clock
         self.since = clock()
-        self._delay = FIRST_DELAY
+        #: a broker that is back is found within its longest wait
+        self._backoff = Backoff()
         self._next_report = self.since + REPORT_EVERY
 
     @property
@@ -53,7 +51,7 @@ class Outage:
                 f"up to {self.max_retries} times (broker_connection_max_retries)"
             logger.warning("Cannot reach the broker: %s. Retrying every few seconds (at most "
                            "%.0fs apart) %s; not ready (no task is taken) meanwhile", error,
-                           MAX_DELAY, limit)
+                           self._backoff.most, limit)
         elif now >= self._next_report:
             self._next_report = now + REPORT_EVERY
             logger.warning("The broker %s has been unreachable for %.0fs (%d attempts, the "
@@ -65,9 +63,7 @@ class Outage:
     def next_delay(self) -> float:
         """Seconds to wait before the next attempt (jittered: workers that lost the same
         broker at the same moment do not all come back in step)."""
-        delay = self._delay * random.uniform(0.75, 1.0)
-        self._delay = min(self._delay * 2, MAX_DELAY)
-        return delay
+        return self._backoff.next() * random.uniform(0.75, 1.0)
 
     def recovered(self, consumers: int, after_loss: bool) -> None:
         if after_loss or self.attempts:
