@@ -466,6 +466,8 @@ class Worker:
         delivery may be a task that blocks the loop before the next tick; the supervisor
         must already see a "ready" beat, so that its ordinary heartbeat timeout applies."""
         _set_up(self.consuming, "consuming").set()
+        # Back from an outage as of now: whoever sees "ready" must not also see one lost.
+        self.broker_lost_since = None
         self._beat()
 
     async def _failed_session(self, session: Session) -> None:
