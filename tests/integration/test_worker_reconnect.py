@@ -134,7 +134,8 @@ async def test_worker_waits_out_an_outage_for_ever_by_default(
 
     await _until(worker.consuming.is_set, TIMEOUT, "the worker is back")
     assert worker.state == "ready" and worker.broker_lost_since is None
-    assert "Reconnected to amqp://" in caplog.text
+    # Logged once basic.consume is answered, a moment after "ready" (set right before it).
+    await _until(lambda: "Reconnected to amqp://" in caplog.text, TIMEOUT, "the log says so")
     assert await waiting.get(timeout=TIMEOUT) == 7
     assert not handle.task.done()  # type: ignore[attr-defined]
     assert await handle.stop() == exitcodes.OK  # type: ignore[attr-defined]
