@@ -103,6 +103,16 @@ class Supervisor:
         self._metrics = NoMetrics()
         self.notifier = Notifier()
 
+    @property
+    def stopping(self) -> str | None:
+        """None while running; "warm" or "cold" once a shutdown began."""
+        return self._stopping
+
+    @property
+    def exit_code(self) -> int:
+        """What :meth:`run` returns (OK unless something stopped it with an error)."""
+        return self._exit_code
+
     # --- signals: record only ---------------------------------------------------------------
 
     def _on_signal(self, signum: int, _frame: object) -> None:
