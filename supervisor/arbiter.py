@@ -16,16 +16,23 @@ import queue
 import signal
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aio_celery import defaults, exitcodes
-from aio_celery.poison import DeathTable, RunningBoard, key_text
 from aio_celery.ratelimit import SharedRates
 from supervisor import child as children
 from supervisor import heartbeat
 from supervisor import metrics as restarts
+from supervisor.deaths import DeathCounter
+from supervisor.exits import (
+    CrashWindow,
+    ExitVerdict,
+    classify_exit,
+    describe_exit,
+    exit_log_line,
+    restart_cause,
+)
 from supervisor.metrics import MetricsOptions, NoMetrics, PrometheusMetrics
 from supervisor.notify import Notifier
 from supervisor.status import ChildStatus, Status, write_status
@@ -44,8 +51,6 @@ COLD_GRACE = 5.0
 WARM_GRACE = defaults.WARM_GRACE
 #: seconds between the stack-dump signal and SIGKILL for a child with a stale heartbeat
 DUMP_GRACE = 0.5
-#: task ids named in the log line about a child that died while running them
-BLAME_SHOWN = 10
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,8 @@ class Supervisor:
         self._stopping: str | None = None  # None, "warm" or "cold"
         self._stop_deadline = 0.0
         self._exit_code = exitcodes.OK
-        self._crashes: deque[float] = deque()
-        self._respawn_at = 0.0
+        #: the crash-loop cap and the respawn backoff
+        self.crashes = CrashWindow(options.max_crashes, options.crash_window)
         self._restart_queue: list[int] = []  # pids to replace one by one (SIGHUP)
         self._replacing: tuple[int, int] | None = None  # (old pid, new pid)
         self._ever_ready = False
@@ -91,13 +96,22 @@ class Supervisor:
         self._drained_slots: set[int] = set()  # burst mode: children done for good
         # The poison guard's shared maps: created before the first fork, so every child
         # inherits them (see aio_celery.poison).
-        self._board: RunningBoard | None = None
-        self._deaths: DeathTable | None = None
+        self._poison: DeathCounter | None = None
         # The rate limits' buckets, shared likewise: a limit holds for all the children
         # together, as Celery's for all the processes of one worker (aio_celery.ratelimit).
         self._rates: SharedRates | None = None
         self._metrics = NoMetrics()
         self.notifier = Notifier()
+
+    @property
+    def stopping(self) -> str | None:
+        """None while running; "warm" or "cold" once a shutdown began."""
+        return self._stopping
+
+    @property
+    def exit_code(self) -> int:
+        """What :meth:`run` returns (OK unless something stopped it with an error)."""
+        return self._exit_code
 
     # --- signals: record only ---------------------------------------------------------------
 
@@ -127,8 +141,7 @@ class Supervisor:
         self._beat_dir = tempfile.mkdtemp(prefix="aio_celery-beats-")
         # Seats for a rolling restart's extra child and some scaling up; beyond that a
         # child gets a board of its own (its siblings then cannot see what it ran).
-        self._board = RunningBoard(2 * self.target + 2, spec.worker.concurrency)
-        self._deaths = DeathTable()
+        self._poison = DeathCounter(2 * self.target + 2, spec.worker.concurrency)
         self._rates = SharedRates()
         logger.info("Supervisor pid %d starting %d children for %s", os.getpid(), self.target,
                     spec.app_spec)
@@ -213,7 +226,7 @@ class Supervisor:
                 self._kill_all(signal.SIGKILL)
                 self._stop_deadline = now + COLD_GRACE
         else:
-            self._check_heartbeats(now)
+            self.check_heartbeats(now)
             self._maintain(now)
             self._metrics.maintain(now, HANDLED, self._beat_fds())
         self._metrics.children(len(self.children))
@@ -286,13 +299,13 @@ class Supervisor:
         spec = self.options.spec
         if spec.processes != self.target:  # scaled: new children are "i/<current target>"
             spec = dataclasses.replace(spec, processes=self.target)
-        poison = self._take_seat()
+        if self._poison is None or self._rates is None:
+            raise RuntimeError("Supervisor spawned a child before run() set it up")
+        poison = self._poison.take_seat()
         try:
-            if self._rates is None:
-                raise RuntimeError("Supervisor spawned a child before run() set it up")
             pid = children.spawn(index, spec, beat, HANDLED, others, poison, self._rates)
         except BaseException:
-            self._free_seat(poison)
+            self._poison.free_seat(poison)
             raise
         self.children[pid] = children.Child(index=index, pid=pid, beat=beat, poison=poison)
         logger.info("Started child %d (pid %d)", index, pid)
@@ -300,41 +313,6 @@ class Supervisor:
 
     def _beat_fds(self) -> list[int]:
         return [record.beat.fd for record in self.children.values()]
-
-    def _take_seat(self) -> children.PoisonSeat:
-        if self._board is None or self._deaths is None:
-            raise RuntimeError("Supervisor spawned a child before run() set it up")
-        board, seat = self._board, self._board.assign()
-        if seat is None:
-            board = RunningBoard(1, self.options.spec.worker.concurrency)
-            seat = 0
-        return children.PoisonSeat(board, seat, self._deaths)
-
-    def _count_deaths(self, record: children.Child) -> None:
-        """After a child's death: one death for every task it was still running (unless we
-        are stopping: then our own SIGKILL may have ended them), then free its seat."""
-        poison = record.poison
-        if poison is None or self._deaths is None:
-            return
-        keys = poison.board.running(poison.seat)
-        if keys and not self._stopping:
-            # Counted before the seat is cleared: a sibling that got one of these messages
-            # back waits until the seat is clear, then reads the count.
-            counted = self._deaths.record(keys)
-            shown = ", ".join(f"{key_text(d.key)} (death {d.deaths})"
-                              for d in counted[:BLAME_SHOWN])
-            more = f" and {len(counted) - BLAME_SHOWN} more" if len(counted) > BLAME_SHOWN else ""
-            what = "alone" if len(counted) == 1 else \
-                f"{len(counted)} tasks, each of which runs alone when redelivered"
-            logger.warning("child %d (pid %d) died while running %s: %s%s", record.index,
-                           record.pid, what, shown, more)
-        self._free_seat(poison)
-        record.poison = None
-
-    def _free_seat(self, poison: children.PoisonSeat) -> None:
-        poison.board.release(poison.seat)
-        if poison.board is not self._board:
-            poison.board.close()
 
     def _reap(self) -> None:
         while True:
@@ -354,7 +332,8 @@ class Supervisor:
                 continue
             last_state = record.beat.read()[0]
             record.beat.close()
-            self._count_deaths(record)
+            if self._poison is not None:
+                self._poison.count_deaths(record, stopping=bool(self._stopping))
             self._metrics.child_exited(pid)
             cause = self._on_child_exit(record, code, last_state)
             if cause is not None and not self._stopping:
@@ -362,72 +341,42 @@ class Supervisor:
 
     def _on_child_exit(self, record: children.Child, code: int,
                        last_state: str) -> str | None:
-        """``last_state``: what the child last wrote to its heartbeat file ("stopping" once
-        its shutdown began, whoever asked for it). Returns why it is replaced (a restart
-        cause of :mod:`supervisor.metrics`), None if it is not."""
-        cause = describe_exit(code)
-        name = f"child {record.index} (pid {record.pid})"
+        """Act on the verdict on a child's exit (see :func:`supervisor.exits.classify_exit`
+        for ``last_state``). Returns why it is replaced (a restart cause of
+        :mod:`supervisor.metrics`), None if it is not."""
         if self._replacing is not None and record.pid in self._replacing:
             self._replacing = None
-        if record.retiring or record.killed:
-            logger.info("%s exited: %s", name, cause)
-            return record.restart_cause
-        if code == exitcodes.RECYCLE:
-            logger.info("%s recycled (%s): replacing it", name, cause)
-            return restarts.RECYCLED
-        if code == exitcodes.OK and self.options.spec.worker.burst:
-            logger.info("%s drained its queues (burst mode): not replaced", name)
+        verdict = classify_exit(code, last_state, asked_to_stop=record.retiring or record.killed,
+                                burst=self.options.spec.worker.burst,
+                                ever_ready=self._ever_ready)
+        line = exit_log_line(verdict, record.index, record.pid, code)
+        logger.log(line.level, line.msg, *line.args)
+        if verdict is ExitVerdict.DRAINED:
             self._drained_slots.add(record.index)
             if len(self._drained_slots) >= self.target and not self.children:
                 self.stop("warm")
-            return None
-        if code == exitcodes.OK and last_state == "stopping":
-            # Someone signalled the child itself (kill <pid>), or the user's group-wide stop
-            # reached it before ours: a shutdown it went through, not a crash.
-            logger.warning("%s stopped on a signal sent to it, not by the supervisor (%s): "
-                           "replacing it", name, cause)
-            return restarts.SIGNALLED
-        if code == exitcodes.OK:
-            # It exited 0 without going through a shutdown: a task called os._exit(0), say.
-            logger.error("%s exited by itself (%s) without being asked to: a crash",
-                         name, cause)
-            self._record_crash()
-            return restarts.CRASH
-        if code in (exitcodes.APP_LOAD_ERROR, exitcodes.STARTUP_ERROR) and not self._ever_ready:
-            logger.error("%s failed to start (%s) and no child ever started: stopping, "
-                         "check the error above", name, cause)
+        elif verdict is ExitVerdict.STARTUP_FAILED:
+            # Every child would fail the same way: stop, and exit with the child's code.
             self.stop("warm", exit_code=code)
-            return None
-        hint = ": out of memory?" if code == -signal.SIGKILL else ""
-        logger.error("%s %s%s", name, cause, hint)
-        self._record_crash()
-        return restarts.CRASH
+        elif verdict.is_crash:
+            self._record_crash()
+        return restart_cause(verdict, record.restart_cause)
 
     def _record_crash(self) -> None:
-        now = time.monotonic()
-        self._crashes.append(now)
-        while self._crashes and now - self._crashes[0] > self.options.crash_window:
-            self._crashes.popleft()
-        count = len(self._crashes)
-        if count > self.options.max_crashes:
+        crash = self.crashes.record()
+        if crash.give_up:
             logger.error("%d crashes within %.0fs: giving up, stopping everything (exit %d) "
-                         "so that systemd or Kubernetes can take over", count,
-                         self.options.crash_window, exitcodes.CRASH_LOOP)
+                         "so that systemd or Kubernetes can take over", crash.count,
+                         self.crashes.window, exitcodes.CRASH_LOOP)
             self.stop("warm", exit_code=exitcodes.CRASH_LOOP)
-            return
-        # Cap the backoff so that more than max_crashes crashes still fit in crash_window:
-        # otherwise children that crash at every start are retried forever.
-        cap = min(30.0, self.options.crash_window / (2 * (self.options.max_crashes + 1)))
-        delay = 0.0 if count == 1 else min(cap, 0.5 * 2 ** (count - 2))
-        self._respawn_at = max(self._respawn_at, now + delay)
-        if delay:
-            logger.warning("%d crashes within %.0fs: next child starts in %.1fs", count,
-                           self.options.crash_window, delay)
+        elif crash.delay:
+            logger.warning("%d crashes within %.0fs: next child starts in %.1fs", crash.count,
+                           self.crashes.window, crash.delay)
 
     def _maintain(self, now: float) -> None:
         """Fill empty slots (respecting crash backoff) and drive a rolling restart."""
-        if now >= self._respawn_at:
-            for index in self._missing_slots():
+        if self.crashes.may_respawn(now):
+            for index in self.missing_slots():
                 self._spawn(index)
         self._advance_restart()
         self._kill_due(now)
@@ -439,7 +388,8 @@ class Supervisor:
                 _kill(record.pid, signal.SIGKILL)
                 record.kill_at = None
 
-    def _missing_slots(self) -> list[int]:
+    def missing_slots(self) -> list[int]:
+        """The slots (1 to the target) a new child should fill now."""
         # A child that stops by itself (max tasks or memory, a signal of its own) is
         # replaced as soon as it says so, not when it exits; in burst mode it stops because
         # its queues are drained, and is not replaced at all.
@@ -452,9 +402,10 @@ class Supervisor:
 
     # --- heartbeats ----------------------------------------------------------------------
 
-    def _check_heartbeats(self, now: float) -> None:
+    def check_heartbeats(self, now: float) -> None:
         """Kill a child whose loop stopped beating, or that beats but never starts
-        consuming. Ages are on the monotonic clock (see :mod:`supervisor.heartbeat`)."""
+        consuming. Ages are on the monotonic clock (see :mod:`supervisor.heartbeat`); the
+        loop calls this once a turn with its ``now``."""
         for record in list(self.children.values()):
             if record.killed:
                 continue
@@ -591,9 +542,9 @@ class Supervisor:
     def _cleanup(self) -> None:
         for record in self.children.values():
             record.beat.close()
-        for table in (self._board, self._deaths, self._rates):
-            if table is not None:
-                table.close()
+        for tables in (self._poison, self._rates):
+            if tables is not None:
+                tables.close()
         if self._beat_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(self._beat_dir)
@@ -604,23 +555,6 @@ class Supervisor:
 
 def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 1)
-
-
-def describe_exit(code: int) -> str:
-    """``exit code 5 (broker connection lost)`` or ``killed by SIGKILL``."""
-    if code < 0:
-        return f"killed by {_signal_name(-code)}"
-    return f"exit code {code} ({exitcodes.NAMES.get(code, 'unknown')})"
-
-
-def _signal_name(signum: int) -> str:
-    """``SIGTERM``, ``SIGRTMIN+3 (the supervisor's stop request)`` or ``signal 99``."""
-    if signum == children.STOP_SIGNAL:
-        return f"SIGRTMIN+{signum - signal.SIGRTMIN} (the supervisor's stop request)"
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -304,10 +304,10 @@ def test_stale_children_carry_the_cause_of_their_kill(
         sup.children[record.pid] = record
     beating.beat.beat(heartbeat.READY)
     starting.beat.beat(heartbeat.STARTING)  # beating, never consuming
-    sup._check_heartbeats(time.monotonic())
+    sup.check_heartbeats(time.monotonic())
     assert starting.restart_cause == restarts.STARTUP_TIMEOUT
     assert beating.restart_cause is None
-    sup._check_heartbeats(time.monotonic() + 10)  # its loop stopped beating
+    sup.check_heartbeats(time.monotonic() + 10)  # its loop stopped beating
     assert beating.restart_cause == restarts.HEARTBEAT_TIMEOUT
 
 

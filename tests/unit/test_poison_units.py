@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from aio_celery import exitcodes
 from aio_celery.poison import (
     KEY_MAX,
     DeathTable,
@@ -25,11 +24,9 @@ from aio_celery.poison import (
     key_text,
     task_key,
 )
-from aio_celery.worker.options import WorkerOptions
 from supervisor import heartbeat
-from supervisor.arbiter import Supervisor, SupervisorOptions
-from supervisor.child import Child, ChildSpec
-from supervisor.notify import Notifier
+from supervisor.child import Child
+from supervisor.deaths import DeathCounter
 
 
 @pytest.fixture
@@ -302,93 +299,96 @@ def test_the_poison_runs_limit_times_and_no_innocent_is_retired(
     assert max(n for task_id, n in runs.items() if task_id != "poison") <= 2
 
 
-# --- the supervisor's side --------------------------------------------------------------------
+# --- the supervisor's side (supervisor.deaths) -------------------------------------------------
 
-def _supervisor(tmp_path: Path, concurrency: int = 3) -> Supervisor:
-    spec = ChildSpec(app_spec="proj.tasks:app", worker=WorkerOptions(concurrency=concurrency),
-                     loglevel="INFO", log_config=False, processes=2)
-    sup = Supervisor(SupervisorOptions(spec=spec, processes=2))
-    sup.notifier = Notifier({})
-    sup._board = RunningBoard(6, concurrency)
-    sup._deaths = DeathTable()
-    return sup
+@pytest.fixture
+def counter() -> Iterator[DeathCounter]:
+    tables = DeathCounter(seats=6, slots=3)
+    yield tables
+    tables.close()
 
 
-def _child(sup: Supervisor, tmp_path: Path, pid: int) -> Child:
+def _child(counter: DeathCounter, tmp_path: Path, pid: int) -> Child:
     return Child(index=1, pid=pid, beat=heartbeat.HeartbeatFile(str(tmp_path)),
-                 poison=sup._take_seat())
+                 poison=counter.take_seat())
 
 
 def test_a_dead_childs_running_tasks_are_counted_before_its_seat_is_freed(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    sup = _supervisor(tmp_path)
-    assert sup._board is not None and sup._deaths is not None
-    record = _child(sup, tmp_path, 101)
+        counter: DeathCounter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    record = _child(counter, tmp_path, 101)
     assert record.poison is not None
     seat = Seat(record.poison.board, record.poison.seat)
     seat.started("poison-id")
     seat.finished(seat.started("finished-id"))
     seat.started("neighbour-id")
-    sup._count_deaths(record)
-    assert sup._deaths.lookup(task_key("poison-id")) == (1, False)
-    assert sup._deaths.lookup(task_key("finished-id")) == (0, False)
-    assert not sup._board.holds(task_key("poison-id")), "the seat was not cleared"
+    counted = counter.count_deaths(record, stopping=False)
+    assert [(key_text(d.key), d.deaths, d.alone) for d in counted] == [
+        ("poison-id", 1, False), ("neighbour-id", 1, False)]
+    assert counter.deaths.lookup(task_key("poison-id")) == (1, False)
+    assert counter.deaths.lookup(task_key("finished-id")) == (0, False)
+    assert not counter.board.holds(task_key("poison-id")), "the seat was not cleared"
     assert record.poison is None
     assert ("child 1 (pid 101) died while running 2 tasks, each of which runs alone when "
             "redelivered: poison-id (death 1), neighbour-id (death 1)") in caplog.text
 
-    alone = _child(sup, tmp_path, 102)
+    alone = _child(counter, tmp_path, 102)
     assert alone.poison is not None
     Seat(alone.poison.board, alone.poison.seat).started("poison-id")
-    sup._count_deaths(alone)
-    assert sup._deaths.lookup(task_key("poison-id")) == (2, True)
+    counter.count_deaths(alone, stopping=False)
+    assert counter.deaths.lookup(task_key("poison-id")) == (2, True)
     assert "child 1 (pid 102) died while running alone: poison-id (death 2)" in caplog.text
 
 
-def test_nothing_is_counted_while_the_supervisor_stops(tmp_path: Path) -> None:
-    sup = _supervisor(tmp_path)
-    assert sup._board is not None and sup._deaths is not None
-    record = _child(sup, tmp_path, 201)
+def test_the_blame_names_ten_tasks_and_counts_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    counter = DeathCounter(seats=2, slots=12)
+    try:
+        record = _child(counter, tmp_path, 103)
+        assert record.poison is not None
+        seat = Seat(record.poison.board, record.poison.seat)
+        for n in range(12):
+            seat.started(f"t{n}")
+        assert len(counter.count_deaths(record, stopping=False)) == 12
+    finally:
+        counter.close()
+    assert "t9 (death 1) and 2 more" in caplog.text and "t10" not in caplog.text
+
+
+def test_nothing_is_counted_while_the_supervisor_stops(counter: DeathCounter,
+                                                       tmp_path: Path) -> None:
+    record = _child(counter, tmp_path, 201)
     assert record.poison is not None
     Seat(record.poison.board, record.poison.seat).started("long-task")
-    sup._stopping = "warm"  # our own SIGKILL at the shutdown timeout ended it
-    sup._count_deaths(record)
-    assert sup._deaths.lookup(task_key("long-task")) == (0, False)
-    assert not sup._board.holds(task_key("long-task"))
+    # our own SIGKILL at the shutdown timeout ended it
+    assert counter.count_deaths(record, stopping=True) == []
+    assert counter.deaths.lookup(task_key("long-task")) == (0, False)
+    assert not counter.board.holds(task_key("long-task"))
+    assert record.poison is None
 
 
-def test_children_beyond_the_seats_get_a_board_of_their_own(tmp_path: Path) -> None:
-    sup = _supervisor(tmp_path)
-    records = [_child(sup, tmp_path, 300 + n) for n in range(7)]  # 6 seats
+def test_a_child_without_a_seat_counts_nothing(counter: DeathCounter, tmp_path: Path) -> None:
+    record = Child(index=1, pid=202, beat=heartbeat.HeartbeatFile(str(tmp_path)))
+    assert counter.count_deaths(record, stopping=False) == []
+
+
+def test_children_beyond_the_seats_get_a_board_of_their_own(counter: DeathCounter,
+                                                            tmp_path: Path) -> None:
+    records = [_child(counter, tmp_path, 300 + n) for n in range(7)]  # 6 seats
     extra = records[-1].poison
-    assert extra is not None and extra.board is not sup._board
+    assert extra is not None and extra.board is not counter.board
+    assert extra.board.slots == counter.board.slots
     Seat(extra.board, extra.seat).started("x")
-    sup._count_deaths(records[-1])
-    assert sup._deaths is not None and sup._deaths.lookup(task_key("x")) == (1, True)
+    counter.count_deaths(records[-1], stopping=False)
+    assert counter.deaths.lookup(task_key("x")) == (1, True)
     assert extra.board.area.closed
     for record in records[:-1]:
-        sup._count_deaths(record)
-    assert sup._board is not None and sup._board.assign() is not None
+        counter.count_deaths(record, stopping=False)
+    assert counter.board.assign() is not None
 
 
-def test_a_child_exiting_0_by_itself_is_a_crash(tmp_path: Path,
-                                                caplog: pytest.LogCaptureFixture) -> None:
-    sup = _supervisor(tmp_path)
-    sup._on_child_exit(Child(index=2, pid=401, beat=heartbeat.HeartbeatFile(str(tmp_path))),
-                       exitcodes.OK, "ready")
-    assert len(sup._crashes) == 1
-    assert "child 2 (pid 401) exited by itself (exit code 0 (ok)) without being asked to" \
-        in caplog.text
-
-
-def test_a_child_exiting_0_after_its_own_shutdown_is_no_crash(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Signalled directly (kill <pid>), or reached by the user's group-wide stop before
-    the supervisor acted on its own copy: the child went through its shutdown (its last beat
-    says "stopping"), so its exit 0 is no crash; it is replaced."""
-    sup = _supervisor(tmp_path)
-    sup._on_child_exit(Child(index=2, pid=402, beat=heartbeat.HeartbeatFile(str(tmp_path))),
-                       exitcodes.OK, "stopping")
-    assert not sup._crashes
-    assert "child 2 (pid 402) stopped on a signal sent to it, not by the supervisor" \
-        in caplog.text
+def test_a_seat_freed_after_a_failed_fork_is_taken_again(counter: DeathCounter) -> None:
+    seats = [counter.take_seat() for _ in range(6)]
+    counter.free_seat(seats[2])
+    again = counter.take_seat()
+    assert again.board is counter.board and again.seat == seats[2].seat
+    assert again.deaths is counter.deaths

@@ -1,5 +1,6 @@
 """The supervisor's pure pieces: sd_notify messages, the status file and the health check,
-exit descriptions, heartbeat files, and the crash/exit bookkeeping (no fork, no broker); and
+exit descriptions, heartbeat files, the verdict on a child's exit and the crash window (no
+fork, no broker), the heartbeat checks (on ``sleep`` processes); and
 that the supervisor's modules stay light (a subprocess imports them)."""
 
 from __future__ import annotations
@@ -13,18 +14,26 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from aio_celery import exitcodes
 from aio_celery.worker.options import WorkerOptions
 from supervisor import arbiter, heartbeat
-from supervisor.arbiter import Supervisor, SupervisorOptions, describe_exit
+from supervisor import metrics as restarts
+from supervisor.arbiter import Supervisor, SupervisorOptions
 from supervisor.child import STOP_SIGNAL, Child, ChildSpec
+from supervisor.exits import (
+    Crash,
+    CrashWindow,
+    ExitVerdict,
+    classify_exit,
+    describe_exit,
+    exit_log_line,
+    restart_cause,
+)
 from supervisor.notify import Notifier
 from supervisor.status import (
     ChildStatus,
@@ -369,7 +378,7 @@ def test_heartbeat_close_removes_the_file_and_is_idempotent(tmp_path: Path) -> N
     assert os.listdir(tmp_path) == []
 
 
-# --- the supervisor's bookkeeping (no process is forked) ---------------------------------------
+# --- the supervisor (constructed, never run: no process is forked) -------------------------
 
 def _supervisor(processes: int = 2, **options: object) -> Supervisor:
     spec = ChildSpec(app_spec="proj.tasks:app", worker=WorkerOptions(), loglevel="INFO",
@@ -379,93 +388,163 @@ def _supervisor(processes: int = 2, **options: object) -> Supervisor:
     return sup
 
 
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
-    """A fake ``time.monotonic`` for the arbiter (``clock.now`` is the time)."""
-    fake = SimpleNamespace(now=1000.0)
-    monkeypatch.setattr(arbiter, "time", SimpleNamespace(monotonic=lambda: fake.now,
-                                                         time=time.time))
-    return fake
-
-
 def _record(tmp_path: Path, index: int, pid: int) -> Child:
     return Child(index=index, pid=pid, beat=heartbeat.HeartbeatFile(str(tmp_path)))
 
 
-def test_recycled_or_retired_children_are_not_crashes(tmp_path: Path, clock: SimpleNamespace,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
-    sup = _supervisor()
-    caplog.set_level(logging.INFO, logger="aio_celery.supervisor")
-    sup._on_child_exit(_record(tmp_path, 1, 11), exitcodes.RECYCLE, "ready")
-    retiring = _record(tmp_path, 2, 12)
-    retiring.retiring = True
-    sup._on_child_exit(retiring, -signal.SIGKILL, "ready")
-    killed = _record(tmp_path, 2, 13)
-    killed.killed = True
-    sup._on_child_exit(killed, -signal.SIGKILL, "ready")
-    assert not sup._crashes and sup._stopping is None
-    assert "child 1 (pid 11) recycled (exit code 6 (recycle)): replacing it" in caplog.text
-    assert "child 2 (pid 12) exited: killed by SIGKILL" in caplog.text
+# --- the verdict on a child's exit (supervisor.exits) -----------------------------------------
+
+def _verdict(code: int, last_state: str = "ready", *, asked_to_stop: bool = False,
+             burst: bool = False, ever_ready: bool = False) -> ExitVerdict:
+    return classify_exit(code, last_state, asked_to_stop=asked_to_stop, burst=burst,
+                         ever_ready=ever_ready)
 
 
-def test_sigkill_is_a_crash_with_an_out_of_memory_hint(
-        tmp_path: Path, clock: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
-    sup = _supervisor()
-    sup._on_child_exit(_record(tmp_path, 1, 21), -signal.SIGKILL, "ready")
-    assert len(sup._crashes) == 1 and sup._stopping is None
-    assert "child 1 (pid 21) killed by SIGKILL: out of memory?" in caplog.text
-    assert sup._respawn_at <= clock.now  # the first crash is replaced at once
+def test_recycled_or_retired_children_are_not_crashes() -> None:
+    recycled = _verdict(exitcodes.RECYCLE)
+    retired = _verdict(-signal.SIGKILL, asked_to_stop=True)  # retiring, or killed by us
+    assert (recycled, retired) == (ExitVerdict.RECYCLED, ExitVerdict.RETIRED)
+    assert not recycled.is_crash and not retired.is_crash
+    assert exit_log_line(recycled, 1, 11, exitcodes.RECYCLE).text() == \
+        "child 1 (pid 11) recycled (exit code 6 (recycle)): replacing it"
+    assert exit_log_line(retired, 2, 12, -signal.SIGKILL).text() == \
+        "child 2 (pid 12) exited: killed by SIGKILL"
+    assert restart_cause(recycled, None) == restarts.RECYCLED
+    # Retired: the cause the supervisor noted (None: shut down or scaled down, not replaced)
+    assert restart_cause(retired, restarts.HEARTBEAT_TIMEOUT) == restarts.HEARTBEAT_TIMEOUT
+    assert restart_cause(retired, None) is None
 
 
-def test_startup_error_before_any_child_was_ready_stops_with_that_code(
-        tmp_path: Path, clock: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
-    sup = _supervisor()
-    sup._on_child_exit(_record(tmp_path, 1, 31), exitcodes.STARTUP_ERROR, "ready")
-    assert sup._stopping == "warm"
-    assert sup._exit_code == exitcodes.STARTUP_ERROR
-    assert "failed to start" in caplog.text
+def test_whatever_the_code_a_child_we_stopped_is_retired() -> None:
+    for code in (exitcodes.OK, exitcodes.RECYCLE, exitcodes.STARTUP_ERROR, -signal.SIGKILL):
+        assert _verdict(code, "stopping", asked_to_stop=True) is ExitVerdict.RETIRED
 
 
-def test_startup_error_after_a_child_was_ready_is_only_a_crash(
-        tmp_path: Path, clock: SimpleNamespace) -> None:
-    sup = _supervisor()
-    sup._ever_ready = True
-    sup._on_child_exit(_record(tmp_path, 1, 41), exitcodes.STARTUP_ERROR, "ready")
-    assert sup._stopping is None and len(sup._crashes) == 1
+def test_sigkill_is_a_crash_with_an_out_of_memory_hint() -> None:
+    verdict = _verdict(-signal.SIGKILL)
+    assert verdict is ExitVerdict.CRASHED and verdict.is_crash
+    line = exit_log_line(verdict, 1, 21, -signal.SIGKILL)
+    assert (line.level, line.text()) == (
+        logging.ERROR, "child 1 (pid 21) killed by SIGKILL: out of memory?")
+    assert exit_log_line(verdict, 1, 21, -signal.SIGSEGV).text() == \
+        "child 1 (pid 21) killed by SIGSEGV"
+    assert restart_cause(verdict, None) == restarts.CRASH
 
 
-def test_crash_backoff_grows(clock: SimpleNamespace) -> None:
-    sup = _supervisor()
+def test_startup_error_before_any_child_was_ready_stops_with_that_code() -> None:
+    for code in (exitcodes.STARTUP_ERROR, exitcodes.APP_LOAD_ERROR):
+        verdict = _verdict(code)
+        assert verdict is ExitVerdict.STARTUP_FAILED and not verdict.is_crash
+        assert restart_cause(verdict, None) is None  # nothing replaces it: all stop
+    assert exit_log_line(ExitVerdict.STARTUP_FAILED, 1, 31, exitcodes.STARTUP_ERROR).text() \
+        == ("child 1 (pid 31) failed to start (exit code 4 (start-up error)) and no child "
+            "ever started: stopping, check the error above")
+
+
+def test_startup_error_after_a_child_was_ready_is_only_a_crash() -> None:
+    verdict = _verdict(exitcodes.STARTUP_ERROR, ever_ready=True)
+    assert verdict is ExitVerdict.CRASHED and verdict.is_crash
+
+
+def test_other_error_codes_are_crashes_even_before_any_child_was_ready() -> None:
+    for code in (exitcodes.BROKER_LOST, exitcodes.INTERNAL_ERROR, 9, -signal.SIGSEGV):
+        assert _verdict(code) is ExitVerdict.CRASHED
+
+
+def test_a_child_exiting_0_by_itself_is_a_crash() -> None:
+    verdict = _verdict(exitcodes.OK, "ready")
+    assert verdict is ExitVerdict.UNASKED and verdict.is_crash
+    assert restart_cause(verdict, None) == restarts.CRASH
+    line = exit_log_line(verdict, 2, 401, exitcodes.OK)
+    assert (line.level, line.text()) == (
+        logging.ERROR, "child 2 (pid 401) exited by itself (exit code 0 (ok)) without being "
+        "asked to: a crash")
+
+
+def test_a_child_exiting_0_after_its_own_shutdown_is_no_crash() -> None:
+    """Signalled directly (kill <pid>), or reached by the user's group-wide stop before
+    the supervisor acted on its own copy: the child went through its shutdown (its last beat
+    says "stopping"), so its exit 0 is no crash; it is replaced."""
+    verdict = _verdict(exitcodes.OK, "stopping")
+    assert verdict is ExitVerdict.SIGNALLED and not verdict.is_crash
+    assert restart_cause(verdict, None) == restarts.SIGNALLED
+    line = exit_log_line(verdict, 2, 402, exitcodes.OK)
+    assert (line.level, line.text()) == (
+        logging.WARNING, "child 2 (pid 402) stopped on a signal sent to it, not by the "
+        "supervisor (exit code 0 (ok)): replacing it")
+
+
+def test_in_burst_mode_exit_0_means_drained_and_not_replaced() -> None:
+    for last_state in ("ready", "stopping"):
+        verdict = _verdict(exitcodes.OK, last_state, burst=True)
+        assert verdict is ExitVerdict.DRAINED and not verdict.is_crash
+        assert restart_cause(verdict, None) is None
+    assert exit_log_line(ExitVerdict.DRAINED, 3, 7, exitcodes.OK).text() == \
+        "child 3 (pid 7) drained its queues (burst mode): not replaced"
+    # A crash in burst mode is still a crash
+    assert _verdict(-signal.SIGKILL, burst=True) is ExitVerdict.CRASHED
+
+
+# --- the crash window: backoff and the crash-loop cap -----------------------------------------
+
+class FakeClock:
+    """A monotonic clock that moves only when told (``clock.now``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_first_crash_is_replaced_at_once() -> None:
+    clock = FakeClock()
+    window = CrashWindow(max_crashes=10, window=60.0, clock=clock)
+    assert window.record() == Crash(count=1, delay=0.0, give_up=False)
+    assert window.respawn_at <= clock.now and window.may_respawn(clock.now)
+
+
+def test_crash_backoff_grows() -> None:
+    clock = FakeClock()
+    window = CrashWindow(max_crashes=10, window=60.0, clock=clock)
     delays = []
     for _ in range(4):
-        sup._record_crash()
-        delays.append(round(sup._respawn_at - clock.now, 3))
-    assert delays[0] <= 0.0
-    assert delays[1:] == [0.5, 1.0, 2.0]
+        crash = window.record()
+        assert window.respawn_at == clock.now + crash.delay  # the clock stands still here
+        delays.append(crash.delay)
+    assert delays == [0.0, 0.5, 1.0, 2.0]
+    assert not window.may_respawn(clock.now + 1.9) and window.may_respawn(clock.now + 2.0)
 
 
-def test_more_crashes_than_the_cap_within_the_window_stop_with_crash_loop(
-        clock: SimpleNamespace) -> None:
-    sup = _supervisor(max_crashes=3, crash_window=60.0)
+def test_the_backoff_is_capped_so_that_the_cap_stays_reachable() -> None:
+    # window / (2 * (max_crashes + 1)) = 60 / 22: under the doubling from the 4th crash on
+    window = CrashWindow(max_crashes=10, window=60.0, clock=FakeClock())
+    delays = [window.record().delay for _ in range(10)]
+    assert delays[:4] == [0.0, 0.5, 1.0, 2.0]
+    assert delays[4:] == [60.0 / 22] * 6
+
+
+def test_more_crashes_than_the_cap_within_the_window_give_up() -> None:
+    clock = FakeClock()
+    window = CrashWindow(max_crashes=3, window=60.0, clock=clock)
     for _ in range(3):
-        sup._record_crash()
+        assert not window.record().give_up
         clock.now += 1
-    assert sup._stopping is None
-    sup._record_crash()
-    assert sup._stopping == "warm" and sup._exit_code == exitcodes.CRASH_LOOP
+    crash = window.record()
+    assert crash.give_up and crash.count == 4
 
 
-def test_crashes_outside_the_window_are_forgotten(clock: SimpleNamespace) -> None:
-    sup = _supervisor(max_crashes=3, crash_window=10.0)
+def test_crashes_outside_the_window_are_forgotten() -> None:
+    clock = FakeClock()
+    window = CrashWindow(max_crashes=3, window=10.0, clock=clock)
     for _ in range(3):
-        sup._record_crash()
+        window.record()
         clock.now += 6
-    sup._record_crash()
-    assert sup._stopping is None
-    assert len(sup._crashes) == 2
+    assert not window.record().give_up
+    assert window.count == 2
 
 
-def _simulate_crash_loop(sup: Supervisor, clock: SimpleNamespace, processes: int,
+def _simulate_crash_loop(window: CrashWindow, clock: FakeClock, processes: int,
                          start_to_crash: float, horizon: float) -> float | None:
     """Children that die ``start_to_crash`` seconds after every start, as the main loop
     would see them (reap, record the crash, respawn once the backoff allows, every TICK).
@@ -477,10 +556,9 @@ def _simulate_crash_loop(sup: Supervisor, clock: SimpleNamespace, processes: int
         for index, when in list(dies_at.items()):
             if when <= clock.now:
                 del dies_at[index]
-                sup._record_crash()
-                if sup._stopping:
+                if window.record().give_up:
                     return clock.now - began
-        if clock.now >= sup._respawn_at:
+        if window.may_respawn(clock.now):
             for index in range(1, processes + 1):
                 dies_at.setdefault(index, clock.now + start_to_crash)
     return None
@@ -488,89 +566,119 @@ def _simulate_crash_loop(sup: Supervisor, clock: SimpleNamespace, processes: int
 
 @pytest.mark.parametrize("processes", [1, 2, 4])
 def test_children_crashing_at_every_start_are_detected_within_the_crash_window(
-        clock: SimpleNamespace, processes: int) -> None:
+        processes: int) -> None:
     """``max_crashes`` (10) crashes within ``crash_window`` (60 s) must stay reachable for a
     child that dies 0.5 s after each start, whatever the number of children: otherwise the
     supervisor retries forever and never exits CRASH_LOOP for systemd/Kubernetes to act."""
-    sup = _supervisor(processes=processes)
-    gave_up_after = _simulate_crash_loop(sup, clock, processes, start_to_crash=0.5,
+    options = _supervisor(processes=processes).options  # the defaults
+    clock = FakeClock()
+    window = CrashWindow(options.max_crashes, options.crash_window, clock=clock)
+    gave_up_after = _simulate_crash_loop(window, clock, processes, start_to_crash=0.5,
                                          horizon=300.0)
     assert gave_up_after is not None, (
         f"with {processes} child(ren) crashing on every start the supervisor never gave up "
-        f"in 300 s ({len(sup._crashes)} crashes in the window at the end)")
-    assert gave_up_after <= sup.options.crash_window
-    assert sup._exit_code == exitcodes.CRASH_LOOP
+        f"in 300 s ({window.count} crashes in the window at the end)")
+    assert gave_up_after <= options.crash_window
 
 
 # --- heartbeat checks: monotonic ages, start-up limit, waiting for the broker ----------------
+# The children are real processes (``sleep``): a stale one gets the stack-dump signal, whose
+# default action ends a process that does not handle it.
 
 @pytest.fixture
-def kills(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """The signals the arbiter sends (recorded instead of sent)."""
-    sent: list[tuple[int, int]] = []
-    monkeypatch.setattr(arbiter, "_kill", lambda pid, signum: sent.append((pid, signum)))
-    return sent
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A process to stand for a child; its exit tells which signal the supervisor sent."""
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
-def test_a_wall_clock_step_kills_no_child(tmp_path: Path, kills: list[tuple[int, int]],
+def _signalled_with(process: subprocess.Popen[bytes]) -> int:
+    """The signal that ended ``process`` (it must end within seconds)."""
+    return -process.wait(timeout=5)
+
+
+def test_a_wall_clock_step_kills_no_child(tmp_path: Path, sleeper: subprocess.Popen[bytes],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     sup = _supervisor(heartbeat_timeout=3.0)
-    record = _record(tmp_path, 1, 11)
+    record = _record(tmp_path, 1, sleeper.pid)
     record.started -= 100  # long since started
     sup.children[record.pid] = record
     record.beat.beat(heartbeat.READY)
     wall = time.time()
     monkeypatch.setattr(time, "time", lambda: wall + 3600)  # the wall clock jumps an hour
     os.utime(record.beat.path, (wall - 3600, wall - 3600))
-    sup._check_heartbeats(time.monotonic())
-    assert kills == []
+    sup.check_heartbeats(time.monotonic())
     assert not record.killed
+    with pytest.raises(subprocess.TimeoutExpired):
+        sleeper.wait(timeout=0.2)
     # ... while a beat that really is old (on the monotonic clock) is noticed.
-    sup._check_heartbeats(time.monotonic() + 4)
-    assert kills == [(11, signal.SIGUSR2)]
+    sup.check_heartbeats(time.monotonic() + 4)
     assert record.killed
+    assert _signalled_with(sleeper) == signal.SIGUSR2
 
 
 def test_a_child_waiting_for_the_broker_is_not_killed_for_a_slow_start(
-        tmp_path: Path, kills: list[tuple[int, int]],
+        tmp_path: Path, sleeper: subprocess.Popen[bytes],
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="aio_celery.supervisor")
     sup = _supervisor(startup_timeout=10.0, heartbeat_timeout=3.0)
-    record = _record(tmp_path, 1, 11)
+    record = _record(tmp_path, 1, sleeper.pid)
     sup.children[record.pid] = record
     # Forked two minutes ago, waiting for the broker since, beating all along.
     record.started -= 120
     record.startup_since -= 120
     record.beat.beat(heartbeat.WAITING, broker_lost_since=time.monotonic() - 120)
-    sup._check_heartbeats(time.monotonic())
-    assert kills == []
+    sup.check_heartbeats(time.monotonic())
+    assert not record.killed
     # The broker is back: the child declares its queues; the start-up limit counts from the
     # end of the wait, not from the fork.
     record.beat.beat(heartbeat.STARTING)
-    sup._check_heartbeats(time.monotonic())
-    assert kills == []
-    assert sup._crashes == deque()
+    sup.check_heartbeats(time.monotonic())
+    assert not record.killed
+    assert sup.crashes.count == 0
+    with pytest.raises(subprocess.TimeoutExpired):
+        sleeper.wait(timeout=0.2)
     record.startup_since -= 11  # ... and 11 s later it still does not consume
     record.beat.beat(heartbeat.STARTING)
-    sup._check_heartbeats(time.monotonic())
-    assert kills == [(11, signal.SIGUSR2)]
+    sup.check_heartbeats(time.monotonic())
+    assert record.killed
+    assert _signalled_with(sleeper) == signal.SIGUSR2
     assert "did not start consuming within 10s" in caplog.text
 
 
 def test_a_child_killed_for_a_slow_start_counts_as_a_crash(
-        tmp_path: Path, kills: list[tuple[int, int]],
+        tmp_path: Path, sleeper: subprocess.Popen[bytes],
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="aio_celery.supervisor")
     sup = _supervisor(startup_timeout=5.0, heartbeat_timeout=3.0)
-    record = _record(tmp_path, 1, 11)
+    record = _record(tmp_path, 1, sleeper.pid)
     sup.children[record.pid] = record
     record.started -= 6
     record.startup_since -= 6
     record.beat.beat(heartbeat.STARTING)  # beating, never consuming
-    sup._check_heartbeats(time.monotonic())
-    assert kills == [(11, signal.SIGUSR2)]
-    assert len(sup._crashes) == 1
+    sup.check_heartbeats(time.monotonic())
+    assert _signalled_with(sleeper) == signal.SIGUSR2
+    assert sup.crashes.count == 1
     assert "did not start consuming within 5s (--startup-timeout)" in caplog.text
+
+
+def test_too_many_slow_starts_make_the_supervisor_give_up_with_crash_loop(
+        tmp_path: Path, sleeper: subprocess.Popen[bytes],
+        caplog: pytest.LogCaptureFixture) -> None:
+    sup = _supervisor(startup_timeout=5.0, heartbeat_timeout=3.0, max_crashes=0)
+    record = _record(tmp_path, 1, sleeper.pid)
+    sup.children[record.pid] = record
+    record.started -= 6
+    record.startup_since -= 6
+    sup.check_heartbeats(time.monotonic())
+    assert _signalled_with(sleeper) == signal.SIGUSR2
+    assert (sup.stopping, sup.exit_code) == ("warm", exitcodes.CRASH_LOOP)
+    assert "1 crashes within 60s: giving up, stopping everything (exit 7)" in caplog.text
 
 
 def test_a_stopping_child_is_replaced_early_except_in_burst_mode(tmp_path: Path) -> None:
@@ -586,5 +694,5 @@ def test_a_stopping_child_is_replaced_early_except_in_burst_mode(tmp_path: Path)
             record = _record(tmp_path, index, 100 + index)
             record.beat.beat(heartbeat.READY if index == 1 else heartbeat.STOPPING)
             sup.children[record.pid] = record
-    assert normal._missing_slots() == [2]
-    assert burst._missing_slots() == []
+    assert normal.missing_slots() == [2]
+    assert burst.missing_slots() == []
