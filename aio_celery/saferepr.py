@@ -37,6 +37,9 @@ MAXLEN = 1024
 
 def saferepr(value: Any, maxlen: int = MAXLEN) -> str:
     """``repr(value)`` in at most ``maxlen`` characters (see the module docstring)."""
+    if _flat(value):  # the common arguments and results: repr is cheap, and 10x faster
+        text = repr(value)
+        return text if len(text) <= maxlen else _cut(text, maxlen)
     parts: list[str] = []
     size = 0
     try:
@@ -44,10 +47,14 @@ def saferepr(value: Any, maxlen: int = MAXLEN) -> str:
             parts.append(piece)
             size += len(piece)
             if size > maxlen:
-                return "".join(parts)[:max(maxlen - len(ELLIPSIS), 0)] + ELLIPSIS
+                return _cut("".join(parts), maxlen)
     except Exception as exc:  # e.g. a dict changed size while walked
         return unrepresentable(value, exc)
     return "".join(parts)
+
+
+def _cut(text: str, maxlen: int) -> str:
+    return text[:max(maxlen - len(ELLIPSIS), 0)] + ELLIPSIS
 
 
 def unrepresentable(value: Any, exc: BaseException) -> str:
@@ -57,6 +64,32 @@ def unrepresentable(value: Any, exc: BaseException) -> str:
     except Exception:  # the exception's own __repr__ may fail too
         reason = type(exc).__name__
     return f"<unrepresentable {type(value).__name__}: {reason}>"
+
+
+#: how many items, and how long a string, :func:`_flat` takes: its repr is a few kB at most
+_FLAT_ITEMS = 16
+_FLAT_CHARS = 64
+
+
+def _flat(value: Any) -> bool:
+    """Whether ``value`` is a short scalar, or a builtin list, tuple or dict of a few of
+    them: then ``repr`` costs little whatever ``maxlen`` is."""
+    kind = type(value)
+    if kind is tuple or kind is list:
+        return len(value) <= _FLAT_ITEMS and all(_short_scalar(item) for item in value)
+    if kind is dict:
+        return len(value) <= _FLAT_ITEMS and all(
+            _short_scalar(key) and _short_scalar(item) for key, item in value.items())
+    return _short_scalar(value)
+
+
+def _short_scalar(value: Any) -> bool:
+    kind = type(value)
+    if kind is str or kind is bytes:
+        return len(value) <= _FLAT_CHARS
+    if kind is int:
+        return bool(-(1 << 64) < value < 1 << 64)  # a huge int's repr costs, or raises
+    return value is None or kind is bool or kind is float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

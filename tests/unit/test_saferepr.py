@@ -124,8 +124,11 @@ def test_what_does_not_fit_is_the_start_of_repr_and_an_ellipsis(value: Any) -> N
     assert text == repr(value)[:97] + "..."
 
 
-def test_every_length_is_respected() -> None:
-    value = {"a": [1, "two", (3.0, None)], "b": {"c": b"d"}}
+@pytest.mark.parametrize("value", [
+    {"a": [1, "two", (3.0, None)], "b": {"c": b"d"}},
+    (1, "two", 3.0, None, b"d"),  # flat: repr'd at once, then cut
+])
+def test_every_length_is_respected(value: Any) -> None:
     full = repr(value)
     for maxlen in range(3, len(full) + 3):
         text = saferepr(value, maxlen)
@@ -136,7 +139,7 @@ def test_every_length_is_respected() -> None:
 def test_a_cut_string_takes_its_quotes_from_the_part_shown() -> None:
     # repr picks double quotes for the whole string (it holds a ' and no "); what is
     # shown holds no ', so it is quoted as repr quotes it
-    value = "a" * 50 + "'"
+    value = "a" * 100 + "'"
     assert saferepr(value, 20) == "'" + "a" * 16 + "..."
 
 
