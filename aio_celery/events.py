@@ -61,17 +61,6 @@ def utcoffset(localtime: time.struct_time | None = None) -> float:
     return (time.altzone if struct.tm_isdst else time.timezone) / 3600
 
 
-class LamportClock:
-    """Celery's ``app.clock``: a Lamport clock, advanced once per event sent."""
-
-    def __init__(self, value: int = 0) -> None:
-        self.value = value
-
-    def forward(self) -> int:
-        self.value += 1
-        return self.value
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Stamp:
     """What every event of one sender carries; ``timestamp`` and ``clock`` per event."""

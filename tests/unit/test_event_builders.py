@@ -130,11 +130,6 @@ def test_routing_keys_and_groups() -> None:
     assert events.group("worker-offline") == "worker"
 
 
-def test_the_lamport_clock_goes_forward_by_one_per_event() -> None:
-    clock = events.LamportClock()
-    assert [clock.forward() for _ in range(3)] == [1, 2, 3]
-
-
 def test_a_batch_is_a_json_list_and_one_event_a_json_object() -> None:
     one = events.event("task-started", STAMP, TS, 1, uuid="a")
     assert json.loads(events.encode(one)) == one
