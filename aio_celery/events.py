@@ -26,6 +26,7 @@ from pamqp import commands
 
 from aio_celery import __version__
 from aio_celery.protocol import TaskMessage
+from aio_celery.saferepr import saferepr
 
 #: Celery's ``event_exchange`` default; a topic exchange, durable, no arguments
 EXCHANGE = "celeryev"
@@ -34,6 +35,10 @@ EXCHANGE_TYPE = "topic"
 TASK_BATCH_KEY = "task.multi"
 #: Celery's ``Task.resultrepr_maxsize``: the longest ``result`` of ``task-succeeded``
 RESULT_REPR_MAXSIZE = 1024
+#: the longest ``args``/``kwargs`` of ``task-received`` when the message has no
+#: ``argsrepr``/``kwargsrepr`` (Celery's ``argsrepr_maxsize``, ``kwargsrepr_maxsize``), and
+#: the longest ``exception`` of ``task-failed``/``task-retried`` (unbounded in Celery)
+REPR_MAXSIZE = 1024
 #: ``delivery_mode`` of events: transient (``EventDispatcher(delivery_mode=1)``)
 TRANSIENT = 1
 #: the worker's heartbeat interval when none is given (Celery's ``Heart``)
@@ -54,17 +59,6 @@ def utcoffset(localtime: time.struct_time | None = None) -> float:
     correct event timestamps with it (``adjust_timestamp``), so its sign matters."""
     struct = localtime if localtime is not None else time.localtime()
     return (time.altzone if struct.tm_isdst else time.timezone) / 3600
-
-
-class LamportClock:
-    """Celery's ``app.clock``: a Lamport clock, advanced once per event sent."""
-
-    def __init__(self, value: int = 0) -> None:
-        self.value = value
-
-    def forward(self) -> int:
-        self.value += 1
-        return self.value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,14 +91,15 @@ def group(type_: str) -> str:
 
 def received_fields(message: TaskMessage) -> dict[str, Any]:
     """``task-received``: where Flower gets the name, args and kwargs of a task (the message's
-    ``argsrepr``/``kwargsrepr``; a message without them gets the repr of the values)."""
+    ``argsrepr``/``kwargsrepr``; a message without them gets the repr of the values, which
+    Celery leaves empty)."""
     return {
         "uuid": message.id,
         "name": message.task,
         "args": message.argsrepr if message.argsrepr is not None
-        else safe_repr(message.args),
+        else saferepr(message.args, REPR_MAXSIZE),
         "kwargs": message.kwargsrepr if message.kwargsrepr is not None
-        else safe_repr(message.kwargs),
+        else saferepr(message.kwargs, REPR_MAXSIZE),
         "root_id": message.root_id,
         "parent_id": message.parent_id,
         "retries": message.retries,
@@ -114,12 +109,15 @@ def received_fields(message: TaskMessage) -> dict[str, Any]:
 
 
 def succeeded_fields(task_id: str, result: Any, runtime: float) -> dict[str, Any]:
-    return {"uuid": task_id, "result": result_repr(result), "runtime": runtime}
+    """``result``: its repr in at most ``RESULT_REPR_MAXSIZE`` characters, built in time
+    proportional to that, however large the value (Celery's ``saferepr``)."""
+    return {"uuid": task_id, "result": saferepr(result, RESULT_REPR_MAXSIZE),
+            "runtime": runtime}
 
 
 def failed_fields(task_id: str, exc: BaseException, traceback: str) -> dict[str, Any]:
     """``task-failed``, and ``task-retried`` (the same fields: the retry's reason)."""
-    return {"uuid": task_id, "exception": safe_repr(exc), "traceback": traceback}
+    return {"uuid": task_id, "exception": saferepr(exc, REPR_MAXSIZE), "traceback": traceback}
 
 
 def revoked_fields(task_id: str, *, terminated: bool = False, signum: int | None = None,
@@ -137,22 +135,6 @@ def worker_fields(freq: float, active: int, processed: int,
     ``State`` judges liveness by: alive while the last heartbeat is younger than 2 x freq."""
     return {"freq": freq, "active": active, "processed": processed,
             "loadavg": [round(value, 2) for value in loadavg], **SOFTWARE_INFO}
-
-
-def safe_repr(value: Any) -> str:
-    """``repr`` that never raises (kombu's ``safe_repr``)."""
-    try:
-        return repr(value)
-    except Exception as exc:  # a user's __repr__ may fail like any other code
-        return f"<unrepresentable {type(value).__name__}: {exc!r}>"
-
-
-def result_repr(value: Any, maxsize: int = RESULT_REPR_MAXSIZE) -> str:
-    """The ``result`` of ``task-succeeded``: its repr, cut after ``maxsize`` characters
-    with ``...`` (Celery's ``saferepr`` cuts inside the structure; the length bound is
-    the same)."""
-    text = safe_repr(value)
-    return text if len(text) <= maxsize else text[:maxsize] + "..."
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -15,7 +15,6 @@ A task message is three parts:
 
 from __future__ import annotations
 
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,12 +22,14 @@ from typing import Any
 
 from aio_celery import jsoncodec
 from aio_celery.exceptions import MessageDecodeError
+from aio_celery.saferepr import saferepr
 
 CONTENT_TYPE = "application/json"
 CONTENT_ENCODING = "utf-8"
 PERSISTENT = 2
-#: Celery truncates argsrepr/kwargsrepr to this many characters; so do we, because a
-#: header as large as a big argument would exceed RabbitMQ's frame size.
+#: Celery truncates argsrepr/kwargsrepr to this many characters (``argsrepr_maxsize``,
+#: ``kwargsrepr_maxsize``); so do we, ``...`` included, because a header as large as a big
+#: argument would exceed RabbitMQ's frame size.
 REPR_MAXSIZE = 1024
 
 _REQUIRED_HEADERS = ("task", "id")
@@ -99,37 +100,6 @@ class Envelope:
 
 # --- encoding ----------------------------------------------------------------------------
 
-_repr = reprlib.Repr()
-_repr.maxstring = 200
-_repr.maxother = 200
-_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 50
-_repr.maxlevel = 4
-
-
-def safe_repr(value: Any, maxsize: int = REPR_MAXSIZE) -> str:
-    """``repr(value)`` cut to ``maxsize`` characters, without building a huge string first."""
-    try:
-        text = repr(value) if _looks_small(value) else _repr.repr(value)
-    except Exception as exc:  # a user's __repr__ may raise
-        return f"<unrepresentable {type(value).__name__}: {exc!r}>"
-    return text if len(text) <= maxsize else text[: maxsize - 3] + "..."
-
-
-def _looks_small(value: Any) -> bool:
-    """Cheap check that the builtin repr is safe (fast path for the common tiny args)."""
-    if isinstance(value, (tuple, list)):
-        return len(value) <= 8 and all(_is_small_scalar(v) for v in value)
-    if isinstance(value, dict):
-        return len(value) <= 8 and all(_is_small_scalar(v) for v in value.values())
-    return _is_small_scalar(value)
-
-
-def _is_small_scalar(value: Any) -> bool:
-    if isinstance(value, (str, bytes)):
-        return len(value) <= 100
-    return value is None or type(value) in (int, float, bool)
-
-
 def format_datetime(value: datetime | None) -> str | None:
     """ISO-8601 with an offset; naive datetimes are taken as UTC (Celery's default)."""
     if value is None:
@@ -160,10 +130,10 @@ def encode_headers(message: TaskMessage) -> dict[str, Any]:
     """The protocol v2 headers, in the order Celery writes them."""
     argsrepr = message.argsrepr
     if argsrepr is None:
-        argsrepr = safe_repr(tuple(message.args))
+        argsrepr = saferepr(tuple(message.args), REPR_MAXSIZE)
     kwargsrepr = message.kwargsrepr
     if kwargsrepr is None:
-        kwargsrepr = safe_repr(message.kwargs)
+        kwargsrepr = saferepr(message.kwargs, REPR_MAXSIZE)
     headers: dict[str, Any] = {
         "lang": "py",
         "task": message.task,

@@ -6,19 +6,22 @@ import resource
 from typing import Any
 
 from aio_celery.amqp.connection import Endpoint
-from aio_celery.protocol import TaskMessage
+from aio_celery.protocol import REPR_MAXSIZE, TaskMessage
 from aio_celery.quorum import QueueDeclaration
+from aio_celery.saferepr import saferepr
 
 
 def request_info(message: TaskMessage, delivery_info: dict[str, Any], *, hostname: str,
                  worker_pid: int | None, time_start: float | None, acknowledged: bool,
                  safe: bool) -> dict[str, Any]:
     """Celery's ``Request.info()``: real args and kwargs, or with ``safe`` the message's
-    ``argsrepr``/``kwargsrepr`` strings (``repr`` of the values if the sender gave none)."""
+    ``argsrepr``/``kwargsrepr`` strings (``repr`` of the values, at most ``REPR_MAXSIZE``
+    characters, if the sender gave none)."""
     if safe:
-        args: Any = message.argsrepr if message.argsrepr is not None else repr(message.args)
+        args: Any = (message.argsrepr if message.argsrepr is not None
+                     else saferepr(message.args, REPR_MAXSIZE))
         kwargs: Any = (message.kwargsrepr if message.kwargsrepr is not None
-                       else repr(message.kwargs))
+                       else saferepr(message.kwargs, REPR_MAXSIZE))
     else:
         args, kwargs = message.args, message.kwargs
     return {

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aio_celery.amqp.connection import AMQPConnection, Delivery
+from aio_celery.clocks import LamportClock
 from aio_celery.control import commands, wire
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,14 @@ class Mailbox:
     """Runs ``node``'s commands as requests arrive; :meth:`run` until cancelled."""
 
     def __init__(self, node: commands.Node,
-                 connect: Callable[[], Awaitable[AMQPConnection]]) -> None:
-        """``connect()``: a new open connection."""
+                 connect: Callable[[], Awaitable[AMQPConnection]],
+                 clock: LamportClock | None = None) -> None:
+        """``connect()``: a new open connection. ``clock``: the process's Lamport clock
+        (its events' too), moved past each request's and forward for each reply, as
+        kombu's ``Node`` moves ``app.clock`` (none: one of its own)."""
         self.node = node
         self._connect = connect
-        self.clock = 0
+        self.clock = clock if clock is not None else LamportClock()
         self._connection: AMQPConnection | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._reply_declared = False
@@ -123,7 +127,7 @@ class Mailbox:
         except wire.BadRequest as exc:
             logger.warning("Ignored a remote control message: %s", exc)
             return
-        self.clock = max(self.clock, request.clock) + 1
+        self.clock.adjust(request.clock)
         if not wire.addressed_to(request, self.node.nodename):
             return
         task = asyncio.create_task(self._handle(request), name=f"control {request.method}")
@@ -150,13 +154,13 @@ class Mailbox:
         connection = self._connection
         if connection is None or not connection.is_open:
             return  # the requester gets no answer from us, as from a node that is down
-        self.clock += 1
+        clock = self.clock.forward()
         try:
             if not self._reply_declared:
                 await connection.exchange_declare(exchange, "direct", durable=False)
                 self._reply_declared = True
             await connection.publish(wire.encode_reply(self.node.nodename, result),
-                                     wire.reply_properties(request.ticket, self.clock),
+                                     wire.reply_properties(request.ticket, clock),
                                      routing_key, exchange)
         except (ConnectionError, OSError, TimeoutError) as exc:
             logger.warning("Could not reply to remote control %s: %s", request.method, exc)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aio_celery import events
+from aio_celery.clocks import LamportClock
 from aio_celery.control.wire import ok
 from aio_celery.exceptions import BrokerConnectionError, PublishRefusedError
 from aio_celery.transport import WorkerPublishing
@@ -61,11 +62,13 @@ class EventDispatcher:
                  exchange: str = events.EXCHANGE, task_events: bool = False,
                  load: Load = lambda: (0, 0), buffer_limit: int = BUFFER_LIMIT,
                  backlog_limit: int = BACKLOG_LIMIT, now: Callable[[], float] = time.time,
-                 pid: int | None = None,
+                 pid: int | None = None, clock: LamportClock | None = None,
                  on_dropped: Callable[[int], None] = lambda count: None) -> None:
         """Inert: nothing is sent before the first event. ``publisher`` None: events are
         built and dropped (counted), for a worker without a publishing connection.
-        ``on_dropped(count)``: told of drops too (the metrics)."""
+        ``clock``: the process's Lamport clock, which its remote control mailbox moves
+        too (none: one of its own). ``on_dropped(count)``: told of drops too (the
+        metrics)."""
         self.hostname = hostname
         self.publisher = publisher
         self.stats = stats
@@ -76,7 +79,7 @@ class EventDispatcher:
         self.on_dropped = on_dropped
         self.buffer_limit = buffer_limit
         self.backlog_limit = backlog_limit
-        self.clock = events.LamportClock()
+        self.clock = clock if clock is not None else LamportClock()
         self._now = now
         self._stamp = events.Stamp(hostname, pid if pid is not None else os.getpid(),
                                    events.utcoffset())

@@ -48,6 +48,7 @@ from aio_celery.exceptions import (
 )
 from aio_celery.protocol import TaskMessage
 from aio_celery.result import result_tuple
+from aio_celery.saferepr import saferepr
 from aio_celery.task import Context, Task, current_request, current_task, retry_countdown
 from aio_celery.worker import chord
 from aio_celery.worker.dependency import DependencyOutage
@@ -667,5 +668,5 @@ def _format_tb(exc: BaseException) -> str:
 
 
 def _short(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """The result in the log line, built in time bounded by ``limit``."""
+    return saferepr(value, limit)

@@ -155,8 +155,7 @@ class WorkerNode:
         return {"revoked": self.worker.revoked.ids(), "clock": self.clock()}
 
     def clock(self) -> int:
-        mailbox = self.worker.mailbox
-        return mailbox.clock if mailbox is not None else 0
+        return self.worker.clock.value
 
     # --- control ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from aio_celery.amqp.connection import AMQPConnection
 from aio_celery.app import Celery
 from aio_celery.backend import RedisBackend
 from aio_celery.broker import BrokerRefused, ConsumerChannel, connect_first
+from aio_celery.clocks import LamportClock
 from aio_celery.config import is_memory_url, mask_url
 from aio_celery.control import revoked
 from aio_celery.control.mailbox import Mailbox
@@ -107,11 +108,15 @@ class Worker:
         self._queues: list[str] | None = None
         settings = app.conf.settings
         task_events = self.options.task_events
+        #: the process's Lamport clock (Celery's ``app.clock``): its events and its
+        #: mailbox's replies move it forward, control requests move it past theirs
+        self.clock = LamportClock()
         #: monitoring events of this process's node (``options.hostname``)
         self.events = EventDispatcher(
             self.options.hostname, None, self.stats, exchange=settings.event_exchange,
             task_events=settings.worker_send_task_events if task_events is None
-            else task_events, load=self._load, on_dropped=self.metrics.events_dropped)
+            else task_events, load=self._load, clock=self.clock,
+            on_dropped=self.metrics.events_dropped)
         interval = self.options.heartbeat_interval
         self._heart = Heart(self.events, interval) if interval is not None else None
         self._remote_events = RemoteEvents(self.events)
@@ -360,7 +365,7 @@ class Worker:
         if self._in_memory:  # nobody outside this process could send a command
             return
         self.mailbox = Mailbox(WorkerNode(self, self._remote_events),
-                               self._control_connection)
+                               self._control_connection, self.clock)
         self._mailbox_task = asyncio.ensure_future(self.mailbox.run())
         stack.push_async_callback(self._stop_mailbox)
 

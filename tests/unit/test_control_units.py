@@ -285,6 +285,10 @@ def test_request_info_has_celerys_keys() -> None:
     unrepr = TaskMessage(id="i-2", task="t.add", args=[1], kwargs={})
     assert info.request_info(unrepr, delivery, hostname="a@h", worker_pid=None,
                              time_start=None, acknowledged=False, safe=True)["args"] == "[1]"
+    huge = TaskMessage(id="i-3", task="t.add", args=[list(range(1_000_000))], kwargs={})
+    args = info.request_info(huge, delivery, hostname="a@h", worker_pid=None, time_start=None,
+                             acknowledged=False, safe=True)["args"]
+    assert args == repr([list(range(300))])[:1021] + "..."
 
 
 def test_queue_info_has_kombus_keys() -> None:

@@ -56,9 +56,30 @@ def test_task_succeeded_has_the_result_repr_and_a_float_runtime() -> None:
         "uuid": "id-1", "result": "[1, 'two']", "runtime": 0.5}
 
 
-def test_a_long_result_repr_is_cut_at_1024_characters() -> None:
+def test_a_long_result_repr_is_cut_to_1024_characters() -> None:
     result = events.succeeded_fields("id-1", "a" * 5000, 0.1)["result"]
-    assert result == repr("a" * 5000)[:1024] + "..."
+    assert result == repr("a" * 5000)[:1021] + "..."
+
+
+def test_a_huge_result_is_not_reprd_whole() -> None:
+    huge = list(range(5_000_000))  # repr() of it takes about half a second
+    started = time.perf_counter()
+    result = events.succeeded_fields("id-1", huge, 0.1)["result"]
+    assert time.perf_counter() - started < 0.05
+    assert result == repr(huge[:300])[:1021] + "..."
+
+
+def test_the_values_without_reprs_in_the_message_are_reprd_bounded() -> None:
+    message = TaskMessage(id="id-1", task="proj.add", args=[list(range(1_000_000))],
+                          kwargs={"blob": "y" * 10_000_000})
+    fields = events.received_fields(message)
+    assert fields["args"] == repr([list(range(300))])[:1021] + "..."
+    assert fields["kwargs"] == "{'blob': '" + "y" * 1011 + "..."
+
+
+def test_a_huge_exception_is_reprd_bounded() -> None:
+    fields = events.failed_fields("id-1", ValueError("x" * 10_000_000), "Traceback...\n")
+    assert fields["exception"] == "ValueError('" + "x" * 1009 + "..."
 
 
 def test_a_repr_that_raises_does_not_escape() -> None:
@@ -66,7 +87,8 @@ def test_a_repr_that_raises_does_not_escape() -> None:
         def __repr__(self) -> str:
             raise RuntimeError("no")
 
-    assert events.result_repr(Bad()) == "<unrepresentable Bad: RuntimeError('no')>"
+    assert events.succeeded_fields("id-1", Bad(), 0.1)["result"] == \
+        "<unrepresentable Bad: RuntimeError('no')>"
 
 
 def test_task_failed_and_retried_have_the_exception_repr_and_traceback() -> None:
@@ -106,11 +128,6 @@ def test_routing_keys_and_groups() -> None:
     assert events.routing_key("worker-heartbeat") == "worker.heartbeat"
     assert events.group("task-received") == "task"
     assert events.group("worker-offline") == "worker"
-
-
-def test_the_lamport_clock_goes_forward_by_one_per_event() -> None:
-    clock = events.LamportClock()
-    assert [clock.forward() for _ in range(3)] == [1, 2, 3]
 
 
 def test_a_batch_is_a_json_list_and_one_event_a_json_object() -> None:

@@ -267,6 +267,19 @@ def test_large_argument() -> None:
     assert ours["kwargsrepr"].startswith("{'blob': 'yyyyyyyy")
 
 
+def test_argsrepr_is_what_celery_writes_for_arguments_that_fit() -> None:
+    from celery.utils.saferepr import saferepr as celery_saferepr
+
+    # 100 items: reprlib would abbreviate them, Celery's saferepr and ours do not
+    message = protocol.TaskMessage(id="i-1", task="t", args=[list(range(100)), "x"],
+                                   kwargs={"rows": [{"id": 1}] * 20})
+    headers = protocol.encode_headers(message)
+    assert headers["argsrepr"] == celery_saferepr(tuple(message.args), 1024) \
+        == repr(tuple(message.args))
+    assert headers["kwargsrepr"] == celery_saferepr(message.kwargs, 1024) \
+        == repr(message.kwargs)
+
+
 @pytest.mark.parametrize("name", ["valid_send_task_args_kwargs", "valid_countdown_expires_priority",
                                   "valid_group_0", "valid_group_1", "valid_retry",
                                   "valid_link_link_error", "valid_chain"])
