@@ -5,7 +5,8 @@ The layers (see DEVELOPERS.md):
 * ``tests/unit``: no RabbitMQ, no Redis. Pure functions, golden messages, fakes (a fake broker
   on a local socket), subprocesses that need no server. ``pytest tests/unit`` passes on a
   laptop with neither; ``scripts/test`` runs it with both pointed at closed ports.
-* ``tests/integration``, ``tests/interop``, ``tests/process``: the real servers. Their
+* ``tests/integration``, ``tests/interop``, ``tests/process``, ``tests/rabbitmq4`` (a
+  RabbitMQ 4.x node of its own): the real servers. Their
   ``conftest.py`` imports the fixtures of ``services.py``, whose ``_services_up`` fails every
   test there when a server is missing (never a skip).
 

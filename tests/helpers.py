@@ -32,7 +32,11 @@ from aio_pika.abc import AbstractConnection
 from pamqp import commands, frame
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
+    from aio_celery import Celery
     from aio_celery.amqp.connection import Delivery
+    from aio_celery.result import AsyncResult
 
 #: the repository (the worker subprocesses run there, with it on ``PYTHONPATH``)
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +137,19 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 5.0,
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+async def send_eta_into_the_queue(app: Celery, name: str, args: tuple[Any, ...],
+                                  eta: datetime) -> AsyncResult:
+    """``app.send_task(name, args, eta=eta)`` straight into the task's queue, as a Celery
+    client before 5.5 (or one not in quorum mode) sends it: in quorum mode with a topic
+    exchange, ``send_task`` would send it through native delayed delivery instead, and it
+    would reach the queue only about a second before it is due, after what was sent next."""
+    from aio_celery import protocol
+
+    message, queue = app.build_message(name, args, None, {"eta": eta})
+    await app.publisher.publish(protocol.encode(message, app.now()), queue, 0)
+    return app.AsyncResult(message.id)
 
 
 async def stays(predicate: Callable[[], Any], duration: float = 0.3) -> None:

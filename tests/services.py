@@ -1,5 +1,6 @@
 """The fixtures of the layers that need the real servers (``tests/integration``,
-``tests/interop``, ``tests/process``): RabbitMQ and Redis, isolated per run and per test.
+``tests/interop``, ``tests/process``, ``tests/rabbitmq4``): RabbitMQ and Redis, isolated per
+run and per test.
 
 A layer opts in with ``from services import *`` in its ``conftest.py``; that brings
 ``_services_up``, which makes a missing server fail every test of the layer (it never skips).
