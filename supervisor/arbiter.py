@@ -75,7 +75,10 @@ class SupervisorOptions:
 class Supervisor:
     """Forks, watches and replaces worker children. Inert until :meth:`run`."""
 
-    def __init__(self, options: SupervisorOptions) -> None:
+    def __init__(self, options: SupervisorOptions, metrics: NoMetrics | None = None) -> None:
+        """``metrics``: what records the children's exits and restarts (default: nothing is
+        recorded). When ``options.metrics`` is set, :meth:`run` replaces it with the
+        Prometheus recorder it serves."""
         self.options = options
         self.target = options.processes
         self.children: dict[int, children.Child] = {}  # by pid
@@ -100,7 +103,7 @@ class Supervisor:
         # The rate limits' buckets, shared likewise: a limit holds for all the children
         # together, as Celery's for all the processes of one worker (aio_celery.ratelimit).
         self._rates: SharedRates | None = None
-        self._metrics = NoMetrics()
+        self._metrics = metrics if metrics is not None else NoMetrics()
         self.notifier = Notifier()
 
     @property
@@ -150,7 +153,7 @@ class Supervisor:
                 pass
         finally:
             self._kill_all(signal.SIGKILL)
-            self._reap()
+            self.reap()
             self._metrics.close()
             self._cleanup()
         logger.info("Supervisor exiting with code %d (%s)", self._exit_code,
@@ -214,7 +217,7 @@ class Supervisor:
     def _step(self) -> bool:
         """One turn of the loop; False once everything has stopped."""
         self._dispatch_signals(timeout=TICK)
-        self._reap()
+        self.reap()
         now = time.monotonic()
         if self._stopping:
             if not self.children:
@@ -314,7 +317,10 @@ class Supervisor:
     def _beat_fds(self) -> list[int]:
         return [record.beat.fd for record in self.children.values()]
 
-    def _reap(self) -> None:
+    def reap(self) -> None:
+        """Collect every process that exited (without waiting), and act on each of our
+        children's exits: log it, count a crash, record its restart cause unless everything
+        is stopping. The loop calls this once a turn."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

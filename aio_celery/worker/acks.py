@@ -4,11 +4,24 @@ Delivery tags on a channel count up from 1. When the oldest unsettled deliveries
 finished, one ``basic.ack(multiple=True)`` settles the whole finished prefix; a finished
 delivery behind one still running (or waiting for its eta) is acked on its own, so it does
 not hold a prefetch slot. A delivery is never acked before its task finished.
+
+:class:`AckTracker` is the bookkeeping; :class:`Acks` writes what it decides to the channel,
+in the order it was decided and each tag once: an ``ack(multiple=True)`` overtaking a single
+ack of a lower tag, or a tag settled twice, makes RabbitMQ close the channel with "unknown
+delivery tag".
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict
+from typing import Protocol
+
+from aio_celery.worker.execution import Settle
+
+#: a channel that is gone: the broker requeues whatever was not settled on it
+_CHANNEL_GONE = (ConnectionError,)
 
 
 class AckTracker:
@@ -54,3 +67,65 @@ class AckTracker:
             del unsettled[tag]
         finished.clear()
         return upto, singles
+
+
+class SettlingChannel(Protocol):
+    """What :class:`Acks` writes to (a :class:`aio_celery.transport.Consuming` is one)."""
+
+    def ack(self, tag: int, multiple: bool = False) -> None: ...
+
+    def reject(self, tag: int, requeue: bool) -> None: ...
+
+    def nack(self, tag: int) -> None: ...
+
+    async def barrier(self) -> None: ...
+
+
+class Acks:
+    """Settles the deliveries of one channel: rejects and returns are written at once, acks
+    once per loop turn (the finished prefix in one frame)."""
+
+    def __init__(self, channel: SettlingChannel) -> None:
+        self.channel = channel
+        self._tracker = AckTracker()
+        self._flush_scheduled = False
+
+    def __len__(self) -> int:
+        """How many deliveries are neither acked nor rejected yet."""
+        return len(self._tracker)
+
+    def delivered(self, tag: int) -> None:
+        self._tracker.delivered(tag)
+
+    def settle(self, tag: int, settle: Settle) -> None:
+        """Ack (at the end of this loop turn), reject, or give back (at once) ``tag``."""
+        if settle is Settle.ACK:
+            self._tracker.finished(tag)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush)
+            return
+        self._tracker.settled(tag)
+        with contextlib.suppress(*_CHANNEL_GONE):
+            if settle is Settle.REQUEUE:  # not the message's fault: not counted on 4.3
+                self.channel.nack(tag)
+            else:
+                self.channel.reject(tag, requeue=False)
+
+    def flush(self) -> None:
+        """Ack what finished since the last flush: the finished prefix in one frame."""
+        self._flush_scheduled = False
+        upto, singles = self._tracker.take()
+        try:
+            if upto is not None:
+                self.channel.ack(upto, multiple=True)
+            for tag in singles:
+                self.channel.ack(tag)
+        except _CHANNEL_GONE:
+            pass  # the broker requeues whatever was not settled on a channel that is gone
+
+    async def settle_everything(self) -> None:
+        """Send the last acks and wait until the broker has processed every ack/reject."""
+        self.flush()
+        with contextlib.suppress(*_CHANNEL_GONE):
+            await self.channel.barrier()

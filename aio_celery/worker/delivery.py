@@ -83,7 +83,7 @@ from aio_celery.poison import Guard, Verdict
 from aio_celery.quorum import FIRST_DELAY_EXCHANGE, delayed_routing_key, park_countdown
 from aio_celery.transport import Consuming, WorkerPublishing
 from aio_celery.worker import aging
-from aio_celery.worker.acks import AckTracker
+from aio_celery.worker.acks import Acks
 from aio_celery.worker.backoff import Backoff
 from aio_celery.worker.events import EventDispatcher
 from aio_celery.worker.execution import Settle, TaskRunner
@@ -241,13 +241,13 @@ class Session:
         self._on_task_done = on_task_done
         self.prefetch_count = channel.prefetch_count
         self._free_slots = options.concurrency
-        self._tracker = AckTracker()
+        #: every delivery's ack, reject or return, written in order (see acks.Acks)
+        self.acks = Acks(channel)
         self._ready: collections.deque[_Job] = collections.deque()
         self._waiting: dict[asyncio.Task[None], _Job] = {}  # etas not due yet, or parking
         self._running: dict[asyncio.Task[None], _Job] = {}
         self._alone: asyncio.Task[None] | None = None  # an isolated task is running
         self._state = State.RUNNING
-        self._flush_scheduled = False
         #: etas and rate waits in memory (and parks being retried): each takes a place in
         #: the prefetch window, so at most _eta_room of them, leaving ``concurrency`` places
         self._eta_places_taken = 0
@@ -394,7 +394,7 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return bool(self._ready or self._waiting or self._running or len(self._tracker))
+        return bool(self._ready or self._waiting or self._running or len(self.acks))
 
     async def message_count(self, queue: str) -> int:
         return await self.channel.message_count(queue)
@@ -429,7 +429,7 @@ class Session:
     def _receive(self, queue: str, raw: Delivery) -> None:
         deliver = raw.deliver
         tag = deliver.delivery_tag
-        self._tracker.delivered(tag)
+        self.acks.delivered(tag)
         if self._state >= _STOPPING:
             self._outcome.returned += 1
             self._give_back_when_stopped(tag)
@@ -448,7 +448,7 @@ class Session:
             logger.error("Rejected a message from queue %s without requeue: %s. It is not a "
                          "Celery protocol v2 JSON task; a dead-letter exchange on the queue "
                          "would keep it for inspection.", queue, exc.summary())
-            self._settle(tag, Settle.REJECT)
+            self.acks.settle(tag, Settle.REJECT)
             self._announce_rejected(raw, exc)
             return
         # Celery's keys, plus the queue it was consumed from (a retry goes back there).
@@ -607,7 +607,7 @@ class Session:
             if job.verdict is Verdict.RETIRE:
                 settle = await self.runner.retire(message, job.delivery_info, job.deaths)
             elif self.runner.acks_early(message):
-                self._settle(job.tag, Settle.ACK)
+                self.acks.settle(job.tag, Settle.ACK)
                 job.acked = True
                 settle = await self.runner.run(message, job.delivery_info)
             else:
@@ -626,7 +626,7 @@ class Session:
         finally:
             self._off_the_board(job)
         if not job.acked:
-            self._settle(job.tag, settle)
+            self.acks.settle(job.tag, settle)
             if rejected and self.events.tasks_on:
                 self.events.task("task-rejected", wire_events.rejected_fields(
                     message.id, requeue=settle is Settle.REQUEUE))
@@ -672,7 +672,7 @@ class Session:
 
     async def _discard_revoked(self, job: _Job) -> None:
         settle = await self.runner.skip_revoked(job.message)
-        self._settle(job.tag, settle)
+        self.acks.settle(job.tag, settle)
 
     async def _wait_until_due(self, job: _Job, delay: float) -> None:
         """An eta with room in the prefetch window: wait without a slot, then join the
@@ -760,10 +760,10 @@ class Session:
             await publish
         except asyncio.CancelledError:
             if not publish.cancelled() and publish.exception() is None:
-                self._settle(job.tag, Settle.ACK)  # confirmed just before the cancel
+                self.acks.settle(job.tag, Settle.ACK)  # confirmed just before the cancel
                 return
             raise
-        self._settle(job.tag, Settle.ACK)  # the copy in the holding queue counts now
+        self.acks.settle(job.tag, Settle.ACK)  # the copy in the holding queue counts now
 
     async def _publish_parked(self, raw: Delivery, queue: str, parking: _Parking) -> None:
         if raw.properties is None:  # _receive rejects such a delivery: it is never parked
@@ -872,22 +872,8 @@ class Session:
 
     # --- settlement ----------------------------------------------------------------------
 
-    def _settle(self, tag: int, settle: Settle) -> None:
-        if settle is Settle.ACK:
-            self._tracker.finished(tag)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
-            return
-        self._tracker.settled(tag)
-        with contextlib.suppress(*_CHANNEL_GONE):
-            if settle is Settle.REQUEUE:  # not the message's fault: not counted on 4.3
-                self.channel.nack(tag)
-            else:
-                self.channel.reject(tag, requeue=False)
-
     def _give_back(self, tag: int) -> None:
-        self._settle(tag, Settle.REQUEUE)
+        self.acks.settle(tag, Settle.REQUEUE)
 
     def _give_back_when_stopped(self, tag: int) -> None:
         """Give back now, or once stop() has cancelled the consumers if they may still be
@@ -896,24 +882,6 @@ class Session:
             self._give_back_when_detached.append(tag)
         else:
             self._give_back(tag)
-
-    def _flush(self) -> None:
-        """Ack what finished since the last flush: the finished prefix in one frame."""
-        self._flush_scheduled = False
-        upto, singles = self._tracker.take()
-        try:
-            if upto is not None:
-                self.channel.ack(upto, multiple=True)
-            for tag in singles:
-                self.channel.ack(tag)
-        except _CHANNEL_GONE:
-            pass  # the broker requeues whatever was not settled on a channel that is gone
-
-    async def _settle_everything(self) -> None:
-        """Send the last acks and wait until the broker has processed every ack/reject."""
-        self._flush()
-        with contextlib.suppress(*_CHANNEL_GONE):
-            await self.channel.barrier()
 
     # --- stopping ------------------------------------------------------------------------
 
@@ -960,7 +928,7 @@ class Session:
         if pending:
             await asyncio.wait(pending)
         self._return_ready()  # an eta that fell due while we waited
-        await self._settle_everything()
+        await self.acks.settle_everything()
         await self.close()
         return self._outcome
 

@@ -185,7 +185,7 @@ async def drain_with(worker: Any, progress: DrainProgress, n: int) -> Stopwatch:
     def on_stall() -> None:
         session: Any = worker._session  # diagnostics only
         print(f"stalled: stats {worker.stats}, in flight {session and session.in_flight}, "
-              f"unsettled {session and len(session._tracker)}", file=sys.stderr)
+              f"unsettled {session and len(session.acks)}", file=sys.stderr)
         worker.dump_tasks()
 
     try:

@@ -1,7 +1,8 @@
 """Acks and rejects reach the channel in the order they were decided, each tag once.
 
 An ``ack(multiple=True)`` overtaking a single ack of a lower tag, or acking a tag twice,
-makes RabbitMQ close the channel with "unknown delivery tag".
+makes RabbitMQ close the channel with "unknown delivery tag". These are the frames of
+:class:`aio_celery.worker.acks.Acks`, which a session settles every delivery through.
 """
 
 from __future__ import annotations
@@ -9,16 +10,12 @@ from __future__ import annotations
 import asyncio
 import random
 
-from aio_celery.worker.delivery import Session
+from aio_celery.worker.acks import Acks
 from aio_celery.worker.execution import Settle
-from aio_celery.worker.options import WorkerOptions
-from aio_celery.worker.stats import Stats
 
 
 class RecordingChannel:
-    """Records the frames the session writes, in order."""
-
-    prefetch_count = 10
+    """Records the frames written to it, in order."""
 
     def __init__(self) -> None:
         self.frames: list[tuple[str, int, bool]] = []
@@ -36,26 +33,20 @@ class RecordingChannel:
         await asyncio.sleep(0)
 
 
-def make_session(channel: RecordingChannel) -> Session:
-    return Session(channel, runner=None, options=WorkerOptions(concurrency=10),  # type: ignore[arg-type]
-                   stats=Stats(), on_task_done=lambda: None,
-                   publisher=None)  # type: ignore[arg-type]  # nothing is published here
-
-
 async def test_frames_keep_their_order_across_flushes() -> None:
     channel = RecordingChannel()
-    session = make_session(channel)
+    acks = Acks(channel)
     for tag in range(1, 201):
-        session._tracker.delivered(tag)
+        acks.delivered(tag)
     # Finish out of order so that flushes mix single acks, rejects and multiple acks.
     order = list(range(1, 201))
     random.Random(3).shuffle(order)
     for position, tag in enumerate(order):
         settle = Settle.REJECT if tag % 17 == 0 else Settle.ACK
-        session._settle(tag, settle)
+        acks.settle(tag, settle)
         if position % 7 == 0:
             await asyncio.sleep(0)  # let a flush happen mid-way
-    await session._settle_everything()
+    await acks.settle_everything()
 
     settled: set[int] = set()
     for kind, tag, flag in channel.frames:
@@ -69,12 +60,12 @@ async def test_frames_keep_their_order_across_flushes() -> None:
 
 async def test_a_finished_prefix_is_acked_in_one_frame_and_stragglers_alone() -> None:
     channel = RecordingChannel()
-    session = make_session(channel)
+    acks = Acks(channel)
     for tag in range(1, 11):
-        session._tracker.delivered(tag)
+        acks.delivered(tag)
     for tag in (1, 2, 3, 5, 9):
-        session._settle(tag, Settle.ACK)
-    session._settle(4, Settle.REQUEUE)  # written at once, before the batched acks
+        acks.settle(tag, Settle.ACK)
+    acks.settle(4, Settle.REQUEUE)  # written at once, before the batched acks
     await asyncio.sleep(0)  # the flush runs once per loop turn
     assert channel.frames == [("nack", 4, True), ("ack", 5, True), ("ack", 9, False)]
-    assert len(session._tracker) == 4  # 6, 7, 8 and 10: still running
+    assert len(acks) == 4  # 6, 7, 8 and 10: still running

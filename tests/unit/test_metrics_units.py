@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,11 @@ from aio_celery.metrics import WORKER_METRICS, PrometheusRecorder
 from aio_celery.protocol import TaskMessage
 from aio_celery.worker.execution import Settle, TaskRunner
 from aio_celery.worker.options import WorkerOptions
-from supervisor import arbiter, heartbeat
+from supervisor import heartbeat
 from supervisor import metrics as restarts
 from supervisor.arbiter import Supervisor, SupervisorOptions
 from supervisor.child import Child, ChildSpec
+from supervisor.exits import classify_exit, restart_cause
 from supervisor.metrics import SUPERVISOR_METRICS, NoMetrics
 from supervisor.notify import Notifier
 
@@ -219,7 +223,7 @@ async def test_the_runner_records_each_outcome(worker_app: Celery,
     assert runner.label("m.ok") == "m.ok" and runner.label("m.nope") == "unknown"
 
 
-# --- the supervisor's restart causes (no fork) -----------------------------------------------
+# --- the supervisor's restart causes (no worker forked) -------------------------------------
 
 class CountingMetrics(NoMetrics):
     def __init__(self) -> None:
@@ -236,10 +240,9 @@ class CountingMetrics(NoMetrics):
 def _supervisor(**options: Any) -> tuple[Supervisor, CountingMetrics]:
     spec = ChildSpec(app_spec="proj.tasks:app", worker=WorkerOptions(), loglevel="INFO",
                      log_config=False, processes=2)
-    sup = Supervisor(SupervisorOptions(spec=spec, processes=2, **options))
-    sup.notifier = Notifier({})
     counting = CountingMetrics()
-    sup._metrics = counting
+    sup = Supervisor(SupervisorOptions(spec=spec, processes=2, **options), metrics=counting)
+    sup.notifier = Notifier({})
     return sup, counting
 
 
@@ -264,40 +267,61 @@ def _record(tmp_path: Path, index: int, pid: int, **state: Any) -> Child:
 ])
 def test_each_exit_names_its_restart_cause(tmp_path: Path, code: int, last_state: str,
                                           state: dict[str, Any], cause: str | None) -> None:
-    sup, _ = _supervisor()
-    sup._ever_ready = True
-    assert sup._on_child_exit(_record(tmp_path, 1, 11, **state), code, last_state) == cause
+    record = _record(tmp_path, 1, 11, **state)
+    verdict = classify_exit(code, last_state, asked_to_stop=record.retiring or record.killed,
+                            burst=False, ever_ready=True)
+    assert restart_cause(verdict, record.restart_cause) == cause
+
+
+# The children below are real processes (``sleep``): the supervisor reaps them and signals
+# them as it would its own.
+
+@pytest.fixture
+def sleepers() -> Iterator[Callable[[], int]]:
+    """Starts ``sleep`` processes to stand for children; returns their pids."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> int:
+        started.append(subprocess.Popen(["sleep", "60"]))
+        return started[-1].pid
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()  # already reaped by the supervisor: Popen copes
+
+
+def _killed(pid: int) -> None:
+    """SIGKILL ``pid`` and wait until it has exited, leaving it for the supervisor to reap."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
 
 
 def test_a_reaped_child_counts_its_restart_unless_everything_stops(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, sleepers: Callable[[], int]) -> None:
     sup, counting = _supervisor()
-    sup._ever_ready = True
-    exits: list[tuple[int, int]] = []  # (pid, raw wait status)
-
-    def waitpid(pid: int, options: int) -> tuple[int, int]:
-        if not exits:
-            raise ChildProcessError
-        return exits.pop(0)
-
-    monkeypatch.setattr(arbiter.os, "waitpid", waitpid)
-    sup.children = {11: _record(tmp_path, 1, 11)}
-    exits.append((11, 9))  # killed by SIGKILL
-    sup._reap()
-    assert counting.restarts == [restarts.CRASH] and counting.dead == [11]
-    sup.children = {12: _record(tmp_path, 2, 12)}
-    sup._stopping = "warm"
-    exits.append((12, 9))
-    sup._reap()
-    assert counting.restarts == [restarts.CRASH] and counting.dead == [11, 12]
+    first = sleepers()
+    sup.children = {first: _record(tmp_path, 1, first)}
+    _killed(first)
+    sup.reap()
+    assert counting.restarts == [restarts.CRASH] and counting.dead == [first]
+    assert not sup.children
+    sup.stop("warm")  # no child left to be asked to stop
+    second = sleepers()
+    sup.children = {second: _record(tmp_path, 2, second)}
+    _killed(second)
+    sup.reap()
+    assert counting.restarts == [restarts.CRASH] and counting.dead == [first, second]
 
 
 def test_stale_children_carry_the_cause_of_their_kill(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(arbiter, "_kill", lambda pid, signum: None)
+        tmp_path: Path, sleepers: Callable[[], int]) -> None:
     sup, _ = _supervisor(startup_timeout=5.0, heartbeat_timeout=3.0)
-    beating = _record(tmp_path, 1, 11, was_ready=True)
-    starting = _record(tmp_path, 2, 12)
+    beating = _record(tmp_path, 1, sleepers(), was_ready=True)
+    starting = _record(tmp_path, 2, sleepers())
     for record in (beating, starting):
         record.started -= 60
         record.startup_since -= 6

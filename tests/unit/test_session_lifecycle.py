@@ -59,7 +59,7 @@ async def test_a_warm_stop_goes_through_every_state_in_order() -> None:
     assert session.state is State.RUNNING
     session.drain()
     assert session.state is State.DRAINING
-    session._tracker.delivered(1)
+    session.acks.delivered(1)
     session._give_back_when_stopped(1)  # draining: given back at once
     assert channel.calls == [("nack", 1)]
     await session.stop(timeout=1.0, cold=False)
@@ -75,7 +75,7 @@ async def test_what_comes_back_while_stopping_waits_for_the_consumers_to_be_canc
     session.drain()  # a drain after a cold stop does not move the session back
     assert session.state is State.STOPPING
     for tag in (1, 2):
-        session._tracker.delivered(tag)
+        session.acks.delivered(tag)
         session._give_back_when_stopped(tag)
     assert channel.calls == []  # the broker would hand them straight back
     await session.stop(timeout=1.0, cold=True)
