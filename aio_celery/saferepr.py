@@ -54,7 +54,9 @@ def saferepr(value: Any, maxlen: int = MAXLEN) -> str:
 
 
 def _cut(text: str, maxlen: int) -> str:
-    return text[:max(maxlen - len(ELLIPSIS), 0)] + ELLIPSIS
+    if maxlen < len(ELLIPSIS):
+        return ELLIPSIS[:maxlen]
+    return text[:maxlen - len(ELLIPSIS)] + ELLIPSIS
 
 
 def unrepresentable(value: Any, exc: BaseException) -> str:
@@ -102,6 +104,8 @@ class _Literal:
 
 
 _COMMA = _Literal(", ")
+#: BaseException's own ``args`` slot, as its repr reads it
+_EXCEPTION_ARGS: Any = BaseException.__dict__["args"]
 _COLON = _Literal(": ")
 
 
@@ -124,8 +128,14 @@ def _pieces(value: Any, limit: int) -> Iterator[str]:
                 continue
             opening, closing, items = shape
             if id(item) in shown:
-                yield opening + ELLIPSIS + closing  # as repr: [[...]]
+                yield opening + ELLIPSIS + closing.lstrip(",")  # as repr: [[...]], ((...),)
                 continue
+            if isinstance(item, BaseException):
+                # repr has no recursion guard for exceptions (only for what they hold):
+                # each level adds text, so maxlen still ends a cycle through one.
+                yield opening
+                stack.append(chain(items, (_Literal(closing),)))
+                break
             shown.add(id(item))
             yield opening
             stack.append(chain(items, (_Literal(closing, id(item)),)))
@@ -149,12 +159,15 @@ def _shape(item: Any) -> tuple[str, str, Iterator[Any]] | None:
     if own_repr is list.__repr__:
         return "[", "]", _separated(list.__iter__(item))
     if own_repr is tuple.__repr__:
-        return "(", ",)" if len(item) == 1 else ")", _separated(tuple.__iter__(item))
+        return "(", ",)" if tuple.__len__(item) == 1 else ")", \
+            _separated(tuple.__iter__(item))
     if own_repr is dict.__repr__:
         return "{", "}", _dict_items(dict.items(item))
     if isinstance(item, BaseException) and own_repr is BaseException.__repr__:
         # BaseException's repr: the class name, then its args as a call
-        return f"{kind.__name__}(", ")", _separated(item.args)
+        # the args repr reads (an ``args`` property of a subclass is not them)
+        args = _EXCEPTION_ARGS.__get__(item, kind)
+        return f"{kind.__name__}(", ")", _separated(args)
     return None
 
 

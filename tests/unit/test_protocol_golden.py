@@ -267,7 +267,10 @@ def test_large_argument() -> None:
     assert ours["kwargsrepr"].startswith("{'blob': 'yyyyyyyy")
 
 
-def test_argsrepr_is_what_celery_writes_for_arguments_that_fit() -> None:
+def test_argsrepr_is_what_celery_writes_for_plain_arguments_that_fit() -> None:
+    """Plain values only: for strings holding quotes, newlines or unprintable characters,
+    bytes, nesting deeper than three levels and long values, Celery's saferepr writes its
+    own text where ours is repr's (the list is in tests/unit/test_saferepr.py)."""
     from celery.utils.saferepr import saferepr as celery_saferepr
 
     # 100 items: reprlib would abbreviate them, Celery's saferepr and ours do not

@@ -217,3 +217,47 @@ def test_a_dict_changed_while_walked_does_not_raise() -> None:
     mapping["g"] = Growing(mapping)
     mapping["h"] = 1
     assert saferepr(mapping).startswith("<unrepresentable dict: RuntimeError(")
+
+
+class ArgsProperty(Exception):
+    @property
+    def args(self) -> Any:  # type: ignore[override]  # not what BaseException's repr shows
+        return ("fake",)
+
+
+class LongTuple(tuple[Any, ...]):
+    def __len__(self) -> int:  # not what tuple's repr uses
+        return 5
+
+
+def _tuple_holding_itself() -> tuple[Any, ...]:
+    inner: list[Any] = []
+    outer = (inner,)
+    inner.append(outer)
+    return outer
+
+
+def _exception_holding_itself() -> ValueError:
+    inner: list[Any] = []
+    error = ValueError(inner)
+    inner.append(error)  # repr guards the list, not the exception: ValueError([ValueError([...])])
+    return error
+
+
+@pytest.mark.parametrize("value", [
+    _tuple_holding_itself(), _exception_holding_itself(), ArgsProperty("real"),
+    LongTuple((1,))], ids=["tuple-cycle", "exception-cycle", "args-property", "tuple-len"])
+def test_cycles_and_overridden_methods_are_shown_as_repr_shows_them(value: Any) -> None:
+    assert saferepr(value) == repr(value)
+
+
+def test_an_exception_that_holds_itself_directly_ends_at_the_length() -> None:
+    error = ValueError()
+    error.args = (error,)  # repr itself would recurse until RecursionError
+    text = saferepr(error, 100)
+    assert len(text) == 100 and text.startswith("ValueError(ValueError(") and text.endswith("...")
+
+
+@pytest.mark.parametrize("maxlen", [0, 1, 2, 3])
+def test_a_length_shorter_than_the_ellipsis_is_respected_too(maxlen: int) -> None:
+    assert len(saferepr("x" * 50, maxlen)) == maxlen
