@@ -2,8 +2,9 @@
 our worker leans on, measured with our own AMQP client on a quorum queue:
 
 * ``x-delivery-count`` (the poison guard counts a task's deliveries with it): on 4.0.5 a
-  ``basic.reject(requeue=True)`` and a ``basic.nack(requeue=True)`` BOTH count; 4.x does
-  not leave a nack's return uncounted, as was thought.
+  ``basic.reject(requeue=True)`` and a ``basic.nack(requeue=True)`` BOTH count, and so
+  on 4.0 to 4.2. Only 4.3 leaves a nack's return out (rabbitmq-server pull request 15387),
+  which this node cannot show.
 * a global QoS (``global_qos`` denied): ``basic.qos(global=True)`` is answered, logged by
   the broker as a denied deprecated feature, and a quorum consumer is accepted after it
   (3.x refuses that consumer): a worker that still asked for it would not be stopped, but
