@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import aio_pika
 import aiormq
 import amqp  # py-amqp comes with the test dependency on celery
 import pytest
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from pamqp import commands, frame
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 AMQP_URL = os.environ.get("AIO_CELERY_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_HOST_URL = os.environ.get("AIO_CELERY_TEST_REDIS", "redis://127.0.0.1:6379")
+
+#: rabbitmqctl for the broker under test, as a command prefix (``shlex``-split; a relative
+#: path is from the repository): ``scripts/rabbitmq4 ctl`` for the RabbitMQ 4.x node of
+#: ``scripts/rabbitmq4``. Plain ``rabbitmqctl`` reaches the host's node, rabbit@localhost.
+RABBITMQCTL = tuple(shlex.split(os.environ.get("AIO_CELERY_TEST_RABBITMQCTL", "rabbitmqctl")))
 
 #: queue suffixes a test may use next to its unique name; all are removed after the test
 QUEUE_SUFFIXES = ("", "-a", "-b", "-c", "-high", "-low", "-dlx", "-other")
@@ -86,7 +92,29 @@ def queue_depth(queue: str) -> int:
     return int(count)
 
 
+def rabbitmqctl(*args: str, check: bool = True, timeout: float = 60) -> str:
+    """``rabbitmqctl -q ARGS...`` on the broker under test (:data:`RABBITMQCTL`): its output.
+    Unless ``check`` is false, a failure raises RuntimeError with rabbitmqctl's stderr.
+    Blocking: from asyncio, ``await asyncio.to_thread(rabbitmqctl, ...)``."""
+    command = [*RABBITMQCTL, "-q", *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed ({done.returncode}): "
+                           f"{done.stderr.strip()}")
+    return done.stdout
+
+
 # --- the broker, from asyncio (aio-pika) -----------------------------------------------------
+
+async def declare_test_queue(channel: AbstractChannel, name: str,
+                             **options: Any) -> AbstractQueue:
+    """``channel.declare_queue(name, **options)`` for a queue of the test's own: durable,
+    since RabbitMQ 4.3 refuses a queue that is neither durable nor exclusive (the deprecated
+    feature ``transient_nonexcl_queues``: the connection is closed with 541), and aio-pika's
+    default is neither. The ``unique_name`` fixture deletes it after the test."""
+    return await channel.declare_queue(name, durable=True, **options)
+
 
 async def ready_count(connection: AbstractConnection, name: str) -> int | None:
     """Messages ready in ``name`` (delivered-but-unacked ones are not counted); None when the

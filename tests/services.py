@@ -10,7 +10,10 @@ the fixtures (and a run still uses one Redis database, see :class:`_RunDatabase`
 
 Every test gets its own queue names (``aio-celery-test-<test>-<random>``), deleted after
 the test; the whole run uses one otherwise empty Redis database, flushed at the end.
-The service URLs and plain helpers are in ``helpers.py`` (``from helpers import ...``).
+The service URLs (``AIO_CELERY_TEST_BROKER``, ``AIO_CELERY_TEST_REDIS``), rabbitmqctl for the
+broker under test (``AIO_CELERY_TEST_RABBITMQCTL``, a command prefix such as
+``scripts/rabbitmq4 ctl``; plain ``rabbitmqctl`` by default) and plain helpers are in
+``helpers.py`` (``from helpers import ...``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +27,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from aio_pika.abc import AbstractChannel
-from helpers import AMQP_URL, eventually
+from helpers import AMQP_URL, declare_test_queue, eventually, rabbitmqctl
 from tcp_proxy import TcpProxy
 
 from aio_celery import Celery, exitcodes
@@ -170,9 +169,7 @@ async def test_publisher_fails_over_to_the_next_url(
 
 def rabbitmq_heartbeat(connection_name: str) -> int:
     """The heartbeat RabbitMQ agreed for the connection of that name."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "client_properties", "timeout"],
-        check=True, capture_output=True, text=True, timeout=60).stdout
+    listed = rabbitmqctl("list_connections", "client_properties", "timeout")
     lines = [line for line in listed.splitlines() if connection_name in line]
     assert len(lines) == 1, listed
     return int(lines[0].rsplit("\t", 1)[1])
@@ -198,7 +195,7 @@ async def test_a_body_of_one_mebibyte_goes_both_ways_in_frames(
         amqp_url: str, channel: AbstractChannel, unique_name: str) -> None:
     """Published by us (split into 131072-byte body frames), consumed by us (reassembled)."""
     body = bytes(range(256)) * 4096  # 1 MiB, no two neighbouring frames alike
-    await channel.declare_queue(unique_name)
+    await declare_test_queue(channel, unique_name)
     connection = AMQPConnection(amqp_url)
     await asyncio.wait_for(connection.connect(), TIMEOUT)
     try:
@@ -237,7 +234,7 @@ async def test_shutdown_with_a_stalled_broker_is_bounded(
     """Cancelling consumers and closing, as a warm shutdown does, against a broker that has
     gone silent: each waits its bound, then gives up."""
     proxy = proxies[0]
-    await channel.declare_queue(unique_name)
+    await declare_test_queue(channel, unique_name)
     consumer = ConsumerChannel(proxy_url(proxy), prefetch_count=1, rpc_timeout=0.5)
     await asyncio.wait_for(consumer.open(), TIMEOUT)
     await consumer.consume(unique_name, lambda delivery: None)

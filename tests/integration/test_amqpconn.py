@@ -39,7 +39,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from helpers import Collector, ready_count
+from helpers import Collector, declare_test_queue, ready_count
 from pamqp import commands, frame
 from tcp_proxy import TcpProxy
 
@@ -176,7 +176,7 @@ ONE_MIB = bytes(range(256)) * 4096
 async def test_deliveries_carry_everything_published(
         conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
         unique_name: str, amqp_url: str) -> None:
-    await channel.declare_queue(unique_name, arguments={"x-max-priority": 10})
+    await declare_test_queue(channel, unique_name, arguments={"x-max-priority": 10})
     bodies = [b"", b"small body", ONE_MIB, "ünïcode".encode()]
     sent = []
     for index, body in enumerate(bodies):
@@ -237,7 +237,7 @@ async def test_a_returned_mandatory_publish_fails_and_the_others_are_confirmed(
         conn: AMQPConnection, channel: AbstractChannel, unique_name: str) -> None:
     """Mandatory publishes to a missing queue come back (basic.return, then their confirm):
     each fails with Returned; those to an existing queue in between are confirmed."""
-    await channel.declare_queue(unique_name)
+    await declare_test_queue(channel, unique_name)
     missing = f"{unique_name}-missing"
     props = b"\x00\x00"  # encoded basic properties: none set
     outcomes = await asyncio.gather(
@@ -251,7 +251,7 @@ async def test_a_returned_mandatory_publish_fails_and_the_others_are_confirmed(
         assert isinstance(returned, Returned), outcomes
         assert "312 NO_ROUTE" in str(returned) and missing in str(returned)
     assert conn.is_open
-    queue = await channel.declare_queue(unique_name, passive=True)
+    queue = await declare_test_queue(channel, unique_name, passive=True)
     assert queue.declaration_result.message_count == 2
 
 
@@ -259,8 +259,8 @@ async def test_publish_is_confirmed_and_byte_identical(
         conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
         unique_name: str) -> None:
     source, target = unique_name, unique_name + "-b"
-    await channel.declare_queue(source)
-    await channel.declare_queue(target)
+    await declare_test_queue(channel, source)
+    await declare_test_queue(channel, target)
     bodies = [b"x" * 300_000, b"small", b""]  # 300 kB: three body frames each way
     for index, body in enumerate(bodies):
         await publish(channel, source, body, headers={**HEADERS, "index": index},
@@ -294,7 +294,7 @@ async def test_publish_is_confirmed_and_byte_identical(
 
     # Many at once: the broker confirms them in batches (multiple=True), each one counts.
     many = unique_name + "-c"
-    await channel.declare_queue(many)
+    await declare_test_queue(channel, many)
     await asyncio.wait_for(asyncio.gather(
         *(conn.publish(b"%d" % i, b"\x00\x00", many) for i in range(300))), TIMEOUT)
     assert conn.unconfirmed == 0
@@ -304,7 +304,7 @@ async def test_publish_is_confirmed_and_byte_identical(
 async def test_reject_requeues_or_drops(
         conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
         unique_name: str) -> None:
-    await channel.declare_queue(unique_name)
+    await declare_test_queue(channel, unique_name)
     await publish(channel, unique_name, b"again", b"gone")
     collector = Collector()
     await asyncio.wait_for(conn.consume(unique_name, collector), TIMEOUT)
@@ -326,7 +326,7 @@ async def test_reject_requeues_or_drops(
 async def test_qos_limits_and_cancel_stops_deliveries(
         conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
         unique_name: str) -> None:
-    await channel.declare_queue(unique_name)
+    await declare_test_queue(channel, unique_name)
     await publish(channel, unique_name, *(b"m%d" % i for i in range(5)))
     await asyncio.wait_for(conn.qos(2), TIMEOUT)
     collector = Collector()
@@ -349,11 +349,11 @@ async def test_qos_limits_and_cancel_stops_deliveries(
 
 async def test_a_cancelled_request_does_not_take_the_next_reply(
         conn: AMQPConnection, channel: AbstractChannel, unique_name: str) -> None:
-    await asyncio.wait_for(conn.queue_declare(unique_name, durable=False), TIMEOUT)
+    await asyncio.wait_for(conn.queue_declare(unique_name), TIMEOUT)
     # A request given up after it was sent (a timeout, a cancelled task): its reply still comes.
     # (It declares a queue of its own: the queue's existence shows that it was sent.)
-    sent = unique_name + "-sent"
-    abandoned = asyncio.ensure_future(conn.queue_declare(sent, durable=False))
+    sent = unique_name + "-a"
+    abandoned = asyncio.ensure_future(conn.queue_declare(sent))
     queued = asyncio.ensure_future(conn.qos(3))  # waits its turn: never sent
     await asyncio.sleep(0)
     abandoned.cancel()
@@ -415,7 +415,7 @@ async def test_queue_deleted_while_consuming(
         caplog: pytest.LogCaptureFixture) -> None:
     """RabbitMQ sends basic.cancel (we announce consumer_cancel_notify): the reason is
     logged with the queue, and the connection ends for its owner to consume again."""
-    await asyncio.wait_for(conn.queue_declare(unique_name, durable=False), TIMEOUT)
+    await asyncio.wait_for(conn.queue_declare(unique_name), TIMEOUT)
     tag = await asyncio.wait_for(conn.consume(unique_name, Collector()), TIMEOUT)
     await channel.queue_delete(unique_name)
     reason = await asyncio.wait_for(conn.closed(), 2)
@@ -431,7 +431,7 @@ async def test_queue_deleted_while_consuming(
 async def test_hold_and_release(conn: AMQPConnection, amqp: AbstractConnection,
                                 channel: AbstractChannel, unique_name: str) -> None:
     count, size, hold_at = 500, 4096, 10  # 2 MB in all: far past the 64 KiB pause threshold
-    await channel.declare_queue(unique_name)
+    await declare_test_queue(channel, unique_name)
     for i in range(count):
         await channel.default_exchange.publish(
             aio_pika.Message(i.to_bytes(4, "big") * (size // 4)), routing_key=unique_name)
@@ -488,7 +488,7 @@ async def test_request_while_held_with_large_messages(
     # Bodies past the 64 KiB pause threshold (two frames each): reading must not pause in the
     # middle of a frame while a reply waits behind it, or the request waits forever.
     count, size = 20, 200_000
-    await channel.declare_queue(unique_name)
+    await declare_test_queue(channel, unique_name)
     await publish(channel, unique_name, *(bytes([i]) * size for i in range(count)))
     received: list[Delivery] = []
 
@@ -532,8 +532,8 @@ async def test_publish_while_held_is_confirmed(
         conn: AMQPConnection, amqp: AbstractConnection, channel: AbstractChannel,
         unique_name: str) -> None:
     source, target = unique_name, unique_name + "-b"
-    await channel.declare_queue(source)
-    await channel.declare_queue(target)
+    await declare_test_queue(channel, source)
+    await declare_test_queue(channel, target)
     count, size, hold_at = 20, 10_000, 5  # 200 kB: reading pauses while held
     bodies = [bytes([i]) * size for i in range(count)]
     await publish(channel, source, *bodies)
@@ -575,7 +575,7 @@ async def test_broker_ending_things_behind_held_deliveries_is_seen_while_held(
     """The parser looks past held deliveries for control frames: a consumer cancel (here:
     the queue is deleted) behind them ends the connection without waiting for release()."""
     count, size, hold_at = 10, 4096, 2  # 40 kB: held in the buffer, reading not paused
-    await channel.declare_queue(unique_name)
+    await declare_test_queue(channel, unique_name)
     await publish(channel, unique_name, *(bytes([i]) * size for i in range(count)))
     received: list[Delivery] = []
 
@@ -605,7 +605,7 @@ async def test_heartbeats_read_a_paused_connection_while_held(
     the broker, or a dead socket, must not wait for release()), and the parser pauses again;
     deliveries stay held. A queue deleted meanwhile ends the connection."""
     count, size, hold_at = 120, 4096, 2  # ~500 kB: more than one read of the socket
-    await channel.declare_queue(unique_name)
+    await declare_test_queue(channel, unique_name)
     await publish(channel, unique_name, *(bytes([i % 256]) * size for i in range(count)))
     url = amqp_url + ("&" if "?" in amqp_url else "?") + "heartbeat=1"
     conn = await connected(url)
@@ -710,7 +710,7 @@ async def test_heartbeats_keep_an_idle_connection(amqp_url: str, unique_name: st
         heard = [when for when, upstream, data in proxy.traffic
                  if not upstream and HEARTBEAT in data]
         assert heard and loop.time() - heard[-1] < 1.5  # the broker's heartbeats arrive
-        declared = await asyncio.wait_for(alive.queue_declare(unique_name, durable=False), 1)
+        declared = await asyncio.wait_for(alive.queue_declare(unique_name), 1)
         assert declared.queue == unique_name
         assert await asyncio.wait_for(alive.qos(3), 1) is None
         await asyncio.wait_for(silent, 1)  # the control was dropped by then

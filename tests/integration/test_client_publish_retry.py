@@ -8,20 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 from aio_pika.abc import AbstractConnection
-from helpers import eventually, ready_count, resolves_to
+from helpers import eventually, rabbitmqctl, ready_count, resolves_to
 
 from aio_celery import Celery
 from aio_celery.broker import RetryPolicy
 from aio_celery.exceptions import BrokerConnectionError, PublishRefusedError
-
-
-def rabbitmqctl(*args: str, check: bool = True) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=check, capture_output=True, timeout=60)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,15 +17,11 @@ from urllib.parse import urlsplit
 
 import pytest
 from aio_pika.abc import AbstractConnection
-from helpers import AMQP_URL, eventually, ready_count, resolves_to
+from helpers import AMQP_URL, eventually, rabbitmqctl, ready_count, resolves_to
 
 from aio_celery import Celery
 from aio_celery.publisher import WorkerPublisher
 from aio_celery.worker.delivery import wait_queue_name
-
-
-def rabbitmqctl(*args: str, check: bool = True) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=check, capture_output=True, timeout=60)
 
 
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from helpers import AMQP_URL, FakeBroker, eventually, ready_count, resolves_to
+from helpers import AMQP_URL, FakeBroker, eventually, rabbitmqctl, ready_count, resolves_to
 from pamqp import commands
 from tcp_proxy import TcpProxy
 
@@ -147,9 +146,7 @@ class BlockingBroker(FakeBroker):
 
 def unacknowledged(queue: str) -> int | None:
     """The queue's deliveries not acknowledged yet, as RabbitMQ counts them."""
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name",
-                          "messages_unacknowledged"], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+    out = rabbitmqctl("list_queues", "name", "messages_unacknowledged", timeout=30)
     for line in out.splitlines():
         fields = line.split()
         if len(fields) == 2 and fields[0] == queue:

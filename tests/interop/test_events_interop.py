@@ -10,7 +10,6 @@ once after its warm shutdown (worker-offline).
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,8 +78,8 @@ def client(redis_db: int) -> Iterator[celery.Celery]:
 
 
 def test_celerys_state_sees_our_tasks_and_our_worker(client: celery.Celery, redis_db: int,
-                                                      tmp_path: Path) -> None:
-    queue = f"aio-celery-test-interop-events-{uuid.uuid4().hex[:8]}"
+                                                      tmp_path: Path, unique_name: str) -> None:
+    queue = unique_name  # deleted after the test
     hostname = f"{queue}@interop"
     watcher = Watcher(client)
     watcher.start()
@@ -129,10 +128,11 @@ def test_celerys_state_sees_our_tasks_and_our_worker(client: celery.Celery, redi
 
 
 def test_celerys_enable_events_and_heartbeat_commands_reach_our_worker(
-        client: celery.Celery, redis_db: int, tmp_path: Path) -> None:
+        client: celery.Celery, redis_db: int, tmp_path: Path,
+        unique_name: str) -> None:
     """Without -E, as Flower finds a worker: its ``enable_events`` broadcast turns task
     events on, ``heartbeat`` brings one worker-heartbeat at once (freq 5)."""
-    queue = f"aio-celery-test-interop-events-{uuid.uuid4().hex[:8]}"
+    queue = unique_name  # deleted after the test
     hostname = f"{queue}@interop"
     watcher = Watcher(client)
     watcher.start()

@@ -90,8 +90,8 @@ def client(redis_db: int) -> Iterator[celery.Celery]:
 
 
 def test_flower_lists_our_nodes_and_tasks_and_revokes(client: celery.Celery, redis_db: int,
-                                                      tmp_path: Path) -> None:
-    queue = f"aio-celery-test-interop-flower-{uuid.uuid4().hex[:8]}"
+                                                      tmp_path: Path, unique_name: str) -> None:
+    queue = unique_name  # deleted after the test
     nodes = {f"{queue}-1@flower", f"{queue}-2@flower"}
     flower = Flower(tmp_path)
     # -P processes after OurWorker's -P solo: click keeps the last
