@@ -29,8 +29,8 @@ the supervisor: a message returned ``limit`` times runs isolated even when the t
 never seen it, and one isolated death then retires it. What the broker counts depends on
 its version (3.x: every return, a dead consumer's included; 4.0.5 too, measured in
 tests/rabbitmq4: a ``basic.nack`` return as well as a ``basic.reject``; 4.3 and later, by
-their notes: a ``basic.reject``'s return, not a ``basic.nack``'s), so the header alone makes a task a suspect but never
-retires it: a death counted here is needed too.
+their notes: a ``basic.reject``'s return, not a ``basic.nack``'s), so the header alone
+makes a task a suspect but never retires it: a death counted here is needed too.
 
 Pure standard library: the supervisor imports this module without aio-pika.
 """

@@ -11,6 +11,7 @@ connection (541), and a global QoS is ignored: the tests pin how we fare there.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,24 +29,36 @@ URL = f"amqp://guest:guest@127.0.0.1:{PORT}//"
 START_TIMEOUT, STOP_TIMEOUT = 300.0, 120.0
 
 
-def _script(*args: str, timeout: float) -> str:
-    done = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False,
-                          env={**os.environ, "AIO_CELERY_RMQ4_PORT": str(PORT)})
-    if done.returncode != 0:
-        pytest.fail(f"scripts/rabbitmq4 {' '.join(args)} exited with {done.returncode}\n"
-                    f"{done.stdout}\n{done.stderr}", pytrace=False)
-    return done.stdout
+def _script(*args: str, timeout: float) -> str | None:
+    """Run ``scripts/rabbitmq4 ARGS``; None when it succeeded, else what went wrong. It runs
+    in a session of its own, so a timeout kills what it started too (a debootstrap)."""
+    process = subprocess.Popen([str(SCRIPT), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               env={**os.environ, "AIO_CELERY_RMQ4_PORT": str(PORT)})
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        return f"scripts/rabbitmq4 {' '.join(args)} took over {timeout:.0f}s\n{output}"
+    if process.returncode != 0:
+        return f"scripts/rabbitmq4 {' '.join(args)} exited with {process.returncode}\n{output}"
+    return None
 
 
 @pytest.fixture(scope="session")
 def rabbitmq4() -> Iterator[str]:
-    """The 4.x node's AMQP URL, while it runs."""
+    """The 4.x node's AMQP URL, while it runs; stopped at the end whatever happened (a
+    failed start and a failed stop are both reported)."""
+    failed_start = _script("start", timeout=START_TIMEOUT)
     try:
-        _script("start", timeout=START_TIMEOUT)
-        yield URL
+        if failed_start is None:
+            yield URL
     finally:
-        _script("stop", timeout=STOP_TIMEOUT)
+        failed_stop = _script("stop", timeout=STOP_TIMEOUT)
+        problems = [problem for problem in (failed_start, failed_stop) if problem]
+        if problems:
+            pytest.fail("\n".join(problems), pytrace=False)
 
 
 @pytest.fixture
