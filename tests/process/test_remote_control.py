@@ -229,8 +229,10 @@ def test_a_child_started_later_honours_earlier_revokes(
     sup.signal(signal.SIGHUP)  # a rolling restart: a new child, the same node name
     wait_until(lambda: sup.all_ready(1) and sup.pids_by_index() != old, 30,
                "the child was replaced", sup.diagnostics)
-    # the new child starts while its predecessor still holds the node's mailbox
-    sup.wait_for_log(r"still held by a connection that is closing \(405 RESOURCE_LOCKED\)")
+    # The new child's mailbox may find the node's queue still held by its predecessor
+    # (405 RESOURCE_LOCKED, retried) or already free: which one depends on how fast the old
+    # child stops, so it is not asserted here; test_control_mailbox.py holds the queue
+    # on purpose and checks the retry.
     client.send_task("sup.noop", queue=unique_name, task_id=task_id)
     sup.wait_for_log(rf"Discarding revoked task: sup\.noop\[{task_id}\]")
     assert task_id not in book.started()
