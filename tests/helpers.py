@@ -180,6 +180,43 @@ async def send_eta_into_the_queue(app: Celery, name: str, args: tuple[Any, ...],
     return app.AsyncResult(message.id)
 
 
+async def run_ready_tasks_behind_etas(app: Celery, start_worker: Callable[..., Any],
+                                      timeout: float = 15.0) -> dict[str, float]:
+    """The prefetch window's scenario: concurrency 2 x multiplier 2, a static window of 4
+    with room for 2 etas in memory. Six etas due in 3 s go straight into the queue (see
+    :func:`send_eta_into_the_queue`), then four ready tasks: the ready ones run within
+    1.5 s (the etas beyond the window's room are parked, not held), every eta runs and
+    none early, and the worker counts all ten. Returns when each ran, and the eta time
+    under ``"eta"``; the caller checks how they were parked."""
+    from datetime import UTC, datetime, timedelta
+
+    ran: dict[str, float] = {}
+
+    @app.task(name="helpers.window_job")
+    async def job(label: str) -> str:
+        ran[label] = time.time()
+        return label
+
+    eta = datetime.now(UTC) + timedelta(seconds=3)
+    etas = [await send_eta_into_the_queue(app, job.name, (f"eta-{i}",), eta)
+            for i in range(6)]
+    ready = [await job.delay(f"ready-{i}") for i in range(4)]
+    started = time.time()
+    handle = await start_worker(concurrency=2, prefetch_multiplier=2)
+    try:
+        assert [await r.get(timeout=5) for r in ready] == [f"ready-{i}" for i in range(4)]
+        assert all(ran[f"ready-{i}"] - started < 1.5 for i in range(4)), ran
+        assert [await r.get(timeout=10) for r in etas] == [f"eta-{i}" for i in range(6)]
+        assert all(ran[f"eta-{i}"] >= eta.timestamp() - 0.05 for i in range(6)), \
+            ("an eta task ran early", ran)
+        # A result is stored before the task is counted as finished: wait for the count.
+        await eventually(lambda: handle.worker.stats.finished == 10, timeout,
+                         what="10 tasks counted as finished")
+    finally:
+        assert await handle.stop() == 0
+    return {**ran, "eta": eta.timestamp()}
+
+
 async def stays(predicate: Callable[[], Any], duration: float = 0.3) -> None:
     """``predicate`` (sync or async) holds for the whole of ``duration`` (checked repeatedly)."""
     deadline = time.monotonic() + duration

@@ -16,14 +16,13 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
 import celery
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from helpers import close_celery_client, eventually, send_eta_into_the_queue
+from helpers import close_celery_client, eventually, run_ready_tasks_behind_etas
 
 from aio_celery import Celery
 from aio_celery.quorum import QueuePlan
@@ -48,28 +47,7 @@ async def test_ready_tasks_behind_etas_beyond_the_window_run_at_once(
     (straight into the queue, ahead of the rest), then four ready tasks. The four etas
     beyond the window's room are parked, at least once each."""
     caplog.set_level(logging.INFO, logger="aio_celery.worker")
-    ran: dict[str, float] = {}
-
-    @quorum_app.task
-    async def job(label: str) -> str:
-        ran[label] = time.time()
-        return label
-
-    eta = datetime.now(UTC) + timedelta(seconds=3)
-    etas = [await send_eta_into_the_queue(quorum_app, job.name, (f"eta-{i}",), eta)
-            for i in range(6)]
-    ready = [await job.delay(f"ready-{i}") for i in range(4)]
-    started = time.time()
-    handle = await start_worker(concurrency=2, prefetch_multiplier=2)
-    try:
-        assert [await r.get(timeout=5) for r in ready] == [f"ready-{i}" for i in range(4)]
-        assert all(ran[f"ready-{i}"] - started < 1.5 for i in range(4)), ran
-        assert [await r.get(timeout=10) for r in etas] == [f"eta-{i}" for i in range(6)]
-        assert all(ran[f"eta-{i}"] >= eta.timestamp() - 0.05 for i in range(6)), ran
-        await eventually(lambda: handle.worker.stats.finished == 10, TIMEOUT,
-                         what="10 tasks counted")
-    finally:
-        assert await handle.stop() == 0
+    await run_ready_tasks_behind_etas(quorum_app, start_worker, TIMEOUT)
     parks = [r.getMessage() for r in caplog.records if ": parked in" in r.getMessage()]
     assert len(parks) >= 4, parks
     assert all("native delayed delivery" in p for p in parks), parks
